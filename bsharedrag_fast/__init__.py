@@ -1,0 +1,7 @@
+"""bsharedrag_fast: one resident LLM backbone shared by retrieval and generation LoRAs."""
+import torch  # noqa: F401  imported first: its bundled libgomp.so.1 is then shared with our _C
+
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["ops", "__version__"]

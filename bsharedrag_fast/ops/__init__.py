@@ -1,0 +1,9 @@
+"""Fused ops: multi-LoRA linear (and, later, pooled embedding).
+
+Each op has a pure-torch reference beside its fast backends ("triton", "cpp");
+tests compare the fast paths against the reference.
+"""
+from .lora_linear import lora_linear, lora_linear_reference
+from .lora_meta import LoRAMeta
+
+__all__ = ["LoRAMeta", "lora_linear", "lora_linear_reference"]

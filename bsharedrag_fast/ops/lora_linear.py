@@ -1,0 +1,257 @@
+"""Multi-LoRA linear: y = x W^T + b + scaling[a] * (x A_a^T) B_a^T for rows with adapter a >= 0.
+
+One frozen base weight, L stacked adapters, and a batch whose rows each pick an
+adapter (or -1 for none). The base GEMM is torch's (cuBLAS / MKL), always over the
+whole batch, so rows with -1 are bit-identical to F.linear; the LoRA part is a
+shrink (x A^T, fp32 accumulation) into a [num_lora, r] buffer and an expand that adds
+scaling * v B^T into the base output in place, over the adapters' sorted segments.
+
+Backward reuses the same two kernels on transposed adapters:
+  dv = dy B_a (shrink with B_a^T),  dx += scaling * dv A_a (expand with A_a^T),
+and the weight gradients are one GEMM per active adapter over its segment:
+  dA_a = scaling * dv^T x,  dB_a = scaling * dy^T v.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _backends
+from .lora_meta import LoRAMeta
+
+# Measured by benchmarks/bench_lora_linear.py (backend column): on CPU the C++ segment
+# kernels beat torch's per-adapter gather + GEMM at every benchmarked shape.
+CPU_AUTO_BACKEND = "cpp"
+
+MAX_TRITON_RANK = 128
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} (the dtype of x), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
+
+
+def _check_args(x, weight, bias, lora_a, lora_b, scaling) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [T, in], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    dt, dev = x.dtype, x.device
+    _check_tensor("weight", weight, 2, dt, dev)
+    out_f, in_f = weight.shape
+    if in_f != x.shape[1]:
+        raise ValueError(f"weight must be [out, {x.shape[1]}] to match x [T, in], got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1, dt, dev)
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must be [{out_f}], got {tuple(bias.shape)}")
+    _check_tensor("lora_a", lora_a, 3, dt, dev)
+    _check_tensor("lora_b", lora_b, 3, dt, dev)
+    n_ad, rank = lora_a.shape[0], lora_a.shape[1]
+    if rank < 1:
+        raise ValueError(f"lora_a must have rank >= 1, got shape {tuple(lora_a.shape)}")
+    if lora_a.shape[2] != in_f:
+        raise ValueError(f"lora_a must be [L, r, {in_f}], got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (n_ad, out_f, rank):
+        raise ValueError(f"lora_b must be [{n_ad}, {out_f}, {rank}] (L, out, r), got {tuple(lora_b.shape)}")
+    if not isinstance(scaling, torch.Tensor):
+        raise ValueError(f"scaling must be a torch.Tensor, got {type(scaling).__name__}")
+    if scaling.dtype != torch.float32 or tuple(scaling.shape) != (n_ad,):
+        raise ValueError(f"scaling must be float32 [{n_ad}], got {scaling.dtype} {tuple(scaling.shape)}")
+    if scaling.device != dev:
+        raise ValueError(f"scaling must be on {dev} (the device of x), got {scaling.device}")
+
+
+def _as_meta(meta_or_token_adapter, x: torch.Tensor, num_adapters: int) -> LoRAMeta:
+    if isinstance(meta_or_token_adapter, LoRAMeta):
+        meta = meta_or_token_adapter
+    else:
+        meta = LoRAMeta.build(meta_or_token_adapter, num_adapters)
+    if meta.num_tokens != x.shape[0]:
+        raise ValueError(f"token_adapter has {meta.num_tokens} rows but x has {x.shape[0]}")
+    if meta.num_adapters != num_adapters:
+        raise ValueError(f"meta was built for {meta.num_adapters} adapters but lora_a holds {num_adapters}")
+    if meta.device != x.device:
+        raise ValueError(f"token_adapter must be on {x.device} (the device of x), got {meta.device}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its rows are dense and disjoint (what the kernels take), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+def _shrink(backend: str, x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+    """v[p] = x[sorted_idx[p]] A_a^T accumulated in fp32; lora_a may be a strided view."""
+    rank = lora_a.shape[1]
+    if backend == "triton":
+        v = torch.empty(meta.num_lora, rank, dtype=torch.float32, device=x.device)
+        _backends.kernels().lora_shrink(
+            x, lora_a, meta.sorted_idx, meta.starts, meta.counts, meta.active, meta.max_count, v
+        )
+        return v
+    lora_a = lora_a.contiguous()
+    v = torch.empty(meta.num_lora, rank, dtype=torch.float32)
+    _backends.cpp().lora_shrink(
+        _backends.CPP_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.shape[1],
+        lora_a.data_ptr(), lora_a.shape[0], rank,
+        meta.sorted_idx.data_ptr(), meta.counts.data_ptr(), meta.starts.data_ptr(), v.data_ptr(),
+    )  # fmt: skip
+    return v
+
+
+def _expand(backend: str, v: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+            meta: LoRAMeta, y: torch.Tensor) -> None:
+    """y[sorted_idx[p]] += scaling[a] * v[p] B_a^T in place; lora_b may be a strided view."""
+    if backend == "triton":
+        _backends.kernels().lora_expand(
+            v, lora_b, scaling, meta.sorted_idx, meta.starts, meta.counts, meta.active, meta.max_count, y
+        )
+        return
+    lora_b = lora_b.contiguous()
+    _backends.cpp().lora_expand(
+        _backends.CPP_DTYPES[y.dtype], v.data_ptr(), v.shape[1],
+        lora_b.data_ptr(), lora_b.shape[0], lora_b.shape[1], scaling.data_ptr(),
+        meta.sorted_idx.data_ptr(), meta.counts.data_ptr(), meta.starts.data_ptr(),
+        y.data_ptr(), y.stride(0),
+    )  # fmt: skip
+
+
+def _forward(backend, x, weight, bias, lora_a, lora_b, scaling, meta):
+    y = F.linear(x, weight, bias)
+    if meta.no_lora:
+        return y, None
+    x = _rows(x)
+    v = _shrink(backend, x, lora_a, meta)
+    _expand(backend, v, lora_b, scaling, meta, y)
+    return y, v
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, meta, backend):
+        y, v = _forward(backend, x, weight, bias, lora_a, lora_b, scaling, meta)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, v)
+        ctx.meta, ctx.backend, ctx.has_bias = meta, backend, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, scaling, v = ctx.saved_tensors
+        meta, backend = ctx.meta, ctx.backend
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dy = _rows(dy)
+        dx = dw = db = da = dbb = None
+        if need_x:
+            dx = dy.mm(weight)
+        if need_w:
+            dw = dy.t().mm(x)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        if (need_a or need_bb) and meta.no_lora:
+            da, dbb = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+        if meta.no_lora or not (need_x or need_a or need_bb):
+            return dx, dw, db, da, dbb, None, None, None
+        dv = _shrink(backend, dy, lora_b.transpose(1, 2), meta)  # [num_lora, r] = dy B_a (unscaled)
+        if need_x:
+            _expand(backend, dv, lora_a.transpose(1, 2), scaling, meta, dx)
+        if need_a or need_bb:
+            da, dbb = _adapter_grads(x, dy, v, dv, scaling, meta, need_a, need_bb, lora_a, lora_b)
+        return dx, dw, db, da, dbb, None, None, None
+
+
+def _adapter_grads(x, dy, v, dv, scaling, meta, need_a, need_b, lora_a, lora_b):
+    """dA_a = s_a dv^T x and dB_a = s_a dy^T v: one GEMM per active adapter over its segment."""
+    acc = v.dtype
+    idx = meta.sorted_idx.long()
+    xs = x.index_select(0, idx).to(acc) if need_a else None
+    dys = dy.index_select(0, idx).to(acc) if need_b else None
+    s = scaling.to(acc)
+    da = torch.zeros(lora_a.shape, dtype=acc, device=x.device) if need_a else None
+    dbb = torch.zeros(lora_b.shape, dtype=acc, device=x.device) if need_b else None
+    for a in meta.active_list:
+        seg = slice(meta.starts_list[a], meta.starts_list[a] + meta.counts_list[a])
+        if need_a:
+            torch.mm(dv[seg].t(), xs[seg], out=da[a]).mul_(s[a])
+        if need_b:
+            torch.mm(dys[seg].t(), v[seg], out=dbb[a]).mul_(s[a])
+    return (
+        da.to(lora_a.dtype) if need_a else None,
+        dbb.to(lora_b.dtype) if need_b else None,
+    )
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    meta_or_token_adapter: Union[LoRAMeta, torch.Tensor],
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-LoRA linear layer over a batch whose rows each use their own adapter.
+
+    x [T, in]; weight [out, in] (frozen base); bias [out] or None; lora_a [L, r, in];
+    lora_b [L, out, r]; scaling float32 [L]; a LoRAMeta (build it once per step and pass it
+    to every layer) or an int32 [T] token->adapter map (-1 = base only).
+    Differentiable w.r.t. x, lora_a and lora_b (and weight/bias if they require grad).
+    """
+    _check_args(x, weight, bias, lora_a, lora_b, scaling)
+    meta = _as_meta(meta_or_token_adapter, x, lora_a.shape[0])
+    if backend == "auto" and x.dtype == torch.float64:
+        backend = "reference"  # the fast kernels store and accumulate in fp32 at most
+    backend = _backends.resolve(backend, x.device, CPU_AUTO_BACKEND)
+    if backend == "reference":
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, meta.token_adapter)
+    if x.dtype == torch.float64:
+        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16; use 'reference' for float64")
+    if backend == "triton" and lora_a.shape[1] > MAX_TRITON_RANK:
+        raise ValueError(f"lora_a rank {lora_a.shape[1]} exceeds the Triton kernels' limit of {MAX_TRITON_RANK}")
+    tensors = (x, weight, bias, lora_a, lora_b)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, meta, backend)
+    return _forward(backend, x, weight, bias, lora_a, lora_b, scaling, meta)[0]
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    token_adapter: torch.Tensor,
+) -> torch.Tensor:
+    """Plain torch, differentiable by autograd: per-adapter gather, two GEMMs in fp32, scatter."""
+    y = F.linear(x, weight, bias)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for a in range(lora_a.shape[0]):
+        rows = (token_adapter == a).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        delta = (x[rows].to(acc) @ lora_a[a].to(acc).t()) @ lora_b[a].to(acc).t() * scaling[a].to(acc)
+        y = y.index_put((rows,), (y[rows].to(acc) + delta).to(y.dtype))
+    return y

@@ -1,0 +1,114 @@
+/*
+ * bsharedrag C ABI: CPU kernels for multi-LoRA linear layers.
+ *
+ * Plain C, no exceptions cross this boundary: every call returns a bsr_status,
+ * and bsr_last_error() gives a human-readable detail for the last failing call
+ * on the calling thread. Tensors are raw pointers + sizes + row strides (in
+ * elements); the innermost dimension is always contiguous.
+ *
+ * Multi-LoRA layout (same as bsharedrag_fast.ops.lora_linear):
+ *   x       [T, in]        rows of the batch
+ *   lora_a  [L, r, in]     contiguous; adapters of lower rank are zero-padded to r
+ *   lora_b  [L, out, r]    contiguous
+ *   scaling [L]            float32 (alpha / r, or alpha / sqrt(r) for rsLoRA)
+ *   token_adapter [T]      int32 adapter slot per row, -1 = base only
+ *   y[t] += scaling[a] * (x[t] A_a^T) B_a^T   for rows t with a = token_adapter[t] >= 0
+ *
+ * Metadata (bsr_lora_sort_tokens) is built once per step and reused by every
+ * layer: rows with an adapter, stably sorted by adapter id, plus per-adapter
+ * counts and start offsets into that order.
+ */
+#ifndef BSHAREDRAG_H
+#define BSHAREDRAG_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define BSR_API __declspec(dllexport)
+#else
+#define BSR_API __attribute__((visibility("default")))
+#endif
+
+#define BSR_VERSION_MAJOR 0
+#define BSR_VERSION_MINOR 1
+#define BSR_VERSION_PATCH 0
+
+typedef enum bsr_dtype {
+  BSR_DTYPE_F32 = 0,
+  BSR_DTYPE_F16 = 1,
+  BSR_DTYPE_BF16 = 2,
+  BSR_DTYPE_F64 = 3
+} bsr_dtype;
+
+typedef enum bsr_status {
+  BSR_OK = 0,
+  BSR_ERR_NULL_POINTER = 1,
+  BSR_ERR_INVALID_ARGUMENT = 2,
+  BSR_ERR_UNSUPPORTED_DTYPE = 3,
+  BSR_ERR_OUT_OF_MEMORY = 4,
+  BSR_ERR_INTERNAL = 5
+} bsr_status;
+
+/* Version of the library actually loaded (compare with BSR_VERSION_* of the header). */
+BSR_API void bsr_version(int* major, int* minor, int* patch);
+BSR_API const char* bsr_version_string(void);
+BSR_API const char* bsr_status_string(bsr_status status);
+/* Detail of the last failing call on this thread ("" if none). */
+BSR_API const char* bsr_last_error(void);
+
+/* Worker threads used by the kernels; n <= 0 restores the default (all cores). */
+BSR_API void bsr_set_num_threads(int n);
+BSR_API int bsr_get_num_threads(void);
+
+/*
+ * Stable counting sort of the rows that use an adapter.
+ *   sorted_idx [num_tokens]   out: first *num_lora entries are row indices, grouped by adapter
+ *   counts     [num_adapters] out: rows per adapter
+ *   starts     [num_adapters] out: offset of each adapter's group in sorted_idx
+ * Ids outside [-1, num_adapters) are BSR_ERR_INVALID_ARGUMENT.
+ */
+BSR_API bsr_status bsr_lora_sort_tokens(const int32_t* token_adapter, int64_t num_tokens,
+                                        int32_t num_adapters, int32_t* sorted_idx,
+                                        int32_t* counts, int32_t* starts, int64_t* num_lora);
+
+/*
+ * Shrink: v[p, j] = sum_k x[sorted_idx[p], k] * lora_a[a(p), j, k], accumulated in fp32,
+ * for p in the group of every adapter a (p in [starts[a], starts[a] + counts[a])).
+ *   v [num_lora, rank] float32, contiguous, fully overwritten for those p.
+ */
+BSR_API bsr_status bsr_lora_shrink(bsr_dtype dtype, const void* x, int64_t x_row_stride,
+                                   int64_t in_features, const void* lora_a,
+                                   int64_t num_adapters, int64_t rank,
+                                   const int32_t* sorted_idx, const int32_t* counts,
+                                   const int32_t* starts, float* v);
+
+/*
+ * Expand: y[sorted_idx[p], o] += scaling[a(p)] * sum_j v[p, j] * lora_b[a(p), o, j],
+ * accumulated in fp32 and rounded once into y's dtype. Rows not in sorted_idx are untouched.
+ */
+BSR_API bsr_status bsr_lora_expand(bsr_dtype dtype, const float* v, int64_t rank,
+                                   const void* lora_b, int64_t num_adapters,
+                                   int64_t out_features, const float* scaling,
+                                   const int32_t* sorted_idx, const int32_t* counts,
+                                   const int32_t* starts, void* y, int64_t y_row_stride);
+
+/*
+ * Whole LoRA update in one call (sort + shrink + expand, scratch allocated inside):
+ * y[t] += scaling[a] * (x[t] A_a^T) B_a^T for rows with token_adapter[t] >= 0.
+ * y holds the caller's base output x W^T + b (computed with any BLAS).
+ */
+BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_stride,
+                                int64_t in_features, const void* lora_a, const void* lora_b,
+                                const float* scaling, int64_t num_adapters, int64_t rank,
+                                int64_t out_features, const int32_t* token_adapter,
+                                int64_t num_tokens, void* y, int64_t y_row_stride);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BSHAREDRAG_H */

@@ -1,0 +1,51 @@
+"""Build: the pybind11 extension bsharedrag_fast._C from csrc/, and kernels/ as bsharedrag_fast.kernels.
+
+torch is a runtime dependency only: csrc/ never links libtorch, so pip's isolated
+build needs nothing but setuptools and pybind11. torch is left unpinned here so
+CUDA builds stay possible; CPU machines pin it in requirements-cpu.txt.
+"""
+import os
+import platform
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+
+def _compile_args() -> list:
+    if sys.platform == "win32":
+        return ["/O2", "/openmp", "/std:c++17"]
+    args = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    if os.environ.get("BSHAREDRAG_NATIVE") == "1":  # opt-in for a local build tuned to this CPU
+        args.append("-march=native")
+    return args
+
+
+def _link_args() -> list:
+    # Linked by soname: when torch is imported first, its bundled libgomp.so.1 is the one
+    # used, so torch's GEMMs and our kernels share one OpenMP thread pool.
+    return [] if sys.platform == "win32" else ["-fopenmp"]
+
+
+ext = Pybind11Extension(
+    "bsharedrag_fast._C",
+    sources=["csrc/lora.cpp", "csrc/bindings.cpp"],
+    include_dirs=["csrc/include"],
+    extra_compile_args=_compile_args(),
+    extra_link_args=_link_args(),
+    cxx_std=17,
+)
+
+setup(
+    name="bsharedrag_fast",
+    version="0.1.0",
+    description="BSharedRAG runtime: one LLM backbone, retrieval + generation LoRAs in one batch",
+    packages=["bsharedrag_fast", "bsharedrag_fast.ops", "bsharedrag_fast.kernels"],
+    package_dir={"bsharedrag_fast.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={"triton": ["triton>=3.0"]},
+    zip_safe=False,
+)
