@@ -4,6 +4,7 @@ torch is a runtime dependency only: csrc/ never links libtorch, so pip's isolate
 build needs nothing but setuptools and pybind11. torch is left unpinned here so
 CUDA builds stay possible; CPU machines pin it in requirements-cpu.txt.
 """
+import glob
 import os
 import platform
 import sys
@@ -31,6 +32,7 @@ ext = Pybind11Extension(
     "bsharedrag_fast._C",
     sources=["csrc/lora.cpp", "csrc/bindings.cpp"],
     include_dirs=["csrc/include"],
+    depends=glob.glob("csrc/*.h") + ["csrc/include/bsharedrag.h"],
     extra_compile_args=_compile_args(),
     extra_link_args=_link_args(),
     cxx_std=17,

@@ -17,6 +17,18 @@
  * Metadata (bsr_lora_sort_tokens) is built once per step and reused by every
  * layer: rows with an adapter, stably sorted by adapter id, plus per-adapter
  * counts and start offsets into that order.
+ *
+ * Conventions of the implementation (csrc/lora.cpp):
+ *   - dtype selects the storage type of x, lora_a, lora_b and y (v and scaling are always
+ *     float32). f16 / bf16 / f32 accumulate in fp32, f64 in f64; stores round to nearest even.
+ *   - A pointer may be NULL only when there is nothing to touch: num_tokens == 0 (sort,
+ *     add; num_adapters == 0 for counts / starts), or all counts zero (shrink, expand).
+ *     Otherwise a NULL pointer is BSR_ERR_NULL_POINTER.
+ *   - Rows whose adapter is -1, and columns past out_features, are never written.
+ *   - Results are deterministic: they do not depend on the number of threads.
+ *   - Calls are thread-safe (per-thread scratch and error message). The kernels pick the
+ *     best SIMD level of the CPU at first use (AVX-512, AVX2+FMA+F16C, or portable code);
+ *     the environment variable BSHAREDRAG_ISA=avx2|generic lowers it, for testing.
  */
 #ifndef BSHAREDRAG_H
 #define BSHAREDRAG_H
@@ -60,7 +72,8 @@ BSR_API const char* bsr_status_string(bsr_status status);
 /* Detail of the last failing call on this thread ("" if none). */
 BSR_API const char* bsr_last_error(void);
 
-/* Worker threads used by the kernels; n <= 0 restores the default (all cores). */
+/* Worker (OpenMP) threads the kernels use; n <= 0 restores the default, omp_get_max_threads()
+ * at call time. Small calls run on the calling thread regardless. */
 BSR_API void bsr_set_num_threads(int n);
 BSR_API int bsr_get_num_threads(void);
 
@@ -79,6 +92,8 @@ BSR_API bsr_status bsr_lora_sort_tokens(const int32_t* token_adapter, int64_t nu
  * Shrink: v[p, j] = sum_k x[sorted_idx[p], k] * lora_a[a(p), j, k], accumulated in fp32,
  * for p in the group of every adapter a (p in [starts[a], starts[a] + counts[a])).
  *   v [num_lora, rank] float32, contiguous, fully overwritten for those p.
+ * counts / starts may describe any groups (they need not come from bsr_lora_sort_tokens),
+ * but the rows named by sorted_idx must be distinct for bsr_lora_expand.
  */
 BSR_API bsr_status bsr_lora_shrink(bsr_dtype dtype, const void* x, int64_t x_row_stride,
                                    int64_t in_features, const void* lora_a,

@@ -1,0 +1,136 @@
+// pybind11 module bsharedrag_fast._C: a thin mirror of the C ABI in include/bsharedrag.h.
+// Pointers are Python ints (e.g. tensor.data_ptr()), sizes are int64. The GIL is released
+// around every kernel call. Errors raise ValueError (invalid argument / unsupported dtype),
+// MemoryError (out of memory) or RuntimeError, with bsr_last_error() as the message.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bsharedrag.h"
+
+namespace py = pybind11;
+
+namespace bsr {
+const char* active_isa_name();  // lora.cpp (internal)
+}
+
+namespace {
+
+template <class T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check(bsr_status st) {
+  if (st == BSR_OK) return;
+  std::string msg = bsr_last_error();
+  if (msg.empty()) msg = bsr_status_string(st);
+  switch (st) {
+    case BSR_ERR_INVALID_ARGUMENT:
+    case BSR_ERR_UNSUPPORTED_DTYPE:
+      throw py::value_error(msg);
+    case BSR_ERR_OUT_OF_MEMORY:
+      PyErr_SetString(PyExc_MemoryError, msg.c_str());
+      throw py::error_already_set();
+    default:
+      throw std::runtime_error(msg);
+  }
+}
+
+bsr_dtype to_dtype(int d) { return static_cast<bsr_dtype>(d); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "bsharedrag CPU multi-LoRA kernels (C ABI mirror; pointers are ints)";
+
+  m.attr("DTYPE_F32") = static_cast<int>(BSR_DTYPE_F32);
+  m.attr("DTYPE_F16") = static_cast<int>(BSR_DTYPE_F16);
+  m.attr("DTYPE_BF16") = static_cast<int>(BSR_DTYPE_BF16);
+  m.attr("DTYPE_F64") = static_cast<int>(BSR_DTYPE_F64);
+
+  m.def("version", []() { return std::string(bsr_version_string()); });
+  m.def("set_num_threads", [](int n) { bsr_set_num_threads(n); }, py::arg("n"),
+        "Worker threads for the kernels; n <= 0 restores the default (omp_get_max_threads()).");
+  m.def("get_num_threads", []() { return bsr_get_num_threads(); });
+  m.def("_isa", []() { return std::string(bsr::active_isa_name()); },
+        "SIMD level the kernels dispatched to: avx512, avx2 or generic.");
+
+  m.def(
+      "lora_sort_tokens",
+      [](std::uintptr_t token_adapter, int64_t num_tokens, int64_t num_adapters, std::uintptr_t sorted_idx,
+         std::uintptr_t counts, std::uintptr_t starts) -> int64_t {
+        if (num_adapters < 0 || num_adapters > INT32_MAX)
+          throw py::value_error("lora_sort_tokens: num_adapters must be in [0, 2^31-1], got " +
+                                std::to_string(num_adapters));
+        int64_t num_lora = 0;
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_lora_sort_tokens(ptr<const int32_t>(token_adapter), num_tokens,
+                                    static_cast<int32_t>(num_adapters), ptr<int32_t>(sorted_idx),
+                                    ptr<int32_t>(counts), ptr<int32_t>(starts), &num_lora);
+        }
+        check(st);
+        return num_lora;
+      },
+      py::arg("token_adapter_ptr"), py::arg("num_tokens"), py::arg("num_adapters"), py::arg("sorted_idx_ptr"),
+      py::arg("counts_ptr"), py::arg("starts_ptr"));
+
+  m.def(
+      "lora_shrink",
+      [](int dtype, std::uintptr_t x, int64_t x_row_stride, int64_t in_features, std::uintptr_t a,
+         int64_t num_adapters, int64_t rank, std::uintptr_t sorted_idx, std::uintptr_t counts,
+         std::uintptr_t starts, std::uintptr_t v) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_lora_shrink(to_dtype(dtype), ptr<const void>(x), x_row_stride, in_features,
+                               ptr<const void>(a), num_adapters, rank, ptr<const int32_t>(sorted_idx),
+                               ptr<const int32_t>(counts), ptr<const int32_t>(starts), ptr<float>(v));
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("in_features"), py::arg("a_ptr"),
+      py::arg("num_adapters"), py::arg("rank"), py::arg("sorted_idx_ptr"), py::arg("counts_ptr"),
+      py::arg("starts_ptr"), py::arg("v_ptr"));
+
+  m.def(
+      "lora_expand",
+      [](int dtype, std::uintptr_t v, int64_t rank, std::uintptr_t b, int64_t num_adapters, int64_t out_features,
+         std::uintptr_t scaling, std::uintptr_t sorted_idx, std::uintptr_t counts, std::uintptr_t starts,
+         std::uintptr_t y, int64_t y_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_lora_expand(to_dtype(dtype), ptr<const float>(v), rank, ptr<const void>(b), num_adapters,
+                               out_features, ptr<const float>(scaling), ptr<const int32_t>(sorted_idx),
+                               ptr<const int32_t>(counts), ptr<const int32_t>(starts), ptr<void>(y),
+                               y_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("v_ptr"), py::arg("rank"), py::arg("b_ptr"), py::arg("num_adapters"),
+      py::arg("out_features"), py::arg("scaling_ptr"), py::arg("sorted_idx_ptr"), py::arg("counts_ptr"),
+      py::arg("starts_ptr"), py::arg("y_ptr"), py::arg("y_row_stride"));
+
+  m.def(
+      "lora_add",
+      [](int dtype, std::uintptr_t x, int64_t x_row_stride, int64_t in_features, std::uintptr_t a,
+         std::uintptr_t b, std::uintptr_t scaling, int64_t num_adapters, int64_t rank, int64_t out_features,
+         std::uintptr_t token_adapter, int64_t num_tokens, std::uintptr_t y, int64_t y_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_lora_add(to_dtype(dtype), ptr<const void>(x), x_row_stride, in_features, ptr<const void>(a),
+                            ptr<const void>(b), ptr<const float>(scaling), num_adapters, rank, out_features,
+                            ptr<const int32_t>(token_adapter), num_tokens, ptr<void>(y), y_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("in_features"), py::arg("a_ptr"),
+      py::arg("b_ptr"), py::arg("scaling_ptr"), py::arg("num_adapters"), py::arg("rank"),
+      py::arg("out_features"), py::arg("token_adapter_ptr"), py::arg("num_tokens"), py::arg("y_ptr"),
+      py::arg("y_row_stride"));
+}

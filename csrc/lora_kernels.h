@@ -1,0 +1,336 @@
+// Internal header of csrc/lora.cpp: the shrink / expand kernels, written once against a
+// SIMD abstraction `V` (lora_simd_{generic,avx2,avx512}.h) and included once per ISA, each
+// time inside its own namespace and `#pragma GCC target` region. No include guard on purpose;
+// no system headers here (lora.cpp includes them first).
+//
+// Numerics: every (row, rank) dot product of the shrink is accumulated lane-wise in fp32
+// over k and reduced at the end, in an order that does not depend on the tiling or on the
+// number of threads, so results are deterministic for a given ISA. Expand accumulates
+// sum_j v[j] * B[o, j] in fp32 and then does y = fma(s, acc, y) once, rounded once into
+// y's dtype. f64 accumulates in f64.
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------
+// shrink
+// ---------------------------------------------------------------------------------------
+
+// NR rows x NJ ranks of v, dot products of length K; A rows j are at A + j * K.
+template <class T, int NR, int NJ>
+BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, float* const* vo) {
+  typename V::vf acc[NR][NJ];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NJ; ++j) acc[i][j] = V::zero();
+  int64_t k = 0;
+  for (; k + V::W <= K; k += V::W) {
+    typename V::vf xv[NR];
+    for (int i = 0; i < NR; ++i) xv[i] = V::load(xr[i] + k);
+    for (int j = 0; j < NJ; ++j) {
+      const typename V::vf av = V::load(A + j * K + k);
+      for (int i = 0; i < NR; ++i) acc[i][j] = V::fma(xv[i], av, acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    typename V::vf xv[NR];
+    for (int i = 0; i < NR; ++i) xv[i] = V::load_n(xr[i] + k, n);
+    for (int j = 0; j < NJ; ++j) {
+      const typename V::vf av = V::load_n(A + j * K + k, n);
+      for (int i = 0; i < NR; ++i) acc[i][j] = V::fma(xv[i], av, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NJ; ++j) vo[i][j] = V::hsum(acc[i][j]);
+}
+
+template <class T, int NR, int NJ>
+static inline void shrink_micro_nj(int nj, const T* const* xr, const T* A, int64_t K, float* const* vo) {
+  if constexpr (NJ > 1) {
+    if (nj < NJ) {
+      shrink_micro_nj<T, NR, NJ - 1>(nj, xr, A, K, vo);
+      return;
+    }
+  }
+  shrink_micro<T, NR, NJ>(xr, A, K, vo);
+}
+
+// One block of NR rows, ranks [j0, j1).
+template <class T, int NR>
+static inline void shrink_rows(const T* const* xr, const T* A, int64_t K, int64_t j0, int64_t j1,
+                               float* const* v) {
+  float* vo[NR];
+  for (int64_t j = j0; j < j1; j += V::SH_RJ) {
+    for (int i = 0; i < NR; ++i) vo[i] = v[i] + j;
+    const int nj = static_cast<int>(imin(V::SH_RJ, j1 - j));
+    shrink_micro_nj<T, NR, V::SH_RJ>(nj, xr, A + j * K, K, vo);
+  }
+}
+
+template <class T, int NR>
+static inline void shrink_rows_nr(int nr, const T* const* xr, const T* A, int64_t K, int64_t j0,
+                                  int64_t j1, float* const* v) {
+  if constexpr (NR > 1) {
+    if (nr < NR) {
+      shrink_rows_nr<T, NR - 1>(nr, xr, A, K, j0, j1, v);
+      return;
+    }
+  }
+  shrink_rows<T, NR>(xr, A, K, j0, j1, v);
+}
+
+template <class T>
+static void shrink_tile(const ShrinkPlan& P, int64_t t) {
+  const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
+  const int64_t loc = t - P.tile_prefix[a];
+  const int64_t rbi = loc / P.njb, jbi = loc % P.njb;
+  const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
+  const int64_t p0 = P.starts[a] + rbi * P.rb;
+  const int64_t p1 = imin(p0 + P.rb, end);
+  const int64_t j0 = jbi * P.jb, j1 = imin(j0 + P.jb, P.r);
+  const T* x = static_cast<const T*>(P.x);
+  const T* A = static_cast<const T*>(P.a) + a * P.r * P.K;
+  for (int64_t p = p0; p < p1; p += V::SH_RB) {
+    const int nr = static_cast<int>(imin(V::SH_RB, p1 - p));
+    const T* xr[V::SH_RB];
+    float* vr[V::SH_RB];
+    for (int i = 0; i < nr; ++i) {
+      xr[i] = x + static_cast<int64_t>(P.sorted_idx[p + i]) * P.ldx;
+      vr[i] = P.v + (p + i) * P.r;
+    }
+    shrink_rows_nr<T, V::SH_RB>(nr, xr, A, P.K, j0, j1, vr);
+  }
+}
+
+static void shrink_tile_f64(const ShrinkPlan& P, int64_t t) {
+  const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
+  const int64_t loc = t - P.tile_prefix[a];
+  const int64_t rbi = loc / P.njb, jbi = loc % P.njb;
+  const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
+  const int64_t p0 = P.starts[a] + rbi * P.rb;
+  const int64_t p1 = imin(p0 + P.rb, end);
+  const int64_t j0 = jbi * P.jb, j1 = imin(j0 + P.jb, P.r);
+  const int64_t K = P.K;
+  const double* A = static_cast<const double*>(P.a) + a * P.r * K;
+  for (int64_t p = p0; p < p1; ++p) {
+    const double* xr = static_cast<const double*>(P.x) + static_cast<int64_t>(P.sorted_idx[p]) * P.ldx;
+    for (int64_t j = j0; j < j1; ++j) {
+      const double* ar = A + j * K;
+      double acc = 0.0;
+BSR_OMP_SIMD_SUM_ACC
+      for (int64_t k = 0; k < K; ++k) acc += xr[k] * ar[k];
+      P.v[p * P.r + j] = static_cast<float>(acc);
+    }
+  }
+}
+
+static void shrink_range(const ShrinkPlan& P, int64_t t0, int64_t t1) {
+  switch (P.dtype) {
+    case BSR_DTYPE_F32:
+      for (int64_t t = t0; t < t1; ++t) shrink_tile<float>(P, t);
+      break;
+    case BSR_DTYPE_F16:
+      for (int64_t t = t0; t < t1; ++t) shrink_tile<f16_t>(P, t);
+      break;
+    case BSR_DTYPE_BF16:
+      for (int64_t t = t0; t < t1; ++t) shrink_tile<bf16_t>(P, t);
+      break;
+    case BSR_DTYPE_F64:
+      for (int64_t t = t0; t < t1; ++t) shrink_tile_f64(P, t);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// expand
+// ---------------------------------------------------------------------------------------
+
+// bt[j * ldbt + oo] = B[o0 + oo, j] for j < r, oo < on; zero for on <= oo < ldbt (ldbt = on
+// rounded up to W). B rows have r elements. Done by W x W in-register transposes.
+// One W x W block: dst[k * ldd + i] = src[i * r + k].
+template <class T>
+BSR_NOINLINE void transpose_block_full(const T* src, int64_t r, float* dst, int64_t ldd) {
+  typename V::vf blk[V::W];
+  for (int i = 0; i < V::W; ++i) blk[i] = V::load(src + i * r);
+  V::transpose(blk);
+  for (int k = 0; k < V::W; ++k) V::store(dst + k * ldd, blk[k]);
+}
+
+// Partial block (rows < W or cols < W): zero-filled rows, only `cols` rows of dst written.
+template <class T>
+BSR_NOINLINE void transpose_block_part(const T* src, int64_t r, int rows, int cols, float* dst, int64_t ldd) {
+  typename V::vf blk[V::W];
+  for (int i = 0; i < V::W; ++i) blk[i] = i < rows ? V::load_n(src + i * r, cols) : V::zero();
+  V::transpose(blk);
+  for (int k = 0; k < cols; ++k) V::store(dst + k * ldd, blk[k]);
+}
+
+template <class T>
+static void transpose_b(const T* B, int64_t r, int64_t o0, int64_t on, float* bt, int64_t ldbt) {
+  if constexpr (V::kDirectTranspose) {
+    for (int64_t oo = 0; oo < on; ++oo) {
+      const T* brow = B + (o0 + oo) * r;
+      for (int64_t j = 0; j < r; ++j) bt[j * ldbt + oo] = Scalar<T>::load(brow + j);
+    }
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t oo = on; oo < ldbt; ++oo) bt[j * ldbt + oo] = 0.f;
+    return;
+  }
+  for (int64_t oo = 0; oo < ldbt; oo += V::W) {
+    const int64_t rows = imin(V::W, on - oo);
+    const T* brow = B + (o0 + oo) * r;
+    for (int64_t j = 0; j < r; j += V::W) {
+      const int64_t nj = imin(V::W, r - j);
+      if (rows == V::W && nj == V::W) {
+        transpose_block_full<T>(brow + j, r, bt + j * ldbt + oo, ldbt);
+      } else {
+        transpose_block_part<T>(brow + j, r, static_cast<int>(rows), static_cast<int>(nj), bt + j * ldbt + oo,
+                                ldbt);
+      }
+    }
+  }
+}
+
+// NR rows x NVV vectors of outputs starting at column o of the chunk; with MASK the last
+// vector holds only `nlast` valid lanes. Accumulators stay in registers (NR * NVV of them).
+template <class T, int NR, int NVV, bool MASK>
+BSR_ALWAYS_INLINE void expand_micro(const float* bt, int64_t ldbt, int64_t r, const float* const* vr,
+                                    typename V::vf s, T* const* yr, int64_t o, int nlast) {
+  const float* vp[NR];
+  T* yp[NR];
+  for (int i = 0; i < NR; ++i) {
+    vp[i] = vr[i];
+    yp[i] = yr[i] + o;
+  }
+  typename V::vf acc[NR][NVV];
+  const float* bcol = bt + o;
+  {
+    typename V::vf b[NVV];
+    for (int u = 0; u < NVV; ++u) b[u] = V::load(bcol + u * V::W);
+    for (int i = 0; i < NR; ++i) {
+      const typename V::vf vs = V::set1(vp[i][0]);
+      for (int u = 0; u < NVV; ++u) acc[i][u] = V::mul(vs, b[u]);
+    }
+  }
+  for (int64_t j = 1; j < r; ++j) {
+    typename V::vf b[NVV];
+    for (int u = 0; u < NVV; ++u) b[u] = V::load(bcol + j * ldbt + u * V::W);
+    for (int i = 0; i < NR; ++i) {
+      const typename V::vf vs = V::set1(vp[i][j]);
+      for (int u = 0; u < NVV; ++u) acc[i][u] = V::fma(vs, b[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    for (int u = 0; u < NVV; ++u) {
+      T* q = yp[i] + u * V::W;
+      if (MASK && u == NVV - 1) {
+        V::store_n(q, V::fma(s, acc[i][u], V::load_n(q, nlast)), nlast);
+      } else {
+        V::store(q, V::fma(s, acc[i][u], V::load(q)));
+      }
+    }
+  }
+}
+
+template <class T, int NR>
+BSR_ALWAYS_INLINE void expand_rows(const float* bt, int64_t ldbt, int64_t r, int64_t on,
+                                   const float* const* vr, typename V::vf s, T* const* yr) {
+  constexpr int BLK = V::EX_NV * V::W;
+  int64_t o = 0;
+  for (; o + BLK <= on; o += BLK) expand_micro<T, NR, V::EX_NV, false>(bt, ldbt, r, vr, s, yr, o, V::W);
+  for (; o + V::W <= on; o += V::W) expand_micro<T, NR, 1, false>(bt, ldbt, r, vr, s, yr, o, V::W);
+  if (o < on) expand_micro<T, NR, 1, true>(bt, ldbt, r, vr, s, yr, o, static_cast<int>(on - o));
+}
+
+template <class T, int NR>
+static inline void expand_rows_nr(int nr, const float* bt, int64_t ldbt, int64_t r, int64_t on,
+                                  const float* const* vr, typename V::vf s, T* const* yr) {
+  if constexpr (NR > 1) {
+    if (nr < NR) {
+      expand_rows_nr<T, NR - 1>(nr, bt, ldbt, r, on, vr, s, yr);
+      return;
+    }
+  }
+  expand_rows<T, NR>(bt, ldbt, r, on, vr, s, yr);
+}
+
+// Tiles are (adapter, output chunk, row chunk), row chunk fastest; a thread that runs
+// consecutive tiles of one (adapter, chunk) transposes that chunk of B only once.
+template <class T>
+static void expand_range_t(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt) {
+  int64_t cached_a = -1, cached_c = -1;
+  const T* Ball = static_cast<const T*>(P.b);
+  T* y = static_cast<T*>(P.y);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
+    const int64_t loc = t - P.tile_prefix[a];
+    const int64_t nrc = (P.counts[a] + P.rc - 1) / P.rc;
+    const int64_t ci = loc / nrc, ri = loc % nrc;
+    const int64_t o0 = ci * P.oc;
+    const int64_t on = imin(P.oc, P.N - o0);
+    const int64_t ldbt = (on + V::W - 1) / V::W * V::W;
+    if (a != cached_a || ci != cached_c) {
+      transpose_b<T>(Ball + a * P.N * P.r, P.r, o0, on, bt, ldbt);
+      cached_a = a;
+      cached_c = ci;
+    }
+    const typename V::vf s = V::set1(P.scaling[a]);
+    const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
+    const int64_t p0 = P.starts[a] + ri * P.rc;
+    const int64_t p1 = imin(p0 + P.rc, end);
+    for (int64_t p = p0; p < p1; p += V::EX_RB) {
+      const int nr = static_cast<int>(imin(V::EX_RB, p1 - p));
+      const float* vr[V::EX_RB];
+      T* yr[V::EX_RB];
+      for (int i = 0; i < nr; ++i) {
+        vr[i] = P.v + (p + i) * P.r;
+        yr[i] = y + static_cast<int64_t>(P.sorted_idx[p + i]) * P.ldy + o0;
+      }
+      expand_rows_nr<T, V::EX_RB>(nr, bt, ldbt, P.r, on, vr, s, yr);
+    }
+  }
+}
+
+static void expand_range_f64(const ExpandPlan& P, int64_t t0, int64_t t1) {
+  const int64_t r = P.r;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
+    const int64_t loc = t - P.tile_prefix[a];
+    const int64_t nrc = (P.counts[a] + P.rc - 1) / P.rc;
+    const int64_t ci = loc / nrc, ri = loc % nrc;
+    const int64_t o0 = ci * P.oc;
+    const int64_t on = imin(P.oc, P.N - o0);
+    const double* B = static_cast<const double*>(P.b) + (a * P.N + o0) * r;
+    const double s = static_cast<double>(P.scaling[a]);
+    const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
+    const int64_t p0 = P.starts[a] + ri * P.rc;
+    const int64_t p1 = imin(p0 + P.rc, end);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* vr = P.v + p * r;
+      double* yr = static_cast<double*>(P.y) + static_cast<int64_t>(P.sorted_idx[p]) * P.ldy + o0;
+      for (int64_t o = 0; o < on; ++o) {
+        const double* br = B + o * r;
+        double acc = 0.0;
+BSR_OMP_SIMD_SUM_ACC
+        for (int64_t j = 0; j < r; ++j) acc += static_cast<double>(vr[j]) * br[j];
+        yr[o] += s * acc;
+      }
+    }
+  }
+}
+
+static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt) {
+  switch (P.dtype) {
+    case BSR_DTYPE_F32:
+      expand_range_t<float>(P, t0, t1, bt);
+      break;
+    case BSR_DTYPE_F16:
+      expand_range_t<f16_t>(P, t0, t1, bt);
+      break;
+    case BSR_DTYPE_BF16:
+      expand_range_t<bf16_t>(P, t0, t1, bt);
+      break;
+    case BSR_DTYPE_F64:
+      expand_range_f64(P, t0, t1);
+      break;
+  }
+}

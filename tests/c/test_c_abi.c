@@ -1,0 +1,467 @@
+/*
+ * C99 test of the bsharedrag C ABI (include/bsharedrag.h) against a naive double-precision
+ * reference computed here. Registered with ctest as `c_abi` (and c_abi_avx2 / c_abi_generic,
+ * the same program on the lower SIMD levels via BSHAREDRAG_ISA).
+ * Exits non-zero, with a message per failure, if anything is wrong.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bsharedrag.h"
+
+static int g_failures = 0;
+static int g_checks = 0;
+
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    ++g_checks;                                            \
+    if (!(cond)) {                                         \
+      ++g_failures;                                        \
+      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      fprintf(stderr, __VA_ARGS__);                        \
+      fprintf(stderr, "\n");                               \
+    }                                                      \
+  } while (0)
+
+/* ---- 16-bit float helpers (independent of the library's own) ------------------------ */
+static uint32_t bits_of(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+static float float_of(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
+static uint16_t float_to_bf16(float f) {
+  uint32_t u = bits_of(f);
+  if (f != f) return (uint16_t)((u >> 16) | 0x40u);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static float f16_to_float(uint16_t h) {
+  int sign = (h >> 15) & 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  double v;
+  if (e == 0) v = ldexp((double)m, -24);
+  else if (e == 31) v = m ? NAN : INFINITY;
+  else v = ldexp((double)(m | 0x400), e - 25);
+  return (float)(sign ? -v : v);
+}
+/* round to nearest even via a search over the (monotonic) finite halves: slow but obviously right */
+static uint16_t float_to_f16(float f) {
+  uint16_t sign = (bits_of(f) >> 16) & 0x8000u;
+  double a = fabs((double)f);
+  uint16_t lo = 0, hi = 0x7bff, best;
+  if (f != f) return 0x7e00;
+  if (a >= 65520.0) return (uint16_t)(sign | 0x7c00u);
+  while (lo < hi) { /* largest half magnitude <= a */
+    uint16_t mid = (uint16_t)((lo + hi + 1) / 2);
+    if ((double)f16_to_float(mid) <= a) lo = mid; else hi = (uint16_t)(mid - 1);
+  }
+  best = lo;
+  if (lo < 0x7bff) {
+    double d0 = a - (double)f16_to_float(lo), d1 = (double)f16_to_float((uint16_t)(lo + 1)) - a;
+    if (d1 < d0 || (d1 == d0 && (lo & 1))) best = (uint16_t)(lo + 1);
+  } else if (a - 65504.0 >= 16.0) {
+    best = 0x7c00;
+  }
+  return (uint16_t)(sign | best);
+}
+
+/* ---- deterministic data ---------------------------------------------------------------- */
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static double urand(void) { /* uniform in [-1, 1) */
+  g_rng ^= g_rng << 13;
+  g_rng ^= g_rng >> 7;
+  g_rng ^= g_rng << 17;
+  return (double)(g_rng >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+}
+
+static size_t dtype_size(bsr_dtype dt) {
+  switch (dt) {
+    case BSR_DTYPE_F32: return 4;
+    case BSR_DTYPE_F64: return 8;
+    default: return 2;
+  }
+}
+static const char* dtype_name(bsr_dtype dt) {
+  switch (dt) {
+    case BSR_DTYPE_F32: return "f32";
+    case BSR_DTYPE_F16: return "f16";
+    case BSR_DTYPE_BF16: return "bf16";
+    case BSR_DTYPE_F64: return "f64";
+  }
+  return "?";
+}
+/* store value (rounded to dtype) into buf[i]; returns the value actually stored */
+static double put(bsr_dtype dt, void* buf, size_t i, double v) {
+  switch (dt) {
+    case BSR_DTYPE_F32: ((float*)buf)[i] = (float)v; return ((float*)buf)[i];
+    case BSR_DTYPE_F64: ((double*)buf)[i] = v; return v;
+    case BSR_DTYPE_F16: ((uint16_t*)buf)[i] = float_to_f16((float)v); return f16_to_float(((uint16_t*)buf)[i]);
+    case BSR_DTYPE_BF16: ((uint16_t*)buf)[i] = float_to_bf16((float)v); return bf16_to_float(((uint16_t*)buf)[i]);
+  }
+  return 0.0;
+}
+static double get(bsr_dtype dt, const void* buf, size_t i) {
+  switch (dt) {
+    case BSR_DTYPE_F32: return ((const float*)buf)[i];
+    case BSR_DTYPE_F64: return ((const double*)buf)[i];
+    case BSR_DTYPE_F16: return f16_to_float(((const uint16_t*)buf)[i]);
+    case BSR_DTYPE_BF16: return bf16_to_float(((const uint16_t*)buf)[i]);
+  }
+  return 0.0;
+}
+static double tolerance(bsr_dtype dt) {
+  switch (dt) {
+    case BSR_DTYPE_F32: return 2e-5;
+    case BSR_DTYPE_F64: return 1e-6; /* v is float32 by contract */
+    case BSR_DTYPE_F16: return 2e-3;
+    case BSR_DTYPE_BF16: return 1.6e-2;
+  }
+  return 0.0;
+}
+
+/* ---- tests ------------------------------------------------------------------------------ */
+static void test_version(void) {
+  int ma = -1, mi = -1, pa = -1;
+  char expect[64];
+  bsr_version(&ma, &mi, &pa);
+  CHECK(ma == BSR_VERSION_MAJOR && mi == BSR_VERSION_MINOR && pa == BSR_VERSION_PATCH,
+        "bsr_version %d.%d.%d != header %d.%d.%d", ma, mi, pa, BSR_VERSION_MAJOR, BSR_VERSION_MINOR,
+        BSR_VERSION_PATCH);
+  sprintf(expect, "%d.%d.%d", BSR_VERSION_MAJOR, BSR_VERSION_MINOR, BSR_VERSION_PATCH);
+  CHECK(bsr_version_string() != NULL && strcmp(bsr_version_string(), expect) == 0, "bsr_version_string '%s' != '%s'",
+        bsr_version_string() ? bsr_version_string() : "(null)", expect);
+  CHECK(strcmp(bsr_status_string(BSR_OK), "ok") == 0, "status string of BSR_OK");
+  CHECK(strlen(bsr_status_string(BSR_ERR_NULL_POINTER)) > 0, "status string of BSR_ERR_NULL_POINTER");
+  CHECK(strlen(bsr_status_string((bsr_status)99)) > 0, "status string of an unknown status");
+}
+
+static void test_threads(void) {
+  int def;
+  bsr_set_num_threads(0);
+  def = bsr_get_num_threads();
+  CHECK(def >= 1, "default thread count %d", def);
+  bsr_set_num_threads(1);
+  CHECK(bsr_get_num_threads() == 1, "set_num_threads(1) -> %d", bsr_get_num_threads());
+  bsr_set_num_threads(3);
+  CHECK(bsr_get_num_threads() == 3, "set_num_threads(3) -> %d", bsr_get_num_threads());
+  bsr_set_num_threads(-5);
+  CHECK(bsr_get_num_threads() == def, "set_num_threads(-5) should restore the default %d, got %d", def,
+        bsr_get_num_threads());
+}
+
+static void test_sort(void) {
+  const int32_t ta[9] = {2, -1, 0, 2, 1, -1, 0, 2, 0};
+  const int32_t want_idx[7] = {2, 6, 8, 4, 0, 3, 7};
+  const int32_t want_counts[3] = {3, 1, 3}, want_starts[3] = {0, 3, 4};
+  int32_t idx[9], counts[3], starts[3];
+  int64_t n = -1;
+  bsr_status st = bsr_lora_sort_tokens(ta, 9, 3, idx, counts, starts, &n);
+  CHECK(st == BSR_OK, "sort_tokens status %d (%s)", st, bsr_last_error());
+  CHECK(n == 7, "num_lora %lld != 7", (long long)n);
+  CHECK(memcmp(idx, want_idx, sizeof want_idx) == 0, "sorted_idx not stable/grouped");
+  CHECK(memcmp(counts, want_counts, sizeof want_counts) == 0, "counts wrong");
+  CHECK(memcmp(starts, want_starts, sizeof want_starts) == 0, "starts wrong");
+  CHECK(bsr_last_error()[0] == '\0', "last error should be empty after success, got '%s'", bsr_last_error());
+
+  { /* all -1 */
+    const int32_t none[4] = {-1, -1, -1, -1};
+    int a;
+    n = -1;
+    st = bsr_lora_sort_tokens(none, 4, 3, idx, counts, starts, &n);
+    CHECK(st == BSR_OK && n == 0, "all -1: status %d num_lora %lld", st, (long long)n);
+    for (a = 0; a < 3; ++a) CHECK(counts[a] == 0 && starts[a] == 0, "all -1: counts/starts[%d] = %d/%d", a, counts[a], starts[a]);
+  }
+  { /* out of range ids */
+    const int32_t bad_hi[3] = {0, 3, 1}, bad_lo[3] = {0, -2, 1};
+    st = bsr_lora_sort_tokens(bad_hi, 3, 3, idx, counts, starts, &n);
+    CHECK(st == BSR_ERR_INVALID_ARGUMENT, "id 3 with 3 adapters: status %d", st);
+    CHECK(strlen(bsr_last_error()) > 0, "id out of range: empty last error");
+    CHECK(strstr(bsr_last_error(), "token_adapter") != NULL, "message should name token_adapter: '%s'", bsr_last_error());
+    st = bsr_lora_sort_tokens(bad_lo, 3, 3, idx, counts, starts, &n);
+    CHECK(st == BSR_ERR_INVALID_ARGUMENT, "id -2: status %d", st);
+    CHECK(strlen(bsr_last_error()) > 0, "id -2: empty last error");
+  }
+  /* empty batch, null output, negative sizes */
+  st = bsr_lora_sort_tokens(NULL, 0, 3, NULL, counts, starts, &n);
+  CHECK(st == BSR_OK && n == 0, "empty batch: status %d num_lora %lld", st, (long long)n);
+  st = bsr_lora_sort_tokens(ta, 9, 3, idx, counts, starts, NULL);
+  CHECK(st == BSR_ERR_NULL_POINTER, "num_lora NULL: status %d", st);
+  CHECK(strstr(bsr_last_error(), "num_lora") != NULL, "message should name num_lora: '%s'", bsr_last_error());
+  st = bsr_lora_sort_tokens(NULL, 9, 3, idx, counts, starts, &n);
+  CHECK(st == BSR_ERR_NULL_POINTER, "token_adapter NULL: status %d", st);
+  st = bsr_lora_sort_tokens(ta, -1, 3, idx, counts, starts, &n);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "num_tokens -1: status %d", st);
+  st = bsr_lora_sort_tokens(ta, 9, -1, idx, counts, starts, &n);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "num_adapters -1: status %d", st);
+}
+
+typedef struct {
+  bsr_dtype dt;
+  int T, IN, OUT, R, L;
+  int64_t ldx, ldy;
+  void *x, *a, *b, *y, *y0;
+  float* s;
+  int32_t* ta;
+  double* ref;  /* [T, OUT] expected y */
+  double* vref; /* [T, R] expected x A^T per row (row order, not sorted) */
+} Case;
+
+static void case_init(Case* c, bsr_dtype dt, int T, int IN, int OUT, int R, int L, int xpad, int ypad) {
+  size_t es = dtype_size(dt);
+  int t, k, j, o, a;
+  memset(c, 0, sizeof *c);
+  c->dt = dt;
+  c->T = T;
+  c->IN = IN;
+  c->OUT = OUT;
+  c->R = R;
+  c->L = L;
+  c->ldx = IN + xpad;
+  c->ldy = OUT + ypad;
+  c->x = calloc((size_t)T * c->ldx + 1, es);
+  c->a = calloc((size_t)L * R * IN, es);
+  c->b = calloc((size_t)L * OUT * R, es);
+  c->y = calloc((size_t)T * c->ldy + 1, es);
+  c->y0 = calloc((size_t)T * c->ldy + 1, es);
+  c->s = (float*)calloc((size_t)L, sizeof(float));
+  c->ta = (int32_t*)calloc((size_t)T + 1, sizeof(int32_t));
+  c->ref = (double*)calloc((size_t)T * OUT + 1, sizeof(double));
+  c->vref = (double*)calloc((size_t)T * R + 1, sizeof(double));
+  for (t = 0; t < T; ++t)
+    for (k = 0; k < c->ldx; ++k) put(dt, c->x, (size_t)t * c->ldx + k, k < IN ? urand() : 1e30);
+  for (k = 0; k < L * R * IN; ++k) put(dt, c->a, (size_t)k, urand() / sqrt((double)IN));
+  for (k = 0; k < L * OUT * R; ++k) put(dt, c->b, (size_t)k, urand());
+  for (t = 0; t < T; ++t)
+    for (o = 0; o < c->ldy; ++o) put(dt, c->y, (size_t)t * c->ldy + o, o < OUT ? urand() : 12345.0);
+  memcpy(c->y0, c->y, ((size_t)T * c->ldy + 1) * es);
+  for (a = 0; a < L; ++a) c->s[a] = (float)(0.75 + 0.25 * a);
+  for (t = 0; t < T; ++t) c->ta[t] = (int32_t)((t * 7 + 3) % (L + 1)) - 1; /* includes -1 rows */
+  if (T == 1) c->ta[0] = L - 1;
+  /* reference from the values actually stored */
+  for (t = 0; t < T; ++t) {
+    a = c->ta[t];
+    for (o = 0; o < OUT; ++o) c->ref[(size_t)t * OUT + o] = get(dt, c->y0, (size_t)t * c->ldy + o);
+    if (a < 0) continue;
+    for (j = 0; j < R; ++j) {
+      double acc = 0.0;
+      for (k = 0; k < IN; ++k)
+        acc += get(dt, c->x, (size_t)t * c->ldx + k) * get(dt, c->a, ((size_t)a * R + j) * IN + k);
+      c->vref[(size_t)t * R + j] = acc;
+    }
+    for (o = 0; o < OUT; ++o) {
+      double acc = 0.0;
+      for (j = 0; j < R; ++j) acc += c->vref[(size_t)t * R + j] * get(dt, c->b, ((size_t)a * OUT + o) * R + j);
+      c->ref[(size_t)t * OUT + o] += (double)c->s[a] * acc;
+    }
+  }
+}
+
+static void case_free(Case* c) {
+  free(c->x);
+  free(c->a);
+  free(c->b);
+  free(c->y);
+  free(c->y0);
+  free(c->s);
+  free(c->ta);
+  free(c->ref);
+  free(c->vref);
+}
+
+static void case_check_y(const Case* c, const char* what) {
+  size_t es = dtype_size(c->dt);
+  double maxref = 1.0, maxerr = 0.0;
+  int t, o, bad_rows = 0, bad_pad = 0;
+  for (t = 0; t < c->T; ++t) {
+    const unsigned char* yr = (const unsigned char*)c->y + (size_t)t * c->ldy * es;
+    const unsigned char* y0r = (const unsigned char*)c->y0 + (size_t)t * c->ldy * es;
+    if (c->ta[t] < 0 && memcmp(yr, y0r, (size_t)c->OUT * es) != 0) ++bad_rows;
+    if (memcmp(yr + (size_t)c->OUT * es, y0r + (size_t)c->OUT * es, (size_t)(c->ldy - c->OUT) * es) != 0) ++bad_pad;
+    for (o = 0; o < c->OUT; ++o) {
+      double r = c->ref[(size_t)t * c->OUT + o], v = get(c->dt, c->y, (size_t)t * c->ldy + o);
+      double e = fabs(v - r);
+      if (fabs(r) > maxref) maxref = fabs(r);
+      if (!(e <= maxerr)) maxerr = e; /* NaN-propagating max */
+    }
+  }
+  CHECK(bad_rows == 0, "%s %s T=%d IN=%d OUT=%d r=%d L=%d: %d rows with adapter -1 changed", what, dtype_name(c->dt),
+        c->T, c->IN, c->OUT, c->R, c->L, bad_rows);
+  CHECK(bad_pad == 0, "%s %s T=%d: %d rows had their padding (beyond out_features) written", what, dtype_name(c->dt),
+        c->T, bad_pad);
+  CHECK(maxerr / maxref <= tolerance(c->dt), "%s %s T=%d IN=%d OUT=%d r=%d L=%d: max rel err %.3g > %.3g", what,
+        dtype_name(c->dt), c->T, c->IN, c->OUT, c->R, c->L, maxerr / maxref, tolerance(c->dt));
+}
+
+/* lora_add in one call */
+static void run_add(bsr_dtype dt, int T, int IN, int OUT, int R, int L, int xpad, int ypad) {
+  Case c;
+  bsr_status st;
+  case_init(&c, dt, T, IN, OUT, R, L, xpad, ypad);
+  st = bsr_lora_add(dt, c.x, c.ldx, IN, c.a, c.b, c.s, L, R, OUT, c.ta, T, c.y, c.ldy);
+  CHECK(st == BSR_OK, "lora_add %s status %d: %s", dtype_name(dt), st, bsr_last_error());
+  case_check_y(&c, "lora_add");
+  case_free(&c);
+}
+
+/* sort + shrink + expand */
+static void run_split(bsr_dtype dt, int T, int IN, int OUT, int R, int L, int xpad, int ypad) {
+  Case c;
+  bsr_status st;
+  int32_t *idx, *counts, *starts;
+  float* v;
+  int64_t n = -1, p;
+  int j;
+  double maxerr = 0.0, maxref = 1.0;
+  case_init(&c, dt, T, IN, OUT, R, L, xpad, ypad);
+  idx = (int32_t*)calloc((size_t)T + 1, sizeof(int32_t));
+  counts = (int32_t*)calloc((size_t)L, sizeof(int32_t));
+  starts = (int32_t*)calloc((size_t)L, sizeof(int32_t));
+  v = (float*)calloc((size_t)T * R + 1, sizeof(float));
+  st = bsr_lora_sort_tokens(c.ta, T, L, idx, counts, starts, &n);
+  CHECK(st == BSR_OK, "sort status %d", st);
+  for (p = 0; p < (int64_t)T * R; ++p) v[p] = NAN; /* must be fully overwritten */
+  st = bsr_lora_shrink(dt, c.x, c.ldx, IN, c.a, L, R, idx, counts, starts, v);
+  CHECK(st == BSR_OK, "lora_shrink %s status %d: %s", dtype_name(dt), st, bsr_last_error());
+  for (p = 0; p < n; ++p)
+    for (j = 0; j < R; ++j) {
+      double r = c.vref[(size_t)idx[p] * R + j], e = fabs((double)v[p * R + j] - r);
+      if (fabs(r) > maxref) maxref = fabs(r);
+      if (!(e <= maxerr)) maxerr = e;
+    }
+  CHECK(maxerr / maxref <= 4e-5, /* v is float32 for every dtype */
+        "lora_shrink %s T=%d IN=%d r=%d: max rel err %.3g", dtype_name(dt), T, IN, R, maxerr / maxref);
+  st = bsr_lora_expand(dt, v, R, c.b, L, OUT, c.s, idx, counts, starts, c.y, c.ldy);
+  CHECK(st == BSR_OK, "lora_expand %s status %d: %s", dtype_name(dt), st, bsr_last_error());
+  case_check_y(&c, "shrink+expand");
+  free(idx);
+  free(counts);
+  free(starts);
+  free(v);
+  case_free(&c);
+}
+
+static void test_kernels(void) {
+  static const bsr_dtype dts[4] = {BSR_DTYPE_F32, BSR_DTYPE_F16, BSR_DTYPE_BF16, BSR_DTYPE_F64};
+  /* T, IN, OUT, R, L */
+  static const int shapes[][5] = {
+      {1, 67, 33, 1, 3}, {1, 67, 33, 5, 3}, {9, 67, 33, 1, 3}, {9, 67, 33, 5, 3},
+      {20, 70, 40, 33, 2},   /* rank > 16: partial transpose blocks */
+      {37, 300, 129, 16, 4}, /* full SIMD blocks, enough work to go multi-threaded */
+      {3, 1, 1, 1, 1},
+  };
+  int d, s, pad;
+  for (d = 0; d < 4; ++d)
+    for (s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); ++s)
+      for (pad = 0; pad < 2; ++pad) {
+        const int* sh = shapes[s];
+        run_add(dts[d], sh[0], sh[1], sh[2], sh[3], sh[4], pad ? 5 : 0, pad ? 3 : 0);
+        run_split(dts[d], sh[0], sh[1], sh[2], sh[3], sh[4], pad ? 5 : 0, pad ? 3 : 0);
+      }
+}
+
+/* The result must not depend on the number of threads (sizes large enough for both shrink
+ * and expand to go multi-threaded). */
+static void test_thread_determinism(void) {
+  Case c1, c2;
+  bsr_status st;
+  g_rng = 12345;
+  case_init(&c1, BSR_DTYPE_F32, 64, 256, 1100, 16, 4, 3, 1);
+  g_rng = 12345;
+  case_init(&c2, BSR_DTYPE_F32, 64, 256, 1100, 16, 4, 3, 1);
+  bsr_set_num_threads(1);
+  st = bsr_lora_add(BSR_DTYPE_F32, c1.x, c1.ldx, 256, c1.a, c1.b, c1.s, 4, 16, 1100, c1.ta, 64, c1.y, c1.ldy);
+  CHECK(st == BSR_OK, "determinism run 1");
+  bsr_set_num_threads(2);
+  st = bsr_lora_add(BSR_DTYPE_F32, c2.x, c2.ldx, 256, c2.a, c2.b, c2.s, 4, 16, 1100, c2.ta, 64, c2.y, c2.ldy);
+  CHECK(st == BSR_OK, "determinism run 2");
+  bsr_set_num_threads(0);
+  CHECK(memcmp(c1.y, c2.y, (size_t)64 * c1.ldy * 4) == 0, "1 thread and 2 threads give different results");
+  case_check_y(&c1, "determinism");
+  case_free(&c1);
+  case_free(&c2);
+}
+
+static void test_errors(void) {
+  float x[2 * 4] = {0}, a[1 * 2 * 4] = {0}, b[1 * 3 * 2] = {0}, y[2 * 3] = {0}, s[1] = {1.f}, v[4] = {0};
+  int32_t ta[2] = {0, -1}, bad_ta[2] = {0, 1};
+  int32_t idx[2] = {0, 0}, counts[1] = {1}, starts[1] = {0};
+  bsr_status st;
+
+  st = bsr_lora_add(BSR_DTYPE_F32, NULL, 4, 4, a, b, s, 1, 2, 3, ta, 2, y, 3);
+  CHECK(st == BSR_ERR_NULL_POINTER, "add x NULL: status %d", st);
+  CHECK(strstr(bsr_last_error(), "x") != NULL, "add x NULL: message '%s'", bsr_last_error());
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, s, 1, 2, 3, ta, 2, NULL, 3);
+  CHECK(st == BSR_ERR_NULL_POINTER, "add y NULL: status %d", st);
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, NULL, 1, 2, 3, ta, 2, y, 3);
+  CHECK(st == BSR_ERR_NULL_POINTER, "add scaling NULL: status %d", st);
+  st = bsr_lora_shrink(BSR_DTYPE_F32, x, 4, 4, a, 1, 2, idx, counts, starts, NULL);
+  CHECK(st == BSR_ERR_NULL_POINTER, "shrink v NULL: status %d", st);
+  st = bsr_lora_expand(BSR_DTYPE_F32, v, 2, NULL, 1, 3, s, idx, counts, starts, y, 3);
+  CHECK(st == BSR_ERR_NULL_POINTER, "expand b NULL: status %d", st);
+  CHECK(strlen(bsr_last_error()) > 0, "expand b NULL: empty message");
+
+  st = bsr_lora_add((bsr_dtype)7, x, 4, 4, a, b, s, 1, 2, 3, ta, 2, y, 3);
+  CHECK(st == BSR_ERR_UNSUPPORTED_DTYPE, "add dtype 7: status %d", st);
+  CHECK(strlen(bsr_last_error()) > 0, "bad dtype: empty message");
+  st = bsr_lora_shrink((bsr_dtype)-1, x, 4, 4, a, 1, 2, idx, counts, starts, v);
+  CHECK(st == BSR_ERR_UNSUPPORTED_DTYPE, "shrink dtype -1: status %d", st);
+  st = bsr_lora_expand((bsr_dtype)4, v, 2, b, 1, 3, s, idx, counts, starts, y, 3);
+  CHECK(st == BSR_ERR_UNSUPPORTED_DTYPE, "expand dtype 4: status %d", st);
+
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, s, 1, 0, 3, ta, 2, y, 3);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "add rank 0: status %d", st);
+  CHECK(strstr(bsr_last_error(), "rank") != NULL, "rank 0: message should name rank: '%s'", bsr_last_error());
+  st = bsr_lora_shrink(BSR_DTYPE_F32, x, 3, 4, a, 1, 2, idx, counts, starts, v);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "shrink x_row_stride < in_features: status %d", st);
+  CHECK(strstr(bsr_last_error(), "x_row_stride") != NULL, "stride message: '%s'", bsr_last_error());
+  st = bsr_lora_expand(BSR_DTYPE_F32, v, 2, b, 1, 3, s, idx, counts, starts, y, 2);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "expand y_row_stride < out_features: status %d", st);
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 0, a, b, s, 1, 2, 3, ta, 2, y, 3);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "add in_features 0: status %d", st);
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, s, 1, 2, 0, ta, 2, y, 3);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "add out_features 0: status %d", st);
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, s, 1, 2, 3, ta, -2, y, 3);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "add num_tokens -2: status %d", st);
+  st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, s, 1, 2, 3, bad_ta, 2, y, 3);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "add adapter id out of range: status %d", st);
+  CHECK(strstr(bsr_last_error(), "token_adapter") != NULL, "out of range message: '%s'", bsr_last_error());
+  counts[0] = -1;
+  st = bsr_lora_shrink(BSR_DTYPE_F32, x, 4, 4, a, 1, 2, idx, counts, starts, v);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT, "shrink negative count: status %d", st);
+  counts[0] = 1;
+
+  /* a successful call clears the message; nothing touched when every row is -1 */
+  {
+    int32_t none[2] = {-1, -1};
+    float y_before[6];
+    memcpy(y_before, y, sizeof y);
+    st = bsr_lora_add(BSR_DTYPE_F32, x, 4, 4, a, b, s, 1, 2, 3, none, 2, y, 3);
+    CHECK(st == BSR_OK, "add all -1: status %d", st);
+    CHECK(bsr_last_error()[0] == '\0', "message not cleared after success: '%s'", bsr_last_error());
+    CHECK(memcmp(y, y_before, sizeof y) == 0, "all -1 rows changed y");
+    st = bsr_lora_add(BSR_DTYPE_F32, NULL, 4, 4, NULL, NULL, NULL, 1, 2, 3, NULL, 0, NULL, 3);
+    CHECK(st == BSR_OK, "add with num_tokens 0 and NULL pointers: status %d", st);
+  }
+}
+
+int main(void) {
+  test_version();
+  test_threads();
+  test_sort();
+  test_kernels();
+  test_thread_determinism();
+  test_errors();
+  if (g_failures) {
+    fprintf(stderr, "test_c_abi: %d of %d checks FAILED\n", g_failures, g_checks);
+    return 1;
+  }
+  printf("test_c_abi: all %d checks passed (bsharedrag %s)\n", g_checks, bsr_version_string());
+  return 0;
+}
