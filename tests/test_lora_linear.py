@@ -273,3 +273,21 @@ def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         ops.lora_linear(*_good(), backend="triton")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+def test_add_lora_into_a_merged_projection_slice(backend):
+    """One GEMM over a merged [q; k] weight, then the LoRA of each slice added in place."""
+    dev = _device(backend)
+    q = cast(make_case(40, 24, 4, 3, 11, seed=5), torch.float32, dev)
+    k = cast(make_case(40, 8, 4, 3, 11, seed=6, token_adapter=q[6].cpu()), torch.float32, dev)
+    x, ta = q[0], q[6]
+    k[0] = x
+    meta = ops.LoRAMeta.build(ta, 3)
+    fused = F.linear(x, torch.cat([q[1], k[1]]), torch.cat([q[2], k[2]]))
+    ops.add_lora_(fused[:, :24], x, *q[3:6], meta, backend=backend)
+    ops.add_lora_(fused[:, 24:], x, *k[3:6], meta, backend=backend)
+    for got, case in [(fused[:, :24], q), (fused[:, 24:], k)]:
+        torch.testing.assert_close(got, ops.lora_linear_reference(*case), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="y must be"):
+        ops.add_lora_(fused[:5], x, *q[3:6], meta, backend=backend)

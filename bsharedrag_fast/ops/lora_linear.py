@@ -44,22 +44,30 @@ def _check_tensor(name: str, t, dim: int, dtype: torch.dtype, device: torch.devi
         raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
 
 
-def _check_args(x, weight, bias, lora_a, lora_b, scaling) -> None:
+def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, in], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    dt, dev = x.dtype, x.device
-    _check_tensor("weight", weight, 2, dt, dev)
+
+
+def _check_args(x, weight, bias, lora_a, lora_b, scaling) -> None:
+    _check_x(x)
+    _check_tensor("weight", weight, 2, x.dtype, x.device)
     out_f, in_f = weight.shape
     if in_f != x.shape[1]:
         raise ValueError(f"weight must be [out, {x.shape[1]}] to match x [T, in], got {tuple(weight.shape)}")
     if bias is not None:
-        _check_tensor("bias", bias, 1, dt, dev)
+        _check_tensor("bias", bias, 1, x.dtype, x.device)
         if bias.shape[0] != out_f:
             raise ValueError(f"bias must be [{out_f}], got {tuple(bias.shape)}")
+    _check_lora(x, out_f, lora_a, lora_b, scaling)
+
+
+def _check_lora(x, out_f: int, lora_a, lora_b, scaling) -> None:
+    dt, dev, in_f = x.dtype, x.device, x.shape[1]
     _check_tensor("lora_a", lora_a, 3, dt, dev)
     _check_tensor("lora_b", lora_b, 3, dt, dev)
     n_ad, rank = lora_a.shape[0], lora_a.shape[1]
@@ -202,6 +210,18 @@ def _adapter_grads(x, dy, v, dv, scaling, meta, need_a, need_b, lora_a, lora_b):
 # ----------------------------------------------------------------------------- public
 
 
+def _fast_backend(backend: str, x: torch.Tensor, lora_a: torch.Tensor) -> str:
+    """Resolve `backend` for these inputs; the fast kernels store and accumulate in fp32 at most."""
+    if backend == "auto" and x.dtype == torch.float64:
+        backend = "reference"
+    backend = _backends.resolve(backend, x.device, CPU_AUTO_BACKEND)
+    if backend != "reference" and x.dtype == torch.float64:
+        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16; use 'reference' for float64")
+    if backend == "triton" and lora_a.shape[1] > MAX_TRITON_RANK:
+        raise ValueError(f"lora_a rank {lora_a.shape[1]} exceeds the Triton kernels' limit of {MAX_TRITON_RANK}")
+    return backend
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -221,19 +241,38 @@ def lora_linear(
     """
     _check_args(x, weight, bias, lora_a, lora_b, scaling)
     meta = _as_meta(meta_or_token_adapter, x, lora_a.shape[0])
-    if backend == "auto" and x.dtype == torch.float64:
-        backend = "reference"  # the fast kernels store and accumulate in fp32 at most
-    backend = _backends.resolve(backend, x.device, CPU_AUTO_BACKEND)
+    backend = _fast_backend(backend, x, lora_a)
     if backend == "reference":
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, meta.token_adapter)
-    if x.dtype == torch.float64:
-        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16; use 'reference' for float64")
-    if backend == "triton" and lora_a.shape[1] > MAX_TRITON_RANK:
-        raise ValueError(f"lora_a rank {lora_a.shape[1]} exceeds the Triton kernels' limit of {MAX_TRITON_RANK}")
     tensors = (x, weight, bias, lora_a, lora_b)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, meta, backend)
     return _forward(backend, x, weight, bias, lora_a, lora_b, scaling, meta)[0]
+
+
+def add_lora_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    meta: LoRAMeta,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Inference only: add the LoRA update in place into a base output y [T, out] computed
+    elsewhere (e.g. one GEMM over a merged QKV weight, then one call per slice). Returns y."""
+    _check_x(x)
+    _check_tensor("y", y, 2, x.dtype, x.device)
+    if y.shape[0] != x.shape[0] or y.stride(-1) != 1:
+        raise ValueError(f"y must be [{x.shape[0]}, out] with unit last stride, got {tuple(y.shape)} {y.stride()}")
+    _check_lora(x, y.shape[1], lora_a, lora_b, scaling)
+    meta = _as_meta(meta, x, lora_a.shape[0])
+    backend = _fast_backend(backend, x, lora_a)
+    if backend == "reference":
+        return y.copy_(_add_lora_reference(y, x, lora_a, lora_b, scaling, meta.token_adapter))
+    if not meta.no_lora:
+        _expand(backend, _shrink(backend, _rows(x), lora_a, meta), lora_b, scaling, meta, y)
+    return y
 
 
 def lora_linear_reference(
@@ -246,7 +285,10 @@ def lora_linear_reference(
     token_adapter: torch.Tensor,
 ) -> torch.Tensor:
     """Plain torch, differentiable by autograd: per-adapter gather, two GEMMs in fp32, scatter."""
-    y = F.linear(x, weight, bias)
+    return _add_lora_reference(F.linear(x, weight, bias), x, lora_a, lora_b, scaling, token_adapter)
+
+
+def _add_lora_reference(y, x, lora_a, lora_b, scaling, token_adapter) -> torch.Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     for a in range(lora_a.shape[0]):
         rows = (token_adapter == a).nonzero().squeeze(1)
