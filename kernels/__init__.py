@@ -7,3 +7,5 @@ from .lora_expand import expand_config, lora_expand
 from .lora_shrink import lora_shrink, shrink_config
 
 __all__ = ["lora_shrink", "lora_expand", "shrink_config", "expand_config"]
+from .pool import pool_backward, pool_forward
+__all__ += ["pool_forward", "pool_backward"]
