@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +28,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from _common import RESULTS_DIR, machine_info, time_methods
 
 DEFAULT_SHAPES = [  # (in, out, T, adapters, rank, pass): includes every shape a goal names
     (2048, 2048, 256, 4, 16, "fwd"),
@@ -80,47 +77,6 @@ def gather_bmm(x, w, b, lora_a, lora_b, scaling, ta):
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _calibrate(fn, device: str) -> int:
-    """Calls per batch so a batch lasts >= 1 ms: GPU launches queue up as in a model, and one
-    sync per batch does not dominate small shapes."""
-    for _ in range(2):
-        fn()
-    per_batch = 1
-    while per_batch < 1024:
-        t0 = time.perf_counter()
-        for _ in range(per_batch):
-            fn()
-        _sync(device)
-        if time.perf_counter() - t0 >= 1e-3:
-            break
-        per_batch *= 2
-    return per_batch
-
-
-def time_methods(methods: dict, device: str, budget_s: float) -> dict:
-    """Median seconds per call of each method, measured round-robin (one batch of each per
-    round) so that drift in machine load hits every method alike."""
-    batches = {name: _calibrate(fn, device) for name, fn in methods.items()}
-    samples = {name: [] for name in methods}
-    spent, rounds = 0.0, 0
-    while rounds < 7 or (spent < budget_s * len(methods) and rounds < 100):
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            for _ in range(batches[name]):
-                fn()
-            _sync(device)
-            dt = time.perf_counter() - t0
-            samples[name].append(dt / batches[name])
-            spent += dt
-        rounds += 1
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 @dataclass
@@ -179,33 +135,6 @@ def bench_shape(in_f, out_f, n_tok, n_ad, rank, mode, device, dtype, budget_s) -
     if "lora_part" in times:
         ratios["peft_lora_part/lora_part"] = times["peft_lora_part"] / times["lora_part"]
     return Row(in_f, out_f, n_tok, n_ad, rank, mode, times, ratios)
-
-
-def machine_info(device: str) -> dict:
-    info = {
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        import triton
-
-        info["triton"] = triton.__version__
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list) -> None:

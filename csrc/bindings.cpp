@@ -133,4 +133,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("b_ptr"), py::arg("scaling_ptr"), py::arg("num_adapters"), py::arg("rank"),
       py::arg("out_features"), py::arg("token_adapter_ptr"), py::arg("num_tokens"), py::arg("y_ptr"),
       py::arg("y_row_stride"));
+
+  m.attr("POOL_LAST") = static_cast<int>(BSR_POOL_LAST);
+  m.attr("POOL_MEAN") = static_cast<int>(BSR_POOL_MEAN);
+  m.attr("POOL_CLS") = static_cast<int>(BSR_POOL_CLS);
+  m.def(
+      "pool",
+      [](int dtype, std::uintptr_t hidden, int64_t hidden_row_stride, int64_t num_rows, int64_t dim,
+         std::uintptr_t cu_seqlens, int64_t num_seqs, int mode, std::uintptr_t norm_weight, float eps,
+         bool normalize, std::uintptr_t out, int64_t out_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_pool(to_dtype(dtype), ptr<const void>(hidden), hidden_row_stride, num_rows, dim,
+                        ptr<const int32_t>(cu_seqlens), num_seqs, static_cast<bsr_pool_mode>(mode),
+                        ptr<const void>(norm_weight), eps, normalize ? 1 : 0, ptr<void>(out), out_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("hidden_ptr"), py::arg("hidden_row_stride"), py::arg("num_rows"), py::arg("dim"),
+      py::arg("cu_seqlens_ptr"), py::arg("num_seqs"), py::arg("mode"), py::arg("norm_weight_ptr"), py::arg("eps"),
+      py::arg("normalize"), py::arg("out_ptr"), py::arg("out_row_stride"),
+      "Pooled embeddings of packed sequences (norm_weight_ptr 0 = no fused RMSNorm).");
 }

@@ -32,6 +32,7 @@
 
 #include "bsharedrag.h"
 #include "lora_common.h"
+#include "runtime.h"
 
 #if defined(__GNUC__)
 #define BSR_ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -155,12 +156,9 @@ const char* active_isa_name() { return isa().name; }
 // ---------------------------------------------------------------------------------------
 static thread_local char tl_error[512] = "";
 
-static void clear_error() { tl_error[0] = '\0'; }
+void clear_error() { tl_error[0] = '\0'; }
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 2, 3)))
-#endif
-static bsr_status fail(bsr_status st, const char* fmt, ...) {
+bsr_status fail(bsr_status st, const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   std::vsnprintf(tl_error, sizeof(tl_error), fmt, ap);
@@ -170,7 +168,7 @@ static bsr_status fail(bsr_status st, const char* fmt, ...) {
 
 static std::atomic<int> g_num_threads{0};
 
-static int num_threads() {
+int num_threads() {
   const int n = g_num_threads.load(std::memory_order_relaxed);
   if (n > 0) return n;
 #ifdef _OPENMP
@@ -435,24 +433,6 @@ static bsr_status do_sort(const char* fn, const int32_t* ta, int64_t T, int32_t 
 }  // namespace bsr
 
 using namespace bsr;
-
-#define BSR_CHECK_PTR(p, fn)                                                    \
-  do {                                                                          \
-    if ((p) == nullptr) return fail(BSR_ERR_NULL_POINTER, "%s: %s is NULL", fn, #p); \
-  } while (0)
-
-#define BSR_GUARD_BEGIN try {
-#define BSR_GUARD_END(fn)                                                                  \
-  }                                                                                        \
-  catch (const std::bad_alloc&) {                                                          \
-    return fail(BSR_ERR_OUT_OF_MEMORY, "%s: out of memory", fn);                           \
-  }                                                                                        \
-  catch (const std::exception& e) {                                                        \
-    return fail(BSR_ERR_INTERNAL, "%s: internal error: %s", fn, e.what());                 \
-  }                                                                                        \
-  catch (...) {                                                                            \
-    return fail(BSR_ERR_INTERNAL, "%s: internal error", fn);                               \
-  }
 
 extern "C" {
 

@@ -122,6 +122,30 @@ BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_st
                                 int64_t out_features, const int32_t* token_adapter,
                                 int64_t num_tokens, void* y, int64_t y_row_stride);
 
+/* ---- pooled embedding ------------------------------------------------------------------ */
+
+typedef enum bsr_pool_mode {
+  BSR_POOL_LAST = 0, /* the sequence's last row (RepLLaMA: EOS appended) */
+  BSR_POOL_MEAN = 1, /* the average of its rows */
+  BSR_POOL_CLS = 2   /* its first row */
+} bsr_pool_mode;
+
+/*
+ * One vector per packed sequence: hidden [T, dim] (row stride hidden_row_stride) holds
+ * num_seqs sequences, cu_seqlens int32 [num_seqs + 1] with 0 = cu[0] < cu[1] < ... = T.
+ *   norm_weight [dim] or NULL: the backbone's final RMSNorm, h * rsqrt(mean(h^2) + eps) * w,
+ *     fused in: for last/cls on the pooled row only, for mean on every row before averaging.
+ *   normalize != 0: L2-normalise the result; a zero vector stays zero.
+ * All math in fp32; out [num_seqs, dim] (row stride out_row_stride) in dtype.
+ * dtype: F32, F16 or BF16 (F64 is BSR_ERR_UNSUPPORTED_DTYPE). Bad cu_seqlens (not starting
+ * at 0, not strictly increasing, or any entry past T) are BSR_ERR_INVALID_ARGUMENT; pass T
+ * through num_rows so the bound can be checked.
+ */
+BSR_API bsr_status bsr_pool(bsr_dtype dtype, const void* hidden, int64_t hidden_row_stride,
+                            int64_t num_rows, int64_t dim, const int32_t* cu_seqlens,
+                            int64_t num_seqs, bsr_pool_mode mode, const void* norm_weight,
+                            float eps, int normalize, void* out, int64_t out_row_stride);
+
 #ifdef __cplusplus
 }
 #endif

@@ -451,6 +451,84 @@ static void test_errors(void) {
   }
 }
 
+/* ---- bsr_pool ---------------------------------------------------------------------------- */
+
+/* Naive double reference: RMSNorm each row (if w), pool, L2 (if normalize). */
+static void pool_ref(const double* h, int d, const int32_t* cu, int B, int mode, const double* w, int normalize,
+                     double* out) {
+  int b, t, i;
+  for (b = 0; b < B; ++b) {
+    double* o = out + (size_t)b * d;
+    int s = cu[b], e = cu[b + 1], n = 0;
+    for (i = 0; i < d; ++i) o[i] = 0;
+    for (t = s; t < e; ++t) {
+      double ss = 0, sc = 1;
+      if (mode == BSR_POOL_LAST && t != e - 1) continue;
+      if (mode == BSR_POOL_CLS && t != s) continue;
+      if (w) {
+        for (i = 0; i < d; ++i) ss += h[(size_t)t * d + i] * h[(size_t)t * d + i];
+        sc = 1.0 / sqrt(ss / d + 1e-6);
+      }
+      for (i = 0; i < d; ++i) o[i] += h[(size_t)t * d + i] * sc * (w ? w[i] : 1.0);
+      ++n;
+    }
+    for (i = 0; i < d; ++i) o[i] /= n;
+    if (normalize) {
+      double nn = 0;
+      for (i = 0; i < d; ++i) nn += o[i] * o[i];
+      nn = sqrt(nn) > 1e-12 ? sqrt(nn) : 1e-12;
+      for (i = 0; i < d; ++i) o[i] /= nn;
+    }
+  }
+}
+
+static void test_pool(void) {
+  static const bsr_dtype dts[3] = {BSR_DTYPE_F32, BSR_DTYPE_F16, BSR_DTYPE_BF16};
+  const int32_t cu[5] = {0, 1, 4, 5, 140}; /* lengths 1, 3, 1, 135 (mean splits the long one) */
+  const int B = 4, T = 140, d = 37, ld = 41;
+  double h[140 * 37], w[37], ref[4 * 37];
+  unsigned char hbuf[140 * 41 * 4], wbuf[37 * 4], obuf[4 * 37 * 4];
+  int di, mode, with_w, normalize, i, t;
+  for (i = 0; i < T * d; ++i) h[i] = 2 * urand();
+  for (i = 0; i < d; ++i) w[i] = 1.0 + 0.5 * urand();
+  for (di = 0; di < 3; ++di) {
+    bsr_dtype dt = dts[di];
+    double hr[140 * 37], wr[37];
+    for (t = 0; t < T; ++t)
+      for (i = 0; i < d; ++i) hr[t * d + i] = put(dt, hbuf, (size_t)t * ld + i, h[t * d + i]);
+    for (i = 0; i < d; ++i) wr[i] = put(dt, wbuf, (size_t)i, w[i]);
+    for (mode = 0; mode < 3; ++mode)
+      for (with_w = 0; with_w < 2; ++with_w)
+        for (normalize = 0; normalize < 2; ++normalize) {
+          double err = 0;
+          bsr_status st = bsr_pool(dt, hbuf, ld, T, d, cu, B, (bsr_pool_mode)mode, with_w ? wbuf : NULL, 1e-6f,
+                                   normalize, obuf, d);
+          CHECK(st == BSR_OK, "pool %s mode %d: status %d (%s)", dtype_name(dt), mode, st, bsr_last_error());
+          pool_ref(hr, d, cu, B, mode, with_w ? wr : NULL, normalize, ref);
+          for (i = 0; i < B * d; ++i) {
+            double e = fabs(get(dt, obuf, (size_t)i) - ref[i]) / (1.0 + fabs(ref[i]));
+            if (e > err) err = e;
+          }
+          CHECK(err <= tolerance(dt), "pool %s mode %d w %d normalize %d: rel err %g", dtype_name(dt), mode, with_w,
+                normalize, err);
+        }
+  }
+  { /* bad input */
+    const int32_t bad_cu[3] = {0, 3, 3}, past_cu[3] = {0, 3, 200};
+    CHECK(bsr_pool(BSR_DTYPE_F32, hbuf, ld, T, d, bad_cu, 2, BSR_POOL_LAST, NULL, 1e-6f, 1, obuf, d) ==
+              BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "cu_seqlens") != NULL,
+          "zero-length sequence: '%s'", bsr_last_error());
+    CHECK(bsr_pool(BSR_DTYPE_F32, hbuf, ld, T, d, past_cu, 2, BSR_POOL_LAST, NULL, 1e-6f, 1, obuf, d) ==
+              BSR_ERR_INVALID_ARGUMENT, "cu_seqlens past num_rows");
+    CHECK(bsr_pool(BSR_DTYPE_F64, hbuf, ld, T, d, cu, B, BSR_POOL_LAST, NULL, 1e-6f, 1, obuf, d) ==
+              BSR_ERR_UNSUPPORTED_DTYPE, "pool F64 must be unsupported");
+    CHECK(bsr_pool(BSR_DTYPE_F32, NULL, ld, T, d, cu, B, BSR_POOL_LAST, NULL, 1e-6f, 1, obuf, d) ==
+              BSR_ERR_NULL_POINTER, "pool NULL hidden");
+    CHECK(bsr_pool(BSR_DTYPE_F32, hbuf, ld, T, d, cu, B, (bsr_pool_mode)7, NULL, 1e-6f, 1, obuf, d) ==
+              BSR_ERR_INVALID_ARGUMENT, "pool bad mode");
+  }
+}
+
 int main(void) {
   test_version();
   test_threads();
@@ -458,6 +536,7 @@ int main(void) {
   test_kernels();
   test_thread_determinism();
   test_errors();
+  test_pool();
   if (g_failures) {
     fprintf(stderr, "test_c_abi: %d of %d checks FAILED\n", g_failures, g_checks);
     return 1;

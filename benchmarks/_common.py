@@ -1,0 +1,79 @@
+"""Shared by the benchmark scripts: round-robin timing and the machine description."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _calibrate(fn, device: str) -> int:
+    """Calls per batch so a batch lasts >= 1 ms: GPU launches queue up as in a model, and one
+    sync per batch does not dominate small shapes."""
+    for _ in range(2):
+        fn()
+    per_batch = 1
+    while per_batch < 1024:
+        t0 = time.perf_counter()
+        for _ in range(per_batch):
+            fn()
+        _sync(device)
+        if time.perf_counter() - t0 >= 1e-3:
+            break
+        per_batch *= 2
+    return per_batch
+
+
+def time_methods(methods: dict, device: str, budget_s: float) -> dict:
+    """Median seconds per call of each method, measured round-robin (one batch of each per
+    round) so that drift in machine load hits every method alike."""
+    batches = {name: _calibrate(fn, device) for name, fn in methods.items()}
+    samples = {name: [] for name in methods}
+    spent, rounds = 0.0, 0
+    while rounds < 7 or (spent < budget_s * len(methods) and rounds < 100):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            for _ in range(batches[name]):
+                fn()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            samples[name].append(dt / batches[name])
+            spent += dt
+        rounds += 1
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        import triton
+
+        info["triton"] = triton.__version__
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
