@@ -1,4 +1,4 @@
-"""Backend names, availability and the `auto` choice shared by every op.
+"""Backend names, availability and the `auto` choice shared by every op, and their common input check.
 
 An unknown or unavailable backend is a ValueError, never a silent fallback.
 """
@@ -55,13 +55,35 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str, device: torch.device, cpu_auto: str) -> str:
-    """Return the concrete backend for tensors on `device`.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-    cpu_auto is the op's measured choice for CPU tensors (see each op's module).
+
+def check_float_matrix(name: str, t, layout: str) -> None:
+    """ValueError naming `name` unless t is a 2-D float tensor (layout: e.g. "[T, d]")."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, cpu_auto: str) -> str:
+    """Return the concrete backend for tensors of `dtype` on `device`.
+
+    cpu_auto is the op's measured choice for CPU tensors (see each op's module). The fast
+    kernels compute in fp32 at most, so float64 goes to the reference under "auto" and is
+    an error for "triton" / "cpp".
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype == torch.float64:
+        if backend == "auto":
+            return "reference"
+        if backend != "reference":
+            raise ValueError(
+                f"backend={backend!r} supports float32, float16 and bfloat16; use 'reference' for float64"
+            )
     if backend == "auto":
         if device.type == "cuda":
             kernels()

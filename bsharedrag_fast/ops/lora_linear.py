@@ -27,9 +27,6 @@ CPU_AUTO_BACKEND = "cpp"
 
 MAX_TRITON_RANK = 128
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -44,17 +41,8 @@ def _check_tensor(name: str, t, dim: int, dtype: torch.dtype, device: torch.devi
         raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
 
 
-def _check_x(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [T, in], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
 def _check_args(x, weight, bias, lora_a, lora_b, scaling) -> None:
-    _check_x(x)
+    _backends.check_float_matrix("x", x, "[T, in]")
     _check_tensor("weight", weight, 2, x.dtype, x.device)
     out_f, in_f = weight.shape
     if in_f != x.shape[1]:
@@ -211,12 +199,8 @@ def _adapter_grads(x, dy, v, dv, scaling, meta, need_a, need_b, lora_a, lora_b):
 
 
 def _fast_backend(backend: str, x: torch.Tensor, lora_a: torch.Tensor) -> str:
-    """Resolve `backend` for these inputs; the fast kernels store and accumulate in fp32 at most."""
-    if backend == "auto" and x.dtype == torch.float64:
-        backend = "reference"
-    backend = _backends.resolve(backend, x.device, CPU_AUTO_BACKEND)
-    if backend != "reference" and x.dtype == torch.float64:
-        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16; use 'reference' for float64")
+    """Resolve `backend` for these inputs (the Triton kernels also bound the rank)."""
+    backend = _backends.resolve(backend, x.device, x.dtype, CPU_AUTO_BACKEND)
     if backend == "triton" and lora_a.shape[1] > MAX_TRITON_RANK:
         raise ValueError(f"lora_a rank {lora_a.shape[1]} exceeds the Triton kernels' limit of {MAX_TRITON_RANK}")
     return backend
@@ -261,7 +245,7 @@ def add_lora_(
 ) -> torch.Tensor:
     """Inference only: add the LoRA update in place into a base output y [T, out] computed
     elsewhere (e.g. one GEMM over a merged QKV weight, then one call per slice). Returns y."""
-    _check_x(x)
+    _backends.check_float_matrix("x", x, "[T, in]")
     _check_tensor("y", y, 2, x.dtype, x.device)
     if y.shape[0] != x.shape[0] or y.stride(-1) != 1:
         raise ValueError(f"y must be [{x.shape[0]}, out] with unit last stride, got {tuple(y.shape)} {y.stride()}")

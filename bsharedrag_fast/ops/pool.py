@@ -24,17 +24,9 @@ L2_EPS = 1e-12  # F.normalize's: a zero vector stays zero
 # Measured by benchmarks/bench_pool.py: the C++ kernel beats the torch sequence on CPU.
 CPU_AUTO_BACKEND = "cpp"
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def _check_args(hidden, cu_seqlens, mode, norm_weight, eps) -> list:
     """Validate; returns cu_seqlens as a host list (one sync, B + 1 values)."""
-    if not isinstance(hidden, torch.Tensor):
-        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [T, d], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    _backends.check_float_matrix("hidden", hidden, "[T, d]")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -180,13 +172,9 @@ def pool(
     norm_weight.
     """
     _check_args(hidden, cu_seqlens, mode, norm_weight, eps)
-    if backend == "auto" and hidden.dtype == torch.float64:
-        backend = "reference"  # the fast kernels compute in fp32
-    backend = _backends.resolve(backend, hidden.device, CPU_AUTO_BACKEND)
+    backend = _backends.resolve(backend, hidden.device, hidden.dtype, CPU_AUTO_BACKEND)
     if backend == "reference":
         return pool_reference(hidden, cu_seqlens, mode, normalize, norm_weight, eps)
-    if hidden.dtype == torch.float64:
-        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16; use 'reference' for float64")
     grads = torch.is_grad_enabled() and (
         hidden.requires_grad or (norm_weight is not None and norm_weight.requires_grad)
     )
