@@ -5,7 +5,6 @@ argument validation live in bsharedrag_fast.ops. Importing this package requires
 """
 from .lora_expand import expand_config, lora_expand
 from .lora_shrink import lora_shrink, shrink_config
-
-__all__ = ["lora_shrink", "lora_expand", "shrink_config", "expand_config"]
 from .pool import pool_backward, pool_forward
-__all__ += ["pool_forward", "pool_backward"]
+
+__all__ = ["lora_shrink", "lora_expand", "shrink_config", "expand_config", "pool_forward", "pool_backward"]
