@@ -2,8 +2,13 @@
 import torch  # noqa: F401  imported first: its bundled libgomp.so.1 is then shared with our _C
 
 from . import ops
+from .generation import GenerationResult, generate
+from .kv_cache import CacheFullError, KVCache
 from .model import Backbone, ModelConfig
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["Backbone", "ModelConfig", "Tokenizer", "ops", "__version__"]
+__all__ = [
+    "Backbone", "CacheFullError", "GenerationResult", "KVCache", "ModelConfig", "Tokenizer",
+    "generate", "ops", "__version__",
+]

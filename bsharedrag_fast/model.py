@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 import torch
@@ -462,6 +462,32 @@ class Backbone:
     def adapters(self) -> list[str]:
         """Names of the resident adapters, in slot order."""
         return sorted(self.adapter_slots, key=self.adapter_slots.get)
+
+    def memory_report(self, cache=None) -> dict:
+        """Resident bytes: {"backbone", "adapters": {name: bytes}, "lora_stacks", "cache", "total"}.
+
+        backbone counts each storage once (a tied LM head shares the embedding); adapters
+        gives each adapter's share of the stacks (padded=True, so the shares add up to
+        lora_stacks); cache is `cache.nbytes` of a KVCache, if given."""
+        from .adapters import lora_nbytes
+
+        tensors = [self.embed, self.norm, self.lm_head, self.inv_freq]
+        for layer in self.layers:
+            tensors += [getattr(layer, f.name) for f in fields(Layer) if f.name != "lora"]
+        seen, backbone = set(), 0
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                backbone += t.numel() * t.element_size()
+        stacks = lora_nbytes(self)
+        cache_bytes = 0 if cache is None else cache.nbytes
+        return {
+            "backbone": backbone,
+            "adapters": {name: self.adapter_nbytes(name, padded=True) for name in self.adapters},
+            "lora_stacks": stacks,
+            "cache": cache_bytes,
+            "total": backbone + stacks + cache_bytes,
+        }
 
     def adapter_nbytes(self, name: str, padded: bool = False) -> int:
         """Resident bytes of one adapter: its weights at true rank, or (padded=True) its whole

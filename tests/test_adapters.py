@@ -417,3 +417,24 @@ def test_bf16_model_loads_and_saves(qwen, tmp_path):
     out = safetensors_torch.load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in out.values())
     assert m.adapter_nbytes("a") == sum(t.numel() * 2 for t in out.values())
+
+
+def test_memory_report_counts_backbone_adapters_and_cache(qwen, model, tmp_path):
+    from bsharedrag_fast import KVCache
+    from bsharedrag_fast.adapters import lora_nbytes
+
+    hf = qwen[0]
+    base = model.memory_report()
+    # one fp32 copy of every parameter (tied embeddings once) + the rope table
+    assert base["backbone"] == hf.num_parameters() * 4 + model.inv_freq.numel() * 4
+    assert base["adapters"] == {} and base["lora_stacks"] == 0 and base["total"] == base["backbone"]
+    _peft_adapter(hf, tmp_path / "a", 1, r=4, lora_alpha=8)
+    _peft_adapter(hf, tmp_path / "b", 2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model.load_adapter(tmp_path / "a", "a")
+    model.load_adapter(tmp_path / "b", "b")
+    cache = KVCache(model.config, 1 << 20)
+    rep = model.memory_report(cache)
+    assert set(rep["adapters"]) == {"a", "b"} and sum(rep["adapters"].values()) == rep["lora_stacks"]
+    assert rep["lora_stacks"] == lora_nbytes(model) > 0 and rep["cache"] == cache.nbytes > 0
+    assert rep["total"] == rep["backbone"] + rep["lora_stacks"] + rep["cache"]
+    assert rep["backbone"] == base["backbone"]
