@@ -17,32 +17,12 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from bsharedrag_fast import Backbone  # noqa: E402
 from bsharedrag_fast.adapters import lora_nbytes  # noqa: E402
+from tiny_models import hf_model, packed, spans  # noqa: E402
 
 TOL = 1e-4
 LENS = [5, 1, 12, 7]
-SMALL = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-)  # fmt: skip
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations via peft
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _hf_model(arch: str):
-    cls_cfg, cls_model = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    torch.manual_seed(0)
-    cfg = cls_cfg(**SMALL)
-    cfg.architectures = [cls_model.__name__]
-    model = cls_model(cfg).eval().float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def _randomize(pm, seed: int):
@@ -62,23 +42,11 @@ def _peft_adapter(hf, path, seed, **kw):
     return pm
 
 
-def _packed(lens=LENS, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 128, (sum(lens),), generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    return ids, cu
-
-
-def _spans(cu):
-    c = cu.tolist()
-    return list(zip(c[:-1], c[1:]))
-
-
 @torch.no_grad()
 def _peft_logits(pm, ids, cu, names):
     """Per sequence: names[b] is a peft adapter name, or None for the base model."""
     out = []
-    for (s, e), n in zip(_spans(cu), names):
+    for (s, e), n in zip(spans(cu), names):
         x = ids[s:e][None]
         if n is None:
             with pm.disable_adapter():
@@ -95,7 +63,7 @@ def _maxdiff(a, b):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def arch_case(request, tmp_path_factory):
-    hf = _hf_model(request.param)
+    hf = hf_model(request.param)
     path = tmp_path_factory.mktemp(f"base-{request.param}")
     hf.save_pretrained(path)
     return request.param, hf, Backbone.from_pretrained(path), tmp_path_factory
@@ -103,7 +71,7 @@ def arch_case(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    hf = _hf_model("qwen2")
+    hf = hf_model("qwen2")
     path = tmp_path_factory.mktemp("base-qwen2")
     hf.save_pretrained(path)
     return hf, Backbone.from_pretrained(path)
@@ -128,7 +96,7 @@ def test_adapter_matches_peft_all_architectures(arch_case):
     pm = _peft_adapter(hf, d, seed=5, r=8, lora_alpha=16)
     model.load_adapter(d, "a")
     try:
-        ids, cu = _packed()
+        ids, cu = packed(LENS)
         names = ["a", None, "a", "a"]
         out = model(ids, cu, adapters=names)
         ref = _peft_logits(pm, ids, cu, ["default" if n else None for n in names])
@@ -163,7 +131,7 @@ def test_config_variants_match_peft(qwen, model, tmp_path, variant):
     hf = qwen[0]
     pm = _peft_adapter(hf, tmp_path, seed=7, **VARIANTS[variant])
     model.load_adapter(tmp_path, variant)
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     names = [variant, None, variant, variant]
     ref = _peft_logits(pm, ids, cu, ["default" if n else None for n in names])
     diff = _maxdiff(model(ids, cu, adapters=names), ref)
@@ -187,7 +155,7 @@ def test_default_adapter_name_in_keys(qwen, model, tmp_path):
     safetensors_torch.save_file(named, str(tmp_path / "named" / "adapter_model.safetensors"))
     model.load_adapter(tmp_path / "plain", "plain")
     model.load_adapter(tmp_path / "named", "named")
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     a = model(ids, cu, adapters=["plain"] * 4)
     assert torch.equal(a, model(ids, cu, adapters=["named"] * 4))
     assert _maxdiff(a, _peft_logits(pm, ids, cu, ["default"] * 4)) <= TOL
@@ -207,12 +175,12 @@ def test_mixed_batch_matches_peft_adapter_names(qwen, model, tmp_path):
     model.load_adapter(tmp_path / "a2", "a2")
     names = [None, "a1", "a2", "a1"]
     # equal lengths: peft's batched mixed-adapter forward
-    ids, cu = _packed([9, 9, 9, 9], seed=4)
+    ids, cu = packed([9, 9, 9, 9], seed=4)
     with torch.no_grad():
         ref = pm(input_ids=ids.view(4, 9), adapter_names=["__base__", "a1", "a2", "a1"]).logits.reshape(36, -1)
     diff = _maxdiff(model(ids, cu, adapters=names), ref)
     # variable lengths: peft per sequence
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     diff2 = _maxdiff(model(ids, cu, adapters=names), _peft_logits(pm, ids, cu, names))
     print(f"mixed batch: max|dlogits| vs peft adapter_names = {diff:.2e}, varlen per sequence = {diff2:.2e}")
     assert diff <= TOL and diff2 <= TOL
@@ -246,7 +214,7 @@ def test_save_round_trip_through_peft(qwen, model, tmp_path, case):
     assert sorted(src) == sorted(out)
     assert all(torch.equal(src[k], out[k]) for k in src)  # true ranks, same values
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "out")).eval()
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     ours = model(ids, cu, adapters=["x"] * 4)
     diff = _maxdiff(ours, _peft_logits(pm, ids, cu, ["default"] * 4))
     print(f"save {case}: max|dlogits| ours vs peft(from our save) = {diff:.2e}")
@@ -267,7 +235,7 @@ def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
     _peft_adapter(hf, tmp_path / "a", seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
     pb = _peft_adapter(hf, tmp_path / "b", seed=22, r=16, lora_alpha=8)  # higher rank: re-pads
     _peft_adapter(hf, tmp_path / "c", seed=23, r=2, lora_alpha=2, target_modules=["v_proj"])
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     base = model(ids, cu)
     model.load_adapter(tmp_path / "a", "a")
     out_a = model(ids, cu, adapters=["a"] * 4)
@@ -357,7 +325,7 @@ def test_bad_inputs_leave_model_unchanged(qwen, model, tmp_path):
     _peft_adapter(hf, tmp_path / "second", seed=32, r=4, lora_alpha=4, target_modules=["o_proj"])
     model.load_adapter(tmp_path / "good", "first")
     model.load_adapter(tmp_path / "second", "second")
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     names = ["first", None, "second", "first"]
     before = model(ids, cu, adapters=names)
     stacks_before = [{n: (s.lora_a, s.lora_b, s.scaling) for n, s in layer.lora.items()} for layer in model.layers]

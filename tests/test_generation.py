@@ -13,19 +13,16 @@ from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
 from bsharedrag_fast.generation import generate, sample, warp_logits  # noqa: E402
 from bsharedrag_fast.kv_cache import CacheFullError, KVCache  # noqa: E402
 from bsharedrag_fast.model import LoRAStack  # noqa: E402
+from tiny_models import cu_seqlens, hf_model  # noqa: E402
 
 TOL = 1e-4
 V = 128
-SMALL = dict(
-    vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-)  # fmt: skip
 CASES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "llama": {},
     # untied: a tied random head mostly predicts the input token again (degenerate greedy runs)
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen2": dict(tie_word_embeddings=False),
     # a window shorter than prompt + generation, so the banded mask is exercised with the cache
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=8, head_dim=16)),
+    "mistral": dict(sliding_window=8, head_dim=16),
 }
 PROMPT_LENS = [3, 11, 6]
 NEW = 10
@@ -33,16 +30,7 @@ NEW = 10
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    cls_cfg, cls_model, over = CASES[request.param]
-    torch.manual_seed(0)
-    cfg = cls_cfg(**dict(SMALL, **over))
-    cfg.architectures = [cls_model.__name__]
-    hf = cls_model(cfg).eval().float()
-    with torch.no_grad():  # random norms/biases; a larger embedding spreads the logits (fewer near-ties)
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-        hf.model.embed_tokens.weight.mul_(3.0)
+    hf = hf_model(request.param, embed_scale=3.0, **CASES[request.param])
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     path = tmp_path_factory.mktemp(request.param)
@@ -59,10 +47,6 @@ def _prompts(lens=PROMPT_LENS, seed=1):
 def _hf_generate(hf, prompt, n=NEW, **kw):
     out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
     return out[0, len(prompt):].tolist()
-
-
-def _cu(*lens):
-    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------- generation vs HF
@@ -144,19 +128,19 @@ def test_chunked_prefill_and_decode_match_forward(case, decode_mode):
     prefill in 2 chunks, then decode steps with both rows in one batch == full forward."""
     _, _, model = case
     a, b = _prompts(lens=[16, 13], seed=6)
-    full_a = model(torch.tensor(a), _cu(16))
-    full_b = model(torch.tensor(b), _cu(13))
+    full_a = model(torch.tensor(a), cu_seqlens([16]))
+    full_b = model(torch.tensor(b), cu_seqlens([13]))
     cache = KVCache(model.config, 1 << 20, block_size=4)
     sa, sb = cache.allocate(), cache.allocate()
     outs_a, outs_b = [], []
-    out = model.step(torch.tensor(a[:7] + b[:5]), _cu(7, 5), [sa, sb], cache).logits
+    out = model.step(torch.tensor(a[:7] + b[:5]), cu_seqlens([7, 5]), [sa, sb], cache).logits
     outs_a.append(out[:7]), outs_b.append(out[7:])
-    out = model.step(torch.tensor(a[7:12] + b[5:10]), _cu(5, 5), [sa, sb], cache).logits
+    out = model.step(torch.tensor(a[7:12] + b[5:10]), cu_seqlens([5, 5]), [sa, sb], cache).logits
     outs_a.append(out[:5]), outs_b.append(out[5:])
     for t in range(3):  # decode: both sequences one token each, batched
-        out = model.step(torch.tensor([a[12 + t], b[10 + t]]), _cu(1, 1), [sa, sb], cache).logits
+        out = model.step(torch.tensor([a[12 + t], b[10 + t]]), cu_seqlens([1, 1]), [sa, sb], cache).logits
         outs_a.append(out[:1]), outs_b.append(out[1:])
-    out = model.step(torch.tensor([a[15]]), _cu(1), [sa], cache).logits
+    out = model.step(torch.tensor([a[15]]), cu_seqlens([1]), [sa], cache).logits
     outs_a.append(out)
     assert cache.length(sa) == 16 and cache.length(sb) == 13
     assert (torch.cat(outs_a) - full_a).abs().max().item() <= TOL
@@ -169,20 +153,20 @@ def test_mixed_step_matches_separate(case, decode_mode):
     a, b, c, e = _prompts(lens=[10, 12, 19, 6], seed=7)
     cache = KVCache(model.config, 1 << 20, block_size=4)
     sa, sb, sc = cache.allocate(), cache.allocate(), cache.allocate()
-    model.step(torch.tensor(a[:9] + b[:5] + c[:18]), _cu(9, 5, 18), [sa, sb, sc], cache)
+    model.step(torch.tensor(a[:9] + b[:5] + c[:18]), cu_seqlens([9, 5, 18]), [sa, sb, sc], cache)
     ids = torch.tensor([a[9]] + b[5:] + [c[18]] + e)
-    out = model.step(ids, _cu(1, 7, 1, 6), [sa, sb, sc, None], cache, return_hidden=True)
+    out = model.step(ids, cu_seqlens([1, 7, 1, 6]), [sa, sb, sc, None], cache, return_hidden=True)
     assert out.logits.shape == (15, V)
-    ref_a = model(torch.tensor(a), _cu(10))[-1:]
-    ref_b = model(torch.tensor(b), _cu(12))[5:]
-    ref_c = model(torch.tensor(c), _cu(19))[-1:]
-    ref_e = model(torch.tensor(e), _cu(6))
+    ref_a = model(torch.tensor(a), cu_seqlens([10]))[-1:]
+    ref_b = model(torch.tensor(b), cu_seqlens([12]))[5:]
+    ref_c = model(torch.tensor(c), cu_seqlens([19]))[-1:]
+    ref_e = model(torch.tensor(e), cu_seqlens([6]))
     ref = torch.cat([ref_a, ref_b, ref_c, ref_e])
     assert (out.logits - ref).abs().max().item() <= TOL
-    hid_e = model.hidden_states(torch.tensor(e), _cu(6))
+    hid_e = model.hidden_states(torch.tensor(e), cu_seqlens([6]))
     assert (out.hidden[9:] - hid_e).abs().max().item() <= TOL
     assert [cache.length(s) for s in (sa, sb, sc)] == [10, 12, 19]
-    rows = model.step(torch.tensor([a[0]]), _cu(1), [None], cache, logits_rows=[]).logits
+    rows = model.step(torch.tensor([a[0]]), cu_seqlens([1]), [None], cache, logits_rows=[]).logits
     assert rows.shape == (0, V)
 
 
@@ -263,17 +247,17 @@ def test_cache_budget_errors_and_reuse(case):
     assert cache.num_blocks == 3 and cache.nbytes == 3 * per_block and cache.capacity_tokens == 12
     ids = _prompts(lens=[8, 5], seed=10)
     sa, sb = cache.allocate(), cache.allocate()
-    model.step(torch.tensor(ids[0]), _cu(8), [sa], cache)
+    model.step(torch.tensor(ids[0]), cu_seqlens([8]), [sa], cache)
     blocks_a = cache.block_table(sa)
     assert len(blocks_a) == 2 and cache.can_fit(4, sb) and not cache.can_fit(5, sb)
     with pytest.raises(CacheFullError, match="KV cache full"):
-        model.step(torch.tensor(ids[0][:1] + ids[1]), _cu(1, 5), [sa, sb], cache)
+        model.step(torch.tensor(ids[0][:1] + ids[1]), cu_seqlens([1, 5]), [sa, sb], cache)
     assert cache.length(sa) == 8 and cache.length(sb) == 0 and cache.num_free_blocks == 1  # unchanged
     cache.free(sa)
     assert cache.can_fit(12, sb)
     sc = cache.allocate()
-    ref = model(torch.tensor(ids[1]), _cu(5))
-    out = model.step(torch.tensor(ids[1]), _cu(5), [sc], cache).logits
+    ref = model(torch.tensor(ids[1]), cu_seqlens([5]))
+    out = model.step(torch.tensor(ids[1]), cu_seqlens([5]), [sc], cache).logits
     assert set(cache.block_table(sc)) <= set(blocks_a)  # freed blocks handed out again
     assert (out - ref).abs().max().item() <= TOL
     with pytest.raises(KeyError):
@@ -291,18 +275,18 @@ def test_step_argument_errors(case):
     sid = cache.allocate()
     ids = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="seq_ids"):
-        model.step(ids, _cu(3), [sid, None], cache)
+        model.step(ids, cu_seqlens([3]), [sid, None], cache)
     with pytest.raises(ValueError, match="no cache"):
-        model.step(ids, _cu(3), [sid])
+        model.step(ids, cu_seqlens([3]), [sid])
     with pytest.raises(ValueError, match="twice"):
-        model.step(ids, _cu(1, 2), [sid, sid], cache)
+        model.step(ids, cu_seqlens([1, 2]), [sid, sid], cache)
     with pytest.raises(ValueError, match="already allocated"):
         cache.allocate(sid)
     assert cache.length(sid) == 0
     with pytest.raises(ValueError, match="different model config"):
         other = KVCache(model.config, 1 << 16, block_size=4)
         other.num_kv_heads += 1
-        model.step(ids, _cu(3), [other.allocate()], other)
+        model.step(ids, cu_seqlens([3]), [other.allocate()], other)
 
 
 def test_failed_step_restores_cache(case, monkeypatch):
@@ -311,9 +295,9 @@ def test_failed_step_restores_cache(case, monkeypatch):
     _, _, model = case
     cache = KVCache(model.config, 1 << 16, block_size=4)
     sid = cache.allocate()
-    model.step(torch.tensor([1, 2, 3]), _cu(3), [sid], cache)
+    model.step(torch.tensor([1, 2, 3]), cu_seqlens([3]), [sid], cache)
     free, table = cache.num_free_blocks, cache.block_table(sid)
     monkeypatch.setattr(model_mod, "DECODE_ATTENTION", "bogus")  # fails after the reserve
     with pytest.raises(ValueError, match="DECODE_ATTENTION"):
-        model.step(torch.tensor([4, 5, 6]), _cu(3), [sid], cache)
+        model.step(torch.tensor([4, 5, 6]), cu_seqlens([3]), [sid], cache)
     assert cache.length(sid) == 3 and cache.num_free_blocks == free and cache.block_table(sid) == table

@@ -13,35 +13,14 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from bsharedrag_fast import Backbone, ModelConfig, Tokenizer, ops  # noqa: E402
 from bsharedrag_fast.model import LoRAStack, load_state_dict, rope_inv_freq  # noqa: E402
+from tiny_models import SMALL, hf_model, packed, spans  # noqa: E402
 
 TOL = 1e-4
 LENS = [5, 1, 20]  # packed batch: includes a length-1 sequence
-SMALL = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-)  # fmt: skip
 LLAMA3 = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }  # fmt: skip
-
-
-def _hf_model(arch: str, **overrides):
-    cls_cfg, cls_model = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    kw = dict(SMALL, **overrides)
-    torch.manual_seed(0)
-    cfg = cls_cfg(**kw)
-    cfg.architectures = [cls_model.__name__]
-    model = cls_model(cfg).eval().float()
-    with torch.no_grad():  # random norms and biases, so a mix-up of them shows up
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 CASES = {
@@ -57,7 +36,7 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     arch, overrides, shard = CASES[request.param]
-    hf = _hf_model(arch, **overrides)
+    hf = hf_model(arch, **overrides)
     path = tmp_path_factory.mktemp(request.param)
     if shard:
         hf.save_pretrained(path, max_shard_size=shard)
@@ -69,22 +48,10 @@ def case(request, tmp_path_factory):
     return request.param, hf, path, Backbone.from_pretrained(path)
 
 
-def _packed(lens=LENS, vocab=128, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (sum(lens),), generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    return ids, cu
-
-
-def _spans(cu):
-    c = cu.tolist()
-    return list(zip(c[:-1], c[1:]))
-
-
 @torch.no_grad()
 def _hf_per_sequence(hf, ids, cu):
     logits, hidden = [], []
-    for s, e in _spans(cu):
+    for s, e in spans(cu):
         out = hf(ids[s:e][None], output_hidden_states=True)
         logits.append(out.logits[0])
         hidden.append(hf.model(ids[s:e][None]).last_hidden_state[0])
@@ -93,7 +60,7 @@ def _hf_per_sequence(hf, ids, cu):
 
 def test_logits_and_hidden_match_transformers(case):
     name, hf, _, model = case
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     ref_logits, ref_hidden = _hf_per_sequence(hf, ids, cu)
     logits = model(ids, cu)
     hidden = model.hidden_states(ids, cu)
@@ -122,7 +89,7 @@ def test_config_and_layout(case):
 
 def test_logits_rows_subset(case):
     _, _, _, model = case
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     full = model(ids, cu)
     rows = torch.tensor([4, 5, 25])  # the last row of each sequence
     # the same rows through a smaller GEMM: equal up to BLAS blocking order
@@ -132,7 +99,7 @@ def test_logits_rows_subset(case):
 
 def test_pool_fuses_final_norm(case):
     _, _, _, model = case
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     pre = model.hidden_states(ids, cu, final_norm=False)
     post = model.hidden_states(ids, cu)
     fused = ops.pool(pre, cu, mode="last", norm_weight=model.norm, eps=model.config.rms_norm_eps)
@@ -160,7 +127,7 @@ def test_multi_lora_matches_merged_weights(case):
             for k in range(L):
                 deltas[k][f"model.layers.{l}.{group}.{mod}.weight"] = s[k] * b[k] @ a[k]
         stacks.append(st)
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     base_logits = model(ids, cu)
     model.set_lora_stacks(stacks, L)
     try:
@@ -172,7 +139,7 @@ def test_multi_lora_matches_merged_weights(case):
         model.set_lora_stacks([{} for _ in model.layers], 0)
         model.adapter_slots.clear()
     sd = load_state_dict(str(path), cfg, torch.float32, torch.device("cpu"))
-    for b, ((s, e), slot) in enumerate(zip(_spans(cu), [0, None, 1])):
+    for b, ((s, e), slot) in enumerate(zip(spans(cu), [0, None, 1])):
         if slot is None:
             ref = base_logits[s:e]
         else:
@@ -187,7 +154,7 @@ def test_multi_lora_matches_merged_weights(case):
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-plain")
-    _hf_model("llama", num_hidden_layers=1).save_pretrained(path)
+    hf_model("llama", num_hidden_layers=1).save_pretrained(path)
     return path
 
 
@@ -271,7 +238,7 @@ def test_bad_cu_seqlens(saved_llama):
 def test_bf16_load(saved_llama):
     model = Backbone.from_pretrained(saved_llama, dtype=torch.bfloat16)
     assert model.embed.dtype == torch.bfloat16 and model.layers[0].qkv_weight.dtype == torch.bfloat16
-    ids, cu = _packed()
+    ids, cu = packed(LENS)
     out32 = Backbone.from_pretrained(saved_llama)(ids, cu)
     out16 = model(ids, cu)
     assert out16.dtype == torch.bfloat16 and (out16.float() - out32).abs().max().item() < 0.1
