@@ -5,10 +5,11 @@ from . import ops
 from .generation import GenerationResult, generate
 from .kv_cache import CacheFullError, KVCache
 from .model import Backbone, ModelConfig
+from .runtime import SharedRuntime
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "Backbone", "CacheFullError", "GenerationResult", "KVCache", "ModelConfig", "Tokenizer",
+    "Backbone", "CacheFullError", "GenerationResult", "KVCache", "ModelConfig", "SharedRuntime", "Tokenizer",
     "generate", "ops", "__version__",
 ]

@@ -17,29 +17,12 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from bsharedrag_fast import Backbone  # noqa: E402
 from bsharedrag_fast.adapters import lora_nbytes  # noqa: E402
-from tiny_models import hf_model, packed, spans  # noqa: E402
+from tiny_models import LORA_TARGETS as ALL  # noqa: E402
+from tiny_models import hf_model, packed, peft_adapter, randomize_lora, spans  # noqa: E402
 
 TOL = 1e-4
 LENS = [5, 1, 12, 7]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations via peft
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _randomize(pm, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def _peft_adapter(hf, path, seed, **kw):
-    """A PeftModel on a copy of hf with random weights, saved to path; returns it."""
-    kw.setdefault("target_modules", ALL)
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw)).eval()
-    _randomize(pm, seed)
-    pm.save_pretrained(path)
-    return pm
 
 
 @torch.no_grad()
@@ -93,7 +76,7 @@ def model(qwen):
 def test_adapter_matches_peft_all_architectures(arch_case):
     arch, hf, model, tmpf = arch_case
     d = tmpf.mktemp(f"ad-{arch}")
-    pm = _peft_adapter(hf, d, seed=5, r=8, lora_alpha=16)
+    pm = peft_adapter(hf, d, seed=5, r=8, lora_alpha=16)
     model.load_adapter(d, "a")
     try:
         ids, cu = packed(LENS)
@@ -129,7 +112,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_config_variants_match_peft(qwen, model, tmp_path, variant):
     hf = qwen[0]
-    pm = _peft_adapter(hf, tmp_path, seed=7, **VARIANTS[variant])
+    pm = peft_adapter(hf, tmp_path, seed=7, **VARIANTS[variant])
     model.load_adapter(tmp_path, variant)
     ids, cu = packed(LENS)
     names = [variant, None, variant, variant]
@@ -146,7 +129,7 @@ def test_config_variants_match_peft(qwen, model, tmp_path, variant):
 
 def test_default_adapter_name_in_keys(qwen, model, tmp_path):
     """Older PEFT versions save `...q_proj.lora_A.default.weight`: read both spellings."""
-    pm = _peft_adapter(qwen[0], tmp_path / "plain", seed=3, r=4, lora_alpha=8)
+    pm = peft_adapter(qwen[0], tmp_path / "plain", seed=3, r=4, lora_alpha=8)
     sd = safetensors_torch.load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
     named = {k.replace(".weight", "").replace("lora_A", "lora_A.default").replace("lora_B", "lora_B.default")
              + ".weight": v for k, v in sd.items()}  # fmt: skip
@@ -168,7 +151,7 @@ def test_mixed_batch_matches_peft_adapter_names(qwen, model, tmp_path):
                              adapter_name="a1")  # fmt: skip
     pm.add_adapter("a2", peft.LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]))
     pm.eval()
-    _randomize(pm, seed=11)
+    randomize_lora(pm, seed=11)
     pm.save_pretrained(tmp_path)
     d1 = tmp_path if os.path.isfile(tmp_path / "adapter_config.json") else tmp_path / "a1"
     model.load_adapter(d1, "a1")
@@ -203,10 +186,10 @@ SAVE_CASES = {
 def test_save_round_trip_through_peft(qwen, model, tmp_path, case):
     """peft -> ours -> save_adapter -> peft.PeftModel.from_pretrained and -> ours again."""
     hf = qwen[0]
-    orig = _peft_adapter(hf, tmp_path / "src", seed=13, **SAVE_CASES[case])
+    orig = peft_adapter(hf, tmp_path / "src", seed=13, **SAVE_CASES[case])
     model.load_adapter(tmp_path / "src", "x")
     # another adapter of higher rank pads the stacks: save must slice the padding off
-    _peft_adapter(hf, tmp_path / "big", seed=14, r=12, lora_alpha=12)
+    peft_adapter(hf, tmp_path / "big", seed=14, r=12, lora_alpha=12)
     model.load_adapter(tmp_path / "big", "big")
     model.save_adapter("x", tmp_path / "out")
     src = safetensors_torch.load_file(str(tmp_path / "src" / "adapter_model.safetensors"))
@@ -232,9 +215,9 @@ def test_save_round_trip_through_peft(qwen, model, tmp_path, case):
 
 def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
     hf = qwen[0]
-    _peft_adapter(hf, tmp_path / "a", seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
-    pb = _peft_adapter(hf, tmp_path / "b", seed=22, r=16, lora_alpha=8)  # higher rank: re-pads
-    _peft_adapter(hf, tmp_path / "c", seed=23, r=2, lora_alpha=2, target_modules=["v_proj"])
+    peft_adapter(hf, tmp_path / "a", seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    pb = peft_adapter(hf, tmp_path / "b", seed=22, r=16, lora_alpha=8)  # higher rank: re-pads
+    peft_adapter(hf, tmp_path / "c", seed=23, r=2, lora_alpha=2, target_modules=["v_proj"])
     ids, cu = packed(LENS)
     base = model(ids, cu)
     model.load_adapter(tmp_path / "a", "a")
@@ -321,8 +304,8 @@ def _bad_cases(good):
 
 def test_bad_inputs_leave_model_unchanged(qwen, model, tmp_path):
     hf = qwen[0]
-    _peft_adapter(hf, tmp_path / "good", seed=31, r=8, lora_alpha=16)
-    _peft_adapter(hf, tmp_path / "second", seed=32, r=4, lora_alpha=4, target_modules=["o_proj"])
+    peft_adapter(hf, tmp_path / "good", seed=31, r=8, lora_alpha=16)
+    peft_adapter(hf, tmp_path / "second", seed=32, r=4, lora_alpha=4, target_modules=["o_proj"])
     model.load_adapter(tmp_path / "good", "first")
     model.load_adapter(tmp_path / "second", "second")
     ids, cu = packed(LENS)
@@ -364,7 +347,7 @@ def test_bad_inputs_leave_model_unchanged(qwen, model, tmp_path):
 
 
 def test_hand_set_stacks_refuse_named_loading(qwen, model, tmp_path):
-    _peft_adapter(qwen[0], tmp_path, seed=41, r=2, lora_alpha=2, target_modules=["q_proj"])
+    peft_adapter(qwen[0], tmp_path, seed=41, r=2, lora_alpha=2, target_modules=["q_proj"])
     model.load_adapter(tmp_path, "a")
     stacks = [dict(layer.lora) for layer in model.layers]
     model.set_lora_stacks(stacks, 1)  # without names: the stacks are the caller's, by slot
@@ -378,7 +361,7 @@ def test_bf16_model_loads_and_saves(qwen, tmp_path):
     hf = qwen[0]
     hf.save_pretrained(tmp_path / "base")
     m = Backbone.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
-    _peft_adapter(hf, tmp_path / "a", seed=51, r=4, lora_alpha=8)
+    peft_adapter(hf, tmp_path / "a", seed=51, r=4, lora_alpha=8)
     m.load_adapter(tmp_path / "a", "a")
     assert m.layers[0].lora["q_proj"].lora_a.dtype == torch.bfloat16
     m.save_adapter("a", tmp_path / "out")
@@ -396,8 +379,8 @@ def test_memory_report_counts_backbone_adapters_and_cache(qwen, model, tmp_path)
     # one fp32 copy of every parameter (tied embeddings once) + the rope table
     assert base["backbone"] == hf.num_parameters() * 4 + model.inv_freq.numel() * 4
     assert base["adapters"] == {} and base["lora_stacks"] == 0 and base["total"] == base["backbone"]
-    _peft_adapter(hf, tmp_path / "a", 1, r=4, lora_alpha=8)
-    _peft_adapter(hf, tmp_path / "b", 2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_adapter(hf, tmp_path / "a", 1, r=4, lora_alpha=8)
+    peft_adapter(hf, tmp_path / "b", 2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model.load_adapter(tmp_path / "a", "a")
     model.load_adapter(tmp_path / "b", "b")
     cache = KVCache(model.config, 1 << 20)

@@ -2,6 +2,9 @@
 
 Nothing is downloaded: models are built from configs with random weights.
 """
+import copy
+import json
+
 import torch
 import transformers
 
@@ -45,3 +48,47 @@ def packed(lens, vocab: int = 128, seed: int = 1):
 def spans(cu) -> list:
     c = cu.tolist()
     return list(zip(c[:-1], c[1:]))
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_adapter(hf, path, seed: int, **lora_kw):
+    """A PeftModel on a copy of hf with random lora_A and lora_B (peft zero-initialises B),
+    saved to path; returns it."""
+    import peft
+
+    lora_kw.setdefault("target_modules", LORA_TARGETS)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**lora_kw)).eval()
+    randomize_lora(pm, seed)
+    pm.save_pretrained(path)
+    return pm
+
+
+def randomize_lora(pm, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def write_tokenizer(path) -> None:
+    """A byte-level BPE tokenizer (vocab <= 300; <s> prepended, </s> as EOS) trained on a few
+    sentences, saved as tokenizer.json + tokenizer_config.json in path."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    t = HFTok(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["the quick brown fox jumps over the lazy dog", "shared backbone, retrieval and generation",
+              "low rank adapters share one resident model", "query: passage: "] * 20
+    t.train_from_iterator(corpus, trainer)
+    t.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    t.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))

@@ -1,0 +1,547 @@
+"""SharedRuntime: one continuous-batching engine for embedding and generation requests.
+
+    rt = SharedRuntime(model, tok, max_batch_tokens=2048, cache_budget_bytes=None)
+    vecs = rt.embed(texts, adapter="retrieval", pooling="last", normalize=True, prefix="query: ")
+    outs = rt.generate(prompts, adapter="generation", max_new_tokens=64, temperature=0.0)
+
+    # mixing both kinds, results as they finish (synchronous, single-threaded stepping):
+    hs = [rt.submit_embed(t, adapter="retrieval") for t in texts]
+    hg = [rt.submit_generate(p, adapter="generation") for p in prompts]
+    for h in rt.stream():          # steps until nothing is pending, yields finished handles
+        print(h.kind, h.id, h.result())
+    # or rt.run_until_done(); or h.result() (steps until h finishes); or drive rt.step()
+    # yourself (a server thread): step() returns the handles that finished in that step.
+
+Requests
+--------
+- An embedding request is `prefix + text` tokenized with the tokenizer's special tokens,
+  with the EOS id appended (RepLLaMA / BSharedRAG); a list of ints is taken as the exact
+  token ids (no prefix, no EOS). The result is a float32 tensor [d]. Embedding rows are
+  cache-less: a request runs whole in ONE step, so its length is capped at
+  `max_embed_tokens = min(max_length, max_batch_tokens)`. Longer inputs are a ValueError
+  unless `truncate=True`, which keeps the first max_embed_tokens - 1 tokens and the EOS
+  (the last-token pooling row stays the EOS). Empty text (or only whitespace) is a ValueError.
+- A generation request is a prompt string (tokenized with special tokens) or token ids.
+  The result is a generation.GenerationResult (.token_ids, .finish_reason, .text),
+  with the same semantics as generation.generate: EOS kept in token_ids; stop strings cut
+  from the text; repetition penalty / temperature / top_k / top_p through generate's own
+  helpers. Sampling is per request: `seed` drives a torch.Generator owned by that request
+  (rt.generate(prompts, seed=s) gives prompt i seed s + i), so a request's tokens do not
+  depend on what else shares its steps. Greedy output is token-identical to generate().
+- Unknown adapters, empty inputs, bad sampling parameters and requests that could never
+  fit (prompt longer than max_length, or prompt + max_new_tokens beyond the whole cache)
+  are a ValueError at submit time.
+
+Scheduling (each step(), up to max_batch_tokens rows, one Backbone.step call):
+1. decode: every running generation past its prompt contributes its last token (1 row);
+2. prefill: generations still in their prompt get the next chunk (oldest first), as long
+   as tokens are left in the budget (chunked prefill; only a chunk that completes the
+   prompt gets a logits row);
+3. waiting requests in submission order: an embedding request is packed whole if it fits
+   the rest of the budget; a generation is admitted (KV-cache sequence allocated, first
+   prompt chunk packed) if the cache can hold its WORST case (prompt + max_new_tokens - 1
+   tokens) beside the worst cases of the running ones. Admission is FIFO per kind: an
+   embedding that does not fit the rest of the budget holds back later embeddings and
+   later generations (whose decode rows would keep eating the budget it needs); a
+   generation that does not fit the cache holds back later generations only (embedding
+   rows need no cache). Nothing is dropped: waiting requests wait; a finished generation
+   frees its blocks at once. Reserving the worst case means a running sequence can never
+   run out of cache (no preemption / recomputation is ever needed); the price is that
+   sequences stopping early at EOS were over-reserved while they ran.
+One LoRAMeta covers the whole packed batch (each sequence with its own adapter); the LM
+head runs only on the logits rows; embedding rows are gathered from the pre-final-norm
+hidden states and pooled with the final RMSNorm fused (ops.pool(norm_weight=model.norm)).
+
+Thread-safety: submit_* and step() take one lock, so a server thread may drive step()
+while others submit and block on handle.wait(); result() / stream() / run_until_done()
+step on the caller's thread. If a step's model call raises, that step's requests finish
+with .error set (result() raises), their cache blocks are freed and step() re-raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .generation import GenerationResult, _eos_ids, apply_repetition_penalty, sample
+from .kv_cache import KVCache
+
+__all__ = ["SharedRuntime", "RequestHandle"]
+
+POOL_MODES = ("last", "mean", "cls")
+
+
+@dataclass
+class _EmbedSpec:
+    ids: list
+    adapter: object
+    pooling: str
+    normalize: bool
+
+
+@dataclass
+class _GenSpec:
+    prompt: list
+    adapter: object
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    stop: list
+    eos: set
+    generator: Optional[torch.Generator]
+    # engine state
+    seq_id: object = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    reserved_blocks: int = 0  # worst-case blocks (prompt + max_new_tokens - 1 tokens)
+    result: GenerationResult = field(default_factory=lambda: GenerationResult([], "length"))
+
+
+class RequestHandle:
+    """One submitted request. `kind` is "embed" or "generate"; `done` turns True when the
+    engine finishes it; `result()` returns the float32 [d] embedding or the
+    GenerationResult, stepping the engine on this thread until the request is done."""
+
+    def __init__(self, runtime: "SharedRuntime", rid: int, kind: str, spec):
+        self.runtime, self.id, self.kind, self._spec = runtime, rid, kind, spec
+        self.done = False
+        self.output = None
+        self.error: Optional[BaseException] = None  # set when the step running it raised
+        self._event = threading.Event()
+        self.submitted_at = time.perf_counter()
+        self.finished_at: Optional[float] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._spec.ids) if self.kind == "embed" else len(self._spec.prompt)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until another thread's step() finishes this request (no stepping here)."""
+        return self._event.wait(timeout)
+
+    def result(self):
+        while not self.done:
+            if not self.runtime.step() and not self.done and not self.runtime.has_pending():
+                raise RuntimeError(f"request {self.id} is not pending in its runtime")
+        if self.error is not None:
+            raise RuntimeError(f"request {self.id} failed: {self.error!r}") from self.error
+        return self.output
+
+    def __repr__(self):
+        return f"RequestHandle(id={self.id}, kind={self.kind!r}, done={self.done})"
+
+
+class SharedRuntime:
+    """Continuous-batching engine over one Backbone; see the module docstring.
+
+    max_batch_tokens: rows packed into one step (decode rows + prefill chunks + embedding rows).
+    cache_budget_bytes: KV cache size; None -> room for 4 x max(max_batch_tokens, max_length)
+        tokens. Admission control (worst-case reservation) keeps every request within it.
+    max_length: longest prompt / embedding input (default config.max_position_embeddings).
+    max_running: most generations admitted at once (always <= max_batch_tokens, so every
+        running generation gets its decode row in every step; None: otherwise only the cache limits).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch_tokens: int = 2048,
+                 cache_budget_bytes: Optional[int] = None, block_size: int = 16,
+                 max_length: Optional[int] = None, max_running: Optional[int] = None):
+        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.max_batch_tokens = max_batch_tokens
+        self.max_length = int(max_length or cfg.max_position_embeddings)
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length!r}")
+        self.max_embed_tokens = min(self.max_length, max_batch_tokens)
+        if max_running is not None and max_running < 1:
+            raise ValueError(f"max_running must be >= 1 or None, got {max_running!r}")
+        self.max_running = max_running
+        if cache_budget_bytes is None:
+            esize = torch.empty((), dtype=model.dtype).element_size()
+            per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * esize
+            tokens = 4 * max(max_batch_tokens, self.max_length)
+            cache_budget_bytes = -(-tokens // block_size) * block_size * per_token
+        self.cache = KVCache(cfg, int(cache_budget_bytes), model.dtype, model.device, block_size)
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._waiting: list[RequestHandle] = []  # submission order, both kinds
+        self._running: list[RequestHandle] = []  # admitted generations, admission order
+        self.stats = {"steps": 0, "rows": 0, "decode_rows": 0, "prefill_rows": 0, "embed_rows": 0,
+                      "step_seconds": 0.0}
+
+    # -- submission --------------------------------------------------------------------
+
+    def _check_adapter(self, adapter):
+        if adapter is None:
+            return None
+        if isinstance(adapter, str):
+            if adapter not in self.model.adapter_slots:
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self.model.adapter_slots)}")
+            return adapter
+        if isinstance(adapter, int) and not isinstance(adapter, bool):
+            if not 0 <= adapter < self.model.num_lora_slots:
+                raise ValueError(f"adapter slot {adapter} out of range (0..{self.model.num_lora_slots - 1})")
+            return adapter
+        raise ValueError(f"adapter must be a name, a slot int or None, got {adapter!r}")
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer (or pass token ids)")
+        return self.tokenizer
+
+    def _eos_id(self) -> Optional[int]:
+        eos = _eos_ids(self.model, self.tokenizer, None)
+        return min(eos) if eos else None
+
+    def _as_ids(self, x, what: str) -> Optional[list]:
+        """A list/tuple/tensor of ints -> list; a str -> None (the caller tokenizes)."""
+        if isinstance(x, str):
+            return None
+        if isinstance(x, torch.Tensor):
+            x = x.tolist()
+        if isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            ids = list(x)
+            if not ids:
+                raise ValueError(f"{what} is empty")
+            V = self.model.config.vocab_size
+            if any(not 0 <= t < V for t in ids):
+                raise ValueError(f"{what} has token ids outside 0..{V - 1}")
+            return ids
+        raise ValueError(f"{what} must be a string or a list of token ids, got {type(x).__name__}")
+
+    def _add(self, kind: str, spec) -> RequestHandle:
+        with self._lock:
+            h = RequestHandle(self, next(self._ids), kind, spec)
+            self._waiting.append(h)
+            return h
+
+    def submit_embed(self, text, adapter="retrieval", pooling: str = "last", normalize: bool = True,
+                     prefix: str = "query: ", truncate: bool = False) -> RequestHandle:
+        """Queue one embedding request (text, or exact token ids); see the module docstring.
+        Use prefix="passage: " for documents, prefix="" for none."""
+        adapter = self._check_adapter(adapter)
+        if pooling not in POOL_MODES:
+            raise ValueError(f"pooling must be one of {POOL_MODES}, got {pooling!r}")
+        ids = self._as_ids(text, "embedding input")
+        if ids is None:
+            if not text.strip():
+                raise ValueError("cannot embed an empty text")
+            tok = self._need_tokenizer("embedding text")
+            ids = tok.encode((prefix or "") + text, add_special_tokens=True)
+            eos = self._eos_id()
+            if eos is not None:
+                ids.append(eos)
+            if not ids:
+                raise ValueError(f"text {text!r} tokenizes to nothing")
+        else:
+            eos = None
+        if len(ids) > self.max_embed_tokens:
+            if not truncate:
+                raise ValueError(
+                    f"embedding input has {len(ids)} tokens, more than max_embed_tokens={self.max_embed_tokens} "
+                    f"(min of max_length and max_batch_tokens); pass truncate=True to cut it"
+                )
+            ids = ids[: self.max_embed_tokens - 1] + [ids[-1]] if eos is not None else ids[: self.max_embed_tokens]
+        return self._add("embed", _EmbedSpec(ids, adapter, pooling, bool(normalize)))
+
+    def submit_generate(self, prompt, adapter="generation", max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                        stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
+                        eos_token_id: Union[None, int, Sequence[int]] = None) -> RequestHandle:
+        """Queue one generation request (prompt text or token ids); see the module docstring."""
+        adapter = self._check_adapter(adapter)
+        ids = self._as_ids(prompt, "prompt")
+        if ids is None:
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self._need_tokenizer("a text prompt").encode(prompt, add_special_tokens=True)
+            if not ids:
+                raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0 or not (0 < top_p <= 1.0) or repetition_penalty <= 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = [s for s in (stop or []) if s]
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if len(ids) > self.max_length:
+            raise ValueError(f"prompt has {len(ids)} tokens, more than max_length={self.max_length}")
+        need = len(ids) + max(max_new_tokens, 1) - 1
+        blocks = self.cache.blocks_needed(need)
+        if blocks > self.cache.num_blocks:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} needs {blocks} KV cache blocks, "
+                f"the whole cache has {self.cache.num_blocks}; raise cache_budget_bytes"
+            )
+        gen = None if seed is None else torch.Generator(device=self.model.device).manual_seed(int(seed))
+        spec = _GenSpec(ids, adapter, max_new_tokens, float(temperature), int(top_k or 0), float(top_p),
+                        float(repetition_penalty), stop, _eos_ids(self.model, self.tokenizer, eos_token_id), gen)
+        spec.reserved_blocks = blocks
+        return self._add("generate", spec)
+
+    # -- blocking convenience API ------------------------------------------------------
+
+    def embed(self, texts, adapter="retrieval", pooling: str = "last", normalize: bool = True,
+              prefix: str = "query: ", truncate: bool = False) -> torch.Tensor:
+        """float32 [n, d] embeddings of texts (strings or token-id lists), in order."""
+        if isinstance(texts, str):
+            texts = [texts]
+        hs = []
+        with self._submitting(hs):
+            for t in texts:
+                hs.append(self.submit_embed(t, adapter, pooling, normalize, prefix, truncate))
+        if not hs:
+            return torch.empty(0, self.model.config.hidden_size, dtype=torch.float32)
+        return torch.stack([h.result() for h in hs])
+
+    def generate(self, prompts, adapter="generation", max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
+                 eos_token_id=None) -> list[GenerationResult]:
+        """GenerationResults for prompts (strings or token-id lists), in order; prompt i
+        samples with seed + i when a seed is given."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        hs = []
+        with self._submitting(hs):
+            for i, p in enumerate(prompts):
+                hs.append(self.submit_generate(p, adapter, max_new_tokens, temperature, top_k, top_p,
+                                               repetition_penalty, stop, None if seed is None else seed + i,
+                                               eos_token_id))
+        return [h.result() for h in hs]
+
+    @contextlib.contextmanager
+    def _submitting(self, handles: list):
+        """All or nothing: if one submission of a batch fails, withdraw the earlier ones."""
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                gone = set(id(h) for h in handles)
+                self._waiting = [h for h in self._waiting if id(h) not in gone]
+            raise
+
+    def has_pending(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def run_until_done(self) -> None:
+        while self.has_pending():
+            self.step()
+
+    def stream(self) -> Iterator[RequestHandle]:
+        """Step until nothing is pending, yielding each handle as it finishes."""
+        while self.has_pending():
+            yield from self.step()
+
+    # -- the engine step ---------------------------------------------------------------
+
+    def _outstanding_blocks(self) -> int:
+        """Blocks the running generations may still take (worst case)."""
+        return sum(max(0, h._spec.reserved_blocks - len(self.cache._tables[h._spec.seq_id])) for h in self._running)
+
+    def step(self) -> list[RequestHandle]:
+        """Pack and run one engine step; returns the requests that finished in it."""
+        with self._lock, torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[RequestHandle]:
+        budget = self.max_batch_tokens
+        ids: list[int] = []
+        lens: list[int] = []
+        seq_ids: list = []
+        adapters: list = []
+        # per packed sequence: ("gen", handle, needs_logits) (decode row or prompt chunk) or ("emb", handle)
+        items: list[tuple] = []
+
+        def pack(toks, sid, adapter, item):
+            ids.extend(toks)
+            lens.append(len(toks))
+            seq_ids.append(sid)
+            adapters.append(adapter)
+            items.append(item)
+
+        # 1. decode rows; 2. prefill chunks of admitted prompts (oldest first)
+        n_dec = 0
+        for h in self._running:
+            s = h._spec
+            if s.prefilled == len(s.prompt) and budget > 0:
+                pack([s.result.token_ids[-1]], s.seq_id, s.adapter, ("gen", h, True))
+                budget -= 1
+                n_dec += 1
+        for h in self._running:
+            s = h._spec
+            if s.prefilled < len(s.prompt) and budget > 0:
+                n = min(budget, len(s.prompt) - s.prefilled)
+                pack(s.prompt[s.prefilled: s.prefilled + n], s.seq_id, s.adapter,
+                     ("gen", h, s.prefilled + n == len(s.prompt)))
+                budget -= n
+        # 3. waiting requests, FIFO per kind
+        free = self.cache.num_free_blocks - self._outstanding_blocks()
+        emb_blocked = gen_blocked = False
+        admitted = []
+        for h in self._waiting:
+            if budget <= 0:
+                break
+            s = h._spec
+            if h.kind == "embed":
+                if emb_blocked:
+                    continue
+                if len(s.ids) > budget:
+                    # later embeddings wait, and so do later generations: their decode rows
+                    # would keep eating the budget this one needs (no starvation)
+                    emb_blocked = gen_blocked = True
+                    continue
+                pack(s.ids, None, s.adapter, ("emb", h))
+                budget -= len(s.ids)
+                admitted.append(h)
+            else:
+                if gen_blocked:
+                    continue
+                if s.max_new_tokens == 0:  # nothing to compute
+                    admitted.append(h)
+                    continue
+                cap = min(self.max_running or self.max_batch_tokens, self.max_batch_tokens)
+                if s.reserved_blocks > free or len(self._running) >= cap:
+                    gen_blocked = True
+                    continue
+                free -= s.reserved_blocks
+                s.seq_id = self.cache.allocate()
+                self._running.append(h)
+                admitted.append(h)
+                n = min(budget, len(s.prompt))
+                pack(s.prompt[:n], s.seq_id, s.adapter, ("gen", h, n == len(s.prompt)))
+                budget -= n
+        if admitted:
+            gone = set(id(h) for h in admitted)
+            self._waiting = [h for h in self._waiting if id(h) not in gone]
+
+        finished: list[RequestHandle] = []
+        for h in admitted:
+            if h.kind == "generate" and h._spec.max_new_tokens == 0:
+                h._spec.result.text = "" if self.tokenizer is not None else None
+                self._finish(h, h._spec.result, finished)
+        if not items:
+            return finished
+
+        t0 = time.perf_counter()
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        logits_rows = [cu[i + 1] - 1 for i, it in enumerate(items) if it[0] == "gen" and it[2]]
+        emb_idx = [i for i, it in enumerate(items) if it[0] == "emb"]
+        cache = self.cache if any(sid is not None for sid in seq_ids) else None
+        try:
+            out = self.model.step(torch.tensor(ids, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
+                                  seq_ids, cache, adapters=adapters, logits_rows=logits_rows,
+                                  return_hidden=bool(emb_idx), final_norm=False)
+        except Exception as exc:  # fail this step's requests (result() re-raises), keep the engine usable
+            for it in items:
+                self._fail(it[1], exc, finished)
+            raise
+        for i, it in enumerate(items):  # account prompt tokens now in the cache
+            if it[0] == "gen":
+                s = it[1]._spec
+                if s.prefilled < len(s.prompt):
+                    s.prefilled += lens[i]
+        if emb_idx:
+            self._pool(out.hidden, cu, lens, [items[i][1] for i in emb_idx], emb_idx, finished)
+        gen_items = [it[1] for it in items if it[0] == "gen" and it[2]]
+        if gen_items:
+            self._sample(out.logits, gen_items, finished)
+        st = self.stats
+        st["steps"] += 1
+        st["rows"] += cu[-1]
+        st_emb = sum(lens[i] for i in emb_idx)
+        st["embed_rows"] += st_emb
+        st["decode_rows"] += n_dec
+        st["prefill_rows"] += cu[-1] - n_dec - st_emb
+        st["step_seconds"] += time.perf_counter() - t0
+        return finished
+
+    def _finish(self, h: RequestHandle, output, finished: list) -> None:
+        h.output, h.done, h.finished_at = output, True, time.perf_counter()
+        h._event.set()
+        finished.append(h)
+
+    def _fail(self, h: RequestHandle, exc: BaseException, finished: list) -> None:
+        if h.done:
+            return
+        if h.kind == "generate" and h._spec.seq_id is not None:
+            self.cache.free(h._spec.seq_id)
+            h._spec.seq_id = None
+            self._running.remove(h)
+        h.error = exc
+        self._finish(h, None, finished)
+
+    def _pool(self, hidden, cu, lens, handles, idx, finished) -> None:
+        dev = hidden.device
+        groups: dict[tuple, list[int]] = {}
+        for j, h in enumerate(handles):
+            groups.setdefault((h._spec.pooling, h._spec.normalize), []).append(j)
+        cfg = self.model.config
+        for (mode, normalize), js in groups.items():
+            rows = torch.cat([torch.arange(cu[idx[j]], cu[idx[j] + 1]) for j in js]).to(dev)
+            sub_cu = [0]
+            for j in js:
+                sub_cu.append(sub_cu[-1] + lens[idx[j]])
+            h_rows = hidden.index_select(0, rows)
+            vecs = ops.pool(h_rows, torch.tensor(sub_cu, dtype=torch.int32, device=dev), mode,
+                            normalize=normalize, norm_weight=self.model.norm, eps=cfg.rms_norm_eps)
+            vecs = vecs.float().cpu()
+            for k, j in enumerate(js):
+                self._finish(handles[j], vecs[k].clone(), finished)
+
+    def _sample(self, logits, handles, finished) -> None:
+        scores = logits.float()
+        # repetition penalty: rows grouped by penalty value (generate's helper, in place)
+        by_pen: dict[float, list[int]] = {}
+        for i, h in enumerate(handles):
+            by_pen.setdefault(h._spec.repetition_penalty, []).append(i)
+        for pen, rows in by_pen.items():
+            if pen != 1.0:
+                sub = scores[rows]
+                apply_repetition_penalty(sub, [handles[i]._spec.prompt + handles[i]._spec.result.token_ids
+                                               for i in rows], pen)
+                scores[rows] = sub
+        toks = [0] * len(handles)
+        greedy = [i for i, h in enumerate(handles) if h._spec.temperature == 0.0]
+        if greedy:
+            for i, t in zip(greedy, sample(scores[greedy], 0.0).tolist()):
+                toks[i] = t
+        for i, h in enumerate(handles):
+            s = h._spec
+            if s.temperature != 0.0:  # per request: its own generator and parameters
+                toks[i] = sample(scores[i: i + 1], s.temperature, s.top_k, s.top_p, s.generator).item()
+        still = []
+        for h, t in zip(handles, toks):
+            s, r = h._spec, h._spec.result
+            t = int(t)
+            r.token_ids.append(t)
+            done = None
+            if t in s.eos:
+                done = "eos"
+            elif s.stop:
+                text = self.tokenizer.decode(r.token_ids)
+                hits = [text.find(x) for x in s.stop if x in text]
+                if hits:
+                    done, r.text = "stop", text[: min(hits)]
+            if done is None and len(r.token_ids) >= s.max_new_tokens:
+                done = "length"
+            if done is not None:
+                r.finish_reason = done
+                if r.text is None and self.tokenizer is not None:
+                    r.text = self.tokenizer.decode(r.token_ids)
+                self.cache.free(s.seq_id)
+                s.seq_id = None
+                self._running.remove(h)
+                self._finish(h, r, finished)

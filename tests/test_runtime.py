@@ -1,0 +1,282 @@
+"""SharedRuntime (continuous batching of embeddings + generations) against the standalone paths.
+
+Tiny random Llama / Qwen2 models and a tiny BPE tokenizer are built in tmp dirs; adapters
+are random LoRA stacks. Nothing is downloaded.
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from bsharedrag_fast import Backbone, Tokenizer, ops  # noqa: E402
+from bsharedrag_fast.generation import generate  # noqa: E402
+from bsharedrag_fast.model import LoRAStack  # noqa: E402
+from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
+from tiny_models import cu_seqlens, hf_model, write_tokenizer  # noqa: E402
+
+V = 320  # >= the byte-level BPE vocab below
+ADAPTERS = {"retrieval": 0, "generation": 1, "other": 2}
+TEXTS = ["the quick brown fox", "shared backbone, retrieval and generation", "low rank", "a lazy dog jumps"]
+CASES = {"llama": {}, "qwen2": dict(tie_word_embeddings=False)}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    write_tokenizer(path)
+    tk = Tokenizer.from_pretrained(path)
+    assert tk.vocab_size <= V
+    return tk
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def model(request, tmp_path_factory):
+    hf = hf_model(request.param, embed_scale=3.0, vocab_size=V, **CASES[request.param])
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    m = Backbone.from_pretrained(path)
+    g = torch.Generator().manual_seed(7)
+    L, r = len(ADAPTERS), 4
+    stacks = []
+    for _ in range(m.config.num_hidden_layers):
+        stacks.append({
+            mod: LoRAStack(torch.randn(L, r, fin, generator=g) * 0.2, torch.randn(L, fout, r, generator=g) * 0.2,
+                           torch.tensor([0.5, 2.0, 1.0]))
+            for mod, (fin, fout) in m.module_shapes.items()
+        })  # fmt: skip
+    m.set_lora_stacks(stacks, L, ADAPTERS)
+    return m
+
+
+def _prompts(lens, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
+
+
+def _standalone_embed(model, ids, adapter, mode="last", normalize=True):
+    h = model.hidden_states(torch.tensor(ids), cu_seqlens([len(ids)]), [adapter], final_norm=False)
+    return ops.pool(h, cu_seqlens([len(ids)]), mode, normalize=normalize, norm_weight=model.norm,
+                    eps=model.config.rms_norm_eps)[0].float()
+
+
+def _standalone_generate(model, prompts, adapter, n, tok=None, **kw):
+    return generate(model, tok, prompts, adapters=adapter, max_new_tokens=n, eos_token_id=[], **kw)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def test_embed_matches_standalone(model, tok):
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    eos = tok.eos_token_id
+    for adapter in ("retrieval", "other", None):
+        for mode in ("last", "mean"):
+            vecs = rt.embed(TEXTS, adapter=adapter, pooling=mode)
+            assert vecs.dtype == torch.float32 and vecs.shape == (len(TEXTS), model.config.hidden_size)
+            for t, v in zip(TEXTS, vecs):
+                ids = tok.encode("query: " + t) + [eos]
+                torch.testing.assert_close(v, _standalone_embed(model, ids, adapter, mode), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(vecs.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5, rtol=0)
+    # passage prefix, no normalisation, token-id input taken as is
+    p = rt.embed(TEXTS[:2], adapter="retrieval", prefix="passage: ", normalize=False)
+    ids = tok.encode("passage: " + TEXTS[0]) + [eos]
+    torch.testing.assert_close(p[0], _standalone_embed(model, ids, "retrieval", normalize=False), atol=1e-5, rtol=1e-5)
+    q = rt.embed([ids], adapter="retrieval", normalize=False)
+    torch.testing.assert_close(q[0], p[0], atol=1e-5, rtol=1e-5)
+    # adapters matter
+    assert (rt.embed(TEXTS[:1], adapter="retrieval") - rt.embed(TEXTS[:1], adapter="other")).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_greedy_matches_generate(model):
+    prompts = _prompts([3, 11, 6, 17])
+    rt = SharedRuntime(model, None, max_batch_tokens=64)
+    for adapter in ("generation", None):
+        ref = _standalone_generate(model, prompts, adapter, 10)
+        out = rt.generate(prompts, adapter=adapter, max_new_tokens=10, eos_token_id=[])
+        assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+        assert all(o.finish_reason == "length" and o.text is None for o in out)
+        assert len(set(out[0].token_ids)) > 3
+
+
+def test_text_generation_stop_eos_and_sampling(model, tok):
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    prompts = ["the quick brown fox", "low rank adapters"]
+    ids = [tok.encode(p) for p in prompts]
+    ref = generate(model, tok, ids, adapters="generation", max_new_tokens=12, eos_token_id=[])
+    out = rt.generate(prompts, max_new_tokens=12, eos_token_id=[])
+    assert [(o.token_ids, o.text) for o in out] == [(r.token_ids, r.text) for r in ref]
+    # a stop string taken from the greedy text: same cut as generate()
+    text = ref[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2] if len(text) > 4 else None
+    assert stop and stop.strip(), text
+    r = generate(model, tok, ids[:1], adapters="generation", max_new_tokens=12, stop=stop, eos_token_id=[])[0]
+    o = rt.generate(prompts[:1], max_new_tokens=12, stop=stop, eos_token_id=[])[0]
+    assert (o.token_ids, o.text, o.finish_reason) == (r.token_ids, r.text, r.finish_reason)
+    assert o.finish_reason == "stop"
+    # EOS: the 4th greedy token as EOS
+    eos = ref[1].token_ids[3]
+    r = generate(model, tok, ids[1:], adapters="generation", max_new_tokens=12, eos_token_id=eos)[0]
+    o = rt.generate(prompts[1:], max_new_tokens=12, eos_token_id=eos)[0]
+    assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason == "eos"
+    # seeded sampling of one prompt == generate() with the same seed (per-request generator)
+    kw = dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3, seed=5)
+    r = generate(model, None, ids[:1], adapters="generation", max_new_tokens=12, eos_token_id=[], **kw)[0]
+    o = rt.generate([ids[0]], max_new_tokens=12, eos_token_id=[], **kw)[0]
+    assert o.token_ids == r.token_ids
+    # ... and unaffected by a greedy neighbour sharing its steps
+    h1 = rt.submit_generate(ids[0], max_new_tokens=12, eos_token_id=[], **kw)
+    h2 = rt.submit_generate(ids[1], max_new_tokens=12, eos_token_id=[])
+    rt.run_until_done()
+    assert h1.result().token_ids == r.token_ids and h2.result().token_ids == out[1].token_ids
+    assert rt.generate(prompts[:1], max_new_tokens=0)[0].token_ids == []
+
+
+# ----------------------------------------------------------------------------- mixed, chunked, admission
+
+
+def _mixed_workload(rt, tok, prompts):
+    """Embeds on two adapters and generations on two adapters, interleaved, via submit/stream."""
+    hs = []
+    for i, p in enumerate(prompts):
+        hs.append(rt.submit_embed(TEXTS[i % len(TEXTS)], adapter="retrieval"))
+        hs.append(rt.submit_generate(p, adapter="generation" if i % 2 == 0 else "other", max_new_tokens=8,
+                                     eos_token_id=[]))
+        hs.append(rt.submit_embed(TEXTS[(i + 1) % len(TEXTS)], adapter="other", prefix="passage: "))
+    seen = [h.id for h in rt.stream()]
+    assert sorted(seen) == sorted(h.id for h in hs) and all(h.done for h in hs)
+    return hs
+
+
+def test_mixed_workload_equals_separate(model, tok):
+    prompts = _prompts([5, 13, 2, 9, 7])
+    rt = SharedRuntime(model, tok, max_batch_tokens=48)
+    steps = []
+    orig = rt._step
+
+    def spy():
+        before = dict(rt.stats)
+        out = orig()
+        steps.append((rt.stats["embed_rows"] - before["embed_rows"],
+                      rt.stats["rows"] - before["rows"] - (rt.stats["embed_rows"] - before["embed_rows"])))
+        return out
+
+    rt._step = spy
+    hs = _mixed_workload(rt, tok, prompts)
+    assert any(e > 0 and g > 0 for e, g in steps)  # embeddings and generation shared a step
+    gens = [h for h in hs if h.kind == "generate"]
+    embs = [h for h in hs if h.kind == "embed"]
+    alone = SharedRuntime(model, tok, max_batch_tokens=48)
+    ref_g = [alone.generate([p], adapter="generation" if i % 2 == 0 else "other", max_new_tokens=8,
+                            eos_token_id=[])[0] for i, p in enumerate(prompts)]
+    assert [h.result().token_ids for h in gens] == [r.token_ids for r in ref_g]
+    for i in range(len(prompts)):
+        q = _standalone_embed(model, tok.encode("query: " + TEXTS[i % 4]) + [tok.eos_token_id], "retrieval")
+        d = _standalone_embed(model, tok.encode("passage: " + TEXTS[(i + 1) % 4]) + [tok.eos_token_id], "other")
+        torch.testing.assert_close(embs[2 * i].result(), q, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(embs[2 * i + 1].result(), d, atol=1e-5, rtol=1e-5)
+    # generate() standalone agrees too
+    ref = _standalone_generate(model, prompts[0::2], "generation", 8)
+    assert [h.result().token_ids for h in gens[0::2]] == [r.token_ids for r in ref]
+
+
+def test_chunked_prefill_small_batch(model, tok):
+    prompts = _prompts([19, 4, 11])
+    ref = _standalone_generate(model, prompts, "generation", 8)
+    rt = SharedRuntime(model, tok, max_batch_tokens=5)
+    out = rt.generate(prompts, max_new_tokens=8, eos_token_id=[])
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+    assert rt.stats["steps"] > sum(len(p) for p in prompts) // 5
+    # embeddings longer than the step budget: error, or truncation on request
+    with pytest.raises(ValueError, match="max_embed_tokens"):
+        rt.embed(["shared backbone, retrieval and generation"])
+    v = rt.embed(["shared backbone, retrieval and generation"], truncate=True)
+    ids = tok.encode("query: shared backbone, retrieval and generation")[:4] + [tok.eos_token_id]
+    torch.testing.assert_close(v[0], _standalone_embed(model, ids, "retrieval"), atol=1e-5, rtol=1e-5)
+
+
+def test_admission_one_sequence_at_a_time(model, tok):
+    prompts = _prompts([12, 10, 11, 9])  # 4-5 blocks each, the cache holds 5
+    n = 6
+    ref = _standalone_generate(model, prompts, "generation", n)
+    cfg, bs = model.config, 4
+    per_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * bs
+    blocks = -(-(max(len(p) for p in prompts) + n - 1) // bs)
+    rt = SharedRuntime(model, tok, max_batch_tokens=64, cache_budget_bytes=blocks * per_block, block_size=bs)
+    hs = [rt.submit_generate(p, max_new_tokens=n, eos_token_id=[]) for p in prompts]
+    es = [rt.submit_embed(t) for t in TEXTS]
+    running = []
+    while rt.has_pending():
+        rt.step()
+        running.append(len(rt._running))
+    assert max(running) == 1 and rt.cache.num_free_blocks == rt.cache.num_blocks
+    assert [h.result().token_ids for h in hs] == [r.token_ids for r in ref]
+    torch.testing.assert_close(torch.stack([h.result() for h in es]), SharedRuntime(model, tok).embed(TEXTS),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cache"):  # could never fit: refused at submit time
+        rt.submit_generate(prompts[0], max_new_tokens=blocks * bs)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input(model, tok):
+    rt = SharedRuntime(model, tok, max_batch_tokens=32, max_length=16)
+    with pytest.raises(ValueError, match="empty"):
+        rt.embed([""])
+    with pytest.raises(ValueError, match="empty"):
+        rt.embed(["   "])
+    with pytest.raises(ValueError, match="empty"):
+        rt.generate([[]])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        rt.submit_embed("x", adapter="nope")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        rt.submit_generate("x", adapter="nope")
+    with pytest.raises(ValueError, match="max_length"):
+        rt.generate([list(range(3, 20))])
+    with pytest.raises(ValueError, match="pooling"):
+        rt.embed(["x"], pooling="max")
+    with pytest.raises(ValueError, match="temperature"):
+        rt.generate(["x"], temperature=-1.0)
+    with pytest.raises(ValueError, match="token ids"):
+        rt.embed([[V + 5]])
+    assert not rt.has_pending()  # nothing half-submitted
+    with pytest.raises(ValueError, match="tokenizer"):
+        SharedRuntime(model, None).embed(["text"])
+
+
+def test_failed_step_fails_its_requests_only(model, tok, monkeypatch):
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    h1, h2 = rt.submit_generate([5, 6, 7], max_new_tokens=4), rt.submit_embed("the quick brown fox")
+
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(model, "step", boom)
+        with pytest.raises(RuntimeError, match="device lost"):
+            rt.step()
+    assert h1.done and h2.done and not rt.has_pending()
+    assert rt.cache.num_free_blocks == rt.cache.num_blocks
+    with pytest.raises(RuntimeError, match="failed"):
+        h1.result()
+    ref = generate(model, None, [[5, 6, 7]], adapters="generation", max_new_tokens=4, eos_token_id=tok.eos_token_id)
+    assert rt.generate([[5, 6, 7]], max_new_tokens=4)[0].token_ids == ref[0].token_ids
+
+
+def test_batch_submission_is_all_or_nothing(model, tok):
+    rt = SharedRuntime(model, tok, max_batch_tokens=32)
+    with pytest.raises(ValueError, match="empty"):
+        rt.embed(["the quick brown fox", ""])
+    with pytest.raises(ValueError, match="empty"):
+        rt.generate(["the quick brown fox", ""])
+    assert not rt.has_pending()
+    h = rt.submit_embed("low rank")
+    assert not h.wait(0.01)
+    rt.run_until_done()
+    assert h.wait(0) and h.result().shape == (model.config.hidden_size,)
