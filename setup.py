@@ -47,7 +47,8 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy"],
+    install_requires=["torch>=2.1", "numpy", "safetensors", "tokenizers", "jinja2", "tqdm"],
+    entry_points={"console_scripts": ["bsharedrag=bsharedrag_fast.cli:main"]},
     extras_require={"triton": ["triton>=3.0"]},
     zip_safe=False,
 )

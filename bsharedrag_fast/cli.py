@@ -1,0 +1,235 @@
+"""The `bsharedrag` command line: index, embed, ask, generate over one shared backbone.
+
+    bsharedrag index    --model DIR --retrieval-adapter DIR --corpus corpus.jsonl --out INDEX_DIR
+    bsharedrag embed    --model DIR --adapter DIR --text "..." [--text ...] [--out vecs.npy]
+    bsharedrag ask      --model DIR --retrieval-adapter DIR --generation-adapter DIR --index INDEX_DIR "question"
+    bsharedrag generate --model DIR [--adapter DIR] "prompt"
+
+Models are HF checkpoint directories (config.json, safetensors, tokenizer.json); adapters
+are PEFT LoRA directories. Run `bsharedrag COMMAND --help` for every option.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens packed into one engine step")
+
+
+def _load_runtime(args, adapters: dict):
+    """Backbone + tokenizer + the named PEFT adapters, wrapped in the shared engine."""
+    from . import Backbone, Tokenizer
+    from .runtime import SharedRuntime
+
+    model = Backbone.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    for name, path in adapters.items():
+        if path:
+            model.load_adapter(path, name)
+    tok = Tokenizer.from_pretrained(args.model)
+    return SharedRuntime(model, tok, max_batch_tokens=args.max_batch_tokens)
+
+
+def embedder_fingerprint(args, adapter_path: str) -> dict:
+    """What the index manifest records about the vectors' embedder (see index.HNSWIndex):
+    queries and passages must come from the same model, adapter, pooling and prefixes."""
+    return {
+        "model": os.path.abspath(args.model),
+        "adapter": os.path.abspath(adapter_path) if adapter_path else None,
+        "pooling": args.pooling,
+        "query_prefix": args.query_prefix,
+        "passage_prefix": args.passage_prefix,
+    }
+
+
+def _add_embedder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
+    p.add_argument("--query-prefix", default="query: ", help='text put before each query (default "query: ")')
+    p.add_argument("--passage-prefix", default="passage: ", help='text put before each document (default "passage: ")')
+
+
+def read_corpus(path: str) -> Iterator[dict]:
+    """JSONL documents: {"_id"|"id", "title"?, "text", "metadata"?} per line (BEIR corpus.jsonl works)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            doc_id = rec.get("_id", rec.get("id"))
+            if doc_id is None or not isinstance(rec.get("text"), str) or not rec["text"].strip():
+                raise ValueError(f"{path}:{n}: a document needs an \"_id\" (or \"id\") and a non-empty \"text\"")
+            yield {"id": str(doc_id), "title": rec.get("title") or "", "text": rec["text"],
+                   "metadata": rec.get("metadata") or {}}
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_index(args) -> int:
+    from tqdm import tqdm
+
+    from .index import HNSWIndex
+
+    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter})
+    fp = embedder_fingerprint(args, args.retrieval_adapter)
+    adapter = "retrieval" if args.retrieval_adapter else None
+    if os.path.isdir(args.out):  # resume: documents already saved are skipped
+        idx = HNSWIndex.load(args.out, embedder=fp)
+    else:
+        idx = HNSWIndex(rt.model.config.hidden_size, space=args.space, embedder=fp)
+    docs = list(read_corpus(args.corpus))
+    todo = [d for d in docs if d["id"] not in idx]
+    bar = tqdm(total=len(docs), initial=len(docs) - len(todo), unit="doc", desc="indexing")
+    since_save = 0
+    for s in range(0, len(todo), args.batch_size):
+        batch = todo[s : s + args.batch_size]
+        texts = [f"{d['title']} {d['text']}".strip() for d in batch]
+        vecs = rt.embed(texts, adapter=adapter, pooling=args.pooling, prefix=args.passage_prefix)
+        idx.upsert([d["id"] for d in batch], vecs, batch)
+        bar.update(len(batch))
+        since_save += len(batch)
+        if since_save >= args.save_every:
+            idx.save(args.out)
+            since_save = 0
+    bar.close()
+    idx.save(args.out)
+    print(f"indexed {len(docs)} documents ({len(todo)} new) into {args.out}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    texts = list(args.text)
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise ValueError("nothing to embed: give --text or --input")
+    rt = _load_runtime(args, {"retrieval": args.adapter})
+    vecs = rt.embed(texts, adapter="retrieval" if args.adapter else None, pooling=args.pooling, prefix=args.prefix)
+    if args.out:
+        np.save(args.out, vecs.float().cpu().numpy())
+        print(f"wrote {len(texts)} x {vecs.shape[1]} embeddings to {args.out}")
+    else:
+        for t, v in zip(texts, vecs.tolist()):
+            print(json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .index import HNSWIndex
+    from .rag import TEMPLATES, RAGPipeline
+
+    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
+    idx = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
+    template = args.template
+    if template not in TEMPLATES and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+    rag = RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
+                      "generation" if args.generation_adapter else None, k=args.k, template=template,
+                      context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
+                      query_prefix=args.query_prefix, pooling=args.pooling)
+    for ans in rag.ask_many(args.question):
+        print(json.dumps({"answer": ans.text, "sources": [[d, round(s, 4)] for d, s in ans.sources]},
+                         ensure_ascii=False))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    rt = _load_runtime(args, {"generation": args.adapter})
+    outs = rt.generate(list(args.prompt), adapter="generation" if args.adapter else None,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                       seed=args.seed)
+    for o in outs:
+        print(json.dumps({"text": o.text, "finish_reason": o.finish_reason}, ensure_ascii=False))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bsharedrag", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="embed a JSONL / BEIR corpus into an HNSW index directory (resumable)")
+    _add_model_args(p)
+    p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory (default: base model)")
+    p.add_argument("--corpus", required=True, help="JSONL with _id, title, text per line (BEIR corpus.jsonl)")
+    p.add_argument("--out", required=True, help="index directory; an existing one is resumed")
+    p.add_argument("--space", default="ip", choices=["ip", "cosine", "l2"])
+    _add_embedder_args(p)
+    p.add_argument("--batch-size", type=int, default=32, help="documents embedded per call")
+    p.add_argument("--save-every", type=int, default=1000, help="documents between checkpoints of the index")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("embed", help="print or save embeddings of texts")
+    _add_model_args(p)
+    p.add_argument("--adapter", default=None, help="PEFT retrieval LoRA directory (default: base model)")
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
+    p.add_argument("--input", default=None, help="a file with one text per line")
+    p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
+    p.add_argument("--prefix", default="query: ", help='text put before each input (default "query: ")')
+    p.add_argument("--out", default=None, help="write a float32 .npy instead of printing JSON lines")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("ask", help="answer questions with retrieval + generation over one backbone")
+    _add_model_args(p)
+    p.add_argument("question", nargs="+", help="one or more questions (answered together)")
+    p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
+    p.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
+    p.add_argument("--index", required=True, help="index directory built by `bsharedrag index`")
+    p.add_argument("--k", type=int, default=3, help="documents retrieved per question")
+    p.add_argument("--template", default="en", help="en, zh, or a file with {context} and {question}")
+    p.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")
+    _add_embedder_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("generate", help="generate from prompts (one backbone, optional LoRA)")
+    _add_model_args(p)
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--adapter", default=None, help="PEFT generation LoRA directory (default: base model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"bsharedrag {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
