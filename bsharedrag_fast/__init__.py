@@ -3,13 +3,16 @@ import torch  # noqa: F401  imported first: its bundled libgomp.so.1 is then sha
 
 from . import ops
 from .generation import GenerationResult, generate
+from .index import HNSWIndex
 from .kv_cache import CacheFullError, KVCache
 from .model import Backbone, ModelConfig
+from .rag import Answer, RAGPipeline
 from .runtime import SharedRuntime
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "Backbone", "CacheFullError", "GenerationResult", "KVCache", "ModelConfig", "SharedRuntime", "Tokenizer",
+    "Answer", "Backbone", "CacheFullError", "GenerationResult", "HNSWIndex", "KVCache", "ModelConfig",
+    "RAGPipeline", "SharedRuntime", "Tokenizer",
     "generate", "ops", "__version__",
 ]
