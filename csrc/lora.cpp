@@ -434,6 +434,11 @@ static bsr_status do_sort(const char* fn, const int32_t* ta, int64_t T, int32_t 
 
 using namespace bsr;
 
+static bsr_status check_dtype(const char* fn, bsr_dtype dtype) {
+  if (dtype_ok(dtype)) return BSR_OK;
+  return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: unsupported dtype %d", fn, static_cast<int>(dtype));
+}
+
 extern "C" {
 
 BSR_API void bsr_version(int* major, int* minor, int* patch) {
@@ -500,19 +505,10 @@ BSR_API bsr_status bsr_lora_shrink(bsr_dtype dtype, const void* x, int64_t x_row
   static const char* fn = "bsr_lora_shrink";
   clear_error();
   BSR_GUARD_BEGIN
-  if (!dtype_ok(dtype))
-    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: unsupported dtype %d", fn, static_cast<int>(dtype));
-  if (in_features < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: in_features must be >= 1, got %lld", fn,
-                static_cast<long long>(in_features));
-  if (x_row_stride < in_features)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: x_row_stride must be >= in_features (%lld), got %lld", fn,
-                static_cast<long long>(in_features), static_cast<long long>(x_row_stride));
-  if (num_adapters < 0)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: num_adapters must be >= 0, got %lld", fn,
-                static_cast<long long>(num_adapters));
-  if (rank < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: rank must be >= 1, got %lld", fn, static_cast<long long>(rank));
+  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
+  BSR_TRY(check_at_least(fn, "num_adapters", num_adapters, 0));
+  BSR_TRY(check_at_least(fn, "rank", rank, 1));
   if (num_adapters == 0) return BSR_OK;
   BSR_CHECK_PTR(counts, fn);
   BSR_CHECK_PTR(starts, fn);
@@ -537,19 +533,10 @@ BSR_API bsr_status bsr_lora_expand(bsr_dtype dtype, const float* v, int64_t rank
   static const char* fn = "bsr_lora_expand";
   clear_error();
   BSR_GUARD_BEGIN
-  if (!dtype_ok(dtype))
-    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: unsupported dtype %d", fn, static_cast<int>(dtype));
-  if (rank < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: rank must be >= 1, got %lld", fn, static_cast<long long>(rank));
-  if (num_adapters < 0)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: num_adapters must be >= 0, got %lld", fn,
-                static_cast<long long>(num_adapters));
-  if (out_features < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: out_features must be >= 1, got %lld", fn,
-                static_cast<long long>(out_features));
-  if (y_row_stride < out_features)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: y_row_stride must be >= out_features (%lld), got %lld", fn,
-                static_cast<long long>(out_features), static_cast<long long>(y_row_stride));
+  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_at_least(fn, "rank", rank, 1));
+  BSR_TRY(check_at_least(fn, "num_adapters", num_adapters, 0));
+  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
   if (num_adapters == 0) return BSR_OK;
   BSR_CHECK_PTR(counts, fn);
   BSR_CHECK_PTR(starts, fn);
@@ -575,25 +562,13 @@ BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_st
   static const char* fn = "bsr_lora_add";
   clear_error();
   BSR_GUARD_BEGIN
-  if (!dtype_ok(dtype))
-    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: unsupported dtype %d", fn, static_cast<int>(dtype));
-  if (in_features < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: in_features must be >= 1, got %lld", fn,
-                static_cast<long long>(in_features));
-  if (x_row_stride < in_features)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: x_row_stride must be >= in_features (%lld), got %lld", fn,
-                static_cast<long long>(in_features), static_cast<long long>(x_row_stride));
+  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
   if (num_adapters < 0 || num_adapters > INT32_MAX)
     return fail(BSR_ERR_INVALID_ARGUMENT, "%s: num_adapters must be in [0, 2^31-1], got %lld", fn,
                 static_cast<long long>(num_adapters));
-  if (rank < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: rank must be >= 1, got %lld", fn, static_cast<long long>(rank));
-  if (out_features < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: out_features must be >= 1, got %lld", fn,
-                static_cast<long long>(out_features));
-  if (y_row_stride < out_features)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: y_row_stride must be >= out_features (%lld), got %lld", fn,
-                static_cast<long long>(out_features), static_cast<long long>(y_row_stride));
+  BSR_TRY(check_at_least(fn, "rank", rank, 1));
+  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
   if (num_tokens < 0 || num_tokens > INT32_MAX)
     return fail(BSR_ERR_INVALID_ARGUMENT, "%s: num_tokens must be in [0, 2^31-1], got %lld", fn,
                 static_cast<long long>(num_tokens));

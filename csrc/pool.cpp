@@ -176,15 +176,9 @@ extern "C" BSR_API bsr_status bsr_pool(bsr_dtype dtype, const void* hidden, int6
   if (mode != BSR_POOL_LAST && mode != BSR_POOL_MEAN && mode != BSR_POOL_CLS)
     return fail(BSR_ERR_INVALID_ARGUMENT, "%s: mode must be BSR_POOL_LAST, _MEAN or _CLS, got %d", fn,
                 static_cast<int>(mode));
-  if (dim < 1) return fail(BSR_ERR_INVALID_ARGUMENT, "%s: dim must be >= 1, got %lld", fn, (long long)dim);
-  if (num_seqs < 1)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: num_seqs must be >= 1, got %lld", fn, (long long)num_seqs);
-  if (hidden_row_stride < dim)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: hidden_row_stride (%lld) must be >= dim (%lld)", fn,
-                (long long)hidden_row_stride, (long long)dim);
-  if (out_row_stride < dim)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: out_row_stride (%lld) must be >= dim (%lld)", fn,
-                (long long)out_row_stride, (long long)dim);
+  BSR_TRY(check_at_least(fn, "num_seqs", num_seqs, 1));
+  BSR_TRY(check_rows(fn, "dim", dim, "hidden_row_stride", hidden_row_stride));
+  BSR_TRY(check_rows(fn, "dim", dim, "out_row_stride", out_row_stride));
   if (!(eps > 0.f)) return fail(BSR_ERR_INVALID_ARGUMENT, "%s: eps must be > 0, got %g", fn, (double)eps);
   BSR_CHECK_PTR(hidden, fn);
   BSR_CHECK_PTR(cu_seqlens, fn);

@@ -19,6 +19,29 @@ bsr_status fail(bsr_status st, const char* fmt, ...);
 // Threads for a parallel region: bsr_set_num_threads' value, else OpenMP's default.
 int num_threads();
 
+// Return a failing status from the calling entry point.
+#define BSR_TRY(expr)                      \
+  do {                                     \
+    const bsr_status bsr_st_ = (expr);     \
+    if (bsr_st_ != BSR_OK) return bsr_st_; \
+  } while (0)
+
+// Argument checks shared by the entry points; each message names the argument.
+inline bsr_status check_at_least(const char* fn, const char* name, int64_t value, int64_t lo) {
+  if (value >= lo) return BSR_OK;
+  return fail(BSR_ERR_INVALID_ARGUMENT, "%s: %s must be >= %lld, got %lld", fn, name, static_cast<long long>(lo),
+              static_cast<long long>(value));
+}
+
+// A row-major operand: `features` >= 1 columns, rows `stride` elements apart.
+inline bsr_status check_rows(const char* fn, const char* features_name, int64_t features, const char* stride_name,
+                             int64_t stride) {
+  BSR_TRY(check_at_least(fn, features_name, features, 1));
+  if (stride >= features) return BSR_OK;
+  return fail(BSR_ERR_INVALID_ARGUMENT, "%s: %s must be >= %s (%lld), got %lld", fn, stride_name, features_name,
+              static_cast<long long>(features), static_cast<long long>(stride));
+}
+
 }  // namespace bsr
 
 #define BSR_CHECK_PTR(p, fn)                                                    \
