@@ -100,6 +100,30 @@ def _eos_ids(model, tokenizer, eos_token_id) -> set:
     return set(int(e) for e in eos_token_id)
 
 
+def stop_strings(stop: Union[None, str, Sequence[str]], tokenizer) -> list:
+    """The non-empty stop strings as a list; they need a tokenizer to be found."""
+    stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    return stop
+
+
+def append_token(result: "GenerationResult", token: int, eos: set, stop: list, tokenizer,
+                 max_new_tokens: int) -> Optional[str]:
+    """Append the sampled token; return the finish reason ("eos", "stop", "length") or None.
+    On "stop" result.text is the text cut before the first stop string."""
+    result.token_ids.append(token)
+    if token in eos:
+        return "eos"
+    if stop:
+        text = tokenizer.decode(result.token_ids)
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            result.text = text[: min(hits)]
+            return "stop"
+    return "length" if len(result.token_ids) >= max_new_tokens else None
+
+
 @torch.inference_mode()
 def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapters=None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -123,11 +147,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0 or not (0 < top_p <= 1.0) or repetition_penalty <= 0:
         raise ValueError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = [s for s in (stop or []) if s]
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer")
+    stop = stop_strings(stop, tokenizer)
     if adapters is None or isinstance(adapters, (str, int)):
         adapters = [adapters] * B
     adapters = list(adapters)
@@ -171,17 +191,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
         still = []
         for i, t in zip(running, toks):
             r = results[i]
-            r.token_ids.append(int(t))
-            done = None
-            if t in eos:
-                done = "eos"
-            elif stop:
-                text = tokenizer.decode(r.token_ids)
-                hits = [text.find(s) for s in stop if s in text]
-                if hits:
-                    done, r.text = "stop", text[: min(hits)]
-            if done is None and len(r.token_ids) >= max_new_tokens:
-                done = "length"
+            done = append_token(r, int(t), eos, stop, tokenizer, max_new_tokens)
             if done is None:
                 still.append(i)
             else:

@@ -69,7 +69,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .generation import GenerationResult, _eos_ids, apply_repetition_penalty, sample
+from .generation import GenerationResult, _eos_ids, append_token, apply_repetition_penalty, sample, stop_strings
 from .kv_cache import KVCache
 
 __all__ = ["SharedRuntime", "RequestHandle"]
@@ -269,11 +269,7 @@ class SharedRuntime:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if temperature < 0 or not (0 < top_p <= 1.0) or repetition_penalty <= 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
-        if isinstance(stop, str):
-            stop = [stop]
-        stop = [s for s in (stop or []) if s]
-        if stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        stop = stop_strings(stop, self.tokenizer)
         if len(ids) > self.max_length:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_length={self.max_length}")
         need = len(ids) + max(max_new_tokens, 1) - 1
@@ -525,18 +521,7 @@ class SharedRuntime:
         still = []
         for h, t in zip(handles, toks):
             s, r = h._spec, h._spec.result
-            t = int(t)
-            r.token_ids.append(t)
-            done = None
-            if t in s.eos:
-                done = "eos"
-            elif s.stop:
-                text = self.tokenizer.decode(r.token_ids)
-                hits = [text.find(x) for x in s.stop if x in text]
-                if hits:
-                    done, r.text = "stop", text[: min(hits)]
-            if done is None and len(r.token_ids) >= s.max_new_tokens:
-                done = "length"
+            done = append_token(r, int(t), s.eos, s.stop, self.tokenizer, s.max_new_tokens)
             if done is not None:
                 r.finish_reason = done
                 if r.text is None and self.tokenizer is not None:
