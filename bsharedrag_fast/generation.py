@@ -87,7 +87,7 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
     return scores
 
 
-def _eos_ids(model, tokenizer, eos_token_id) -> set:
+def eos_ids(model, tokenizer, eos_token_id) -> set:
     if eos_token_id is None:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_id = tokenizer.eos_token_id
@@ -153,7 +153,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
     adapters = list(adapters)
     if len(adapters) != B:
         raise ValueError(f"adapters must be one adapter or one per prompt ({B}), got {len(adapters)}")
-    eos = _eos_ids(model, tokenizer, eos_token_id)
+    eos = eos_ids(model, tokenizer, eos_token_id)
     results = [GenerationResult([], "length") for _ in range(B)]
     if max_new_tokens == 0:
         for r in results:

@@ -69,7 +69,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .generation import GenerationResult, _eos_ids, append_token, apply_repetition_penalty, sample, stop_strings
+from .generation import GenerationResult, eos_ids, append_token, apply_repetition_penalty, sample, stop_strings
 from .kv_cache import KVCache
 
 __all__ = ["SharedRuntime", "RequestHandle"]
@@ -198,7 +198,7 @@ class SharedRuntime:
         return self.tokenizer
 
     def _eos_id(self) -> Optional[int]:
-        eos = _eos_ids(self.model, self.tokenizer, None)
+        eos = eos_ids(self.model, self.tokenizer, None)
         return min(eos) if eos else None
 
     def _as_ids(self, x, what: str) -> Optional[list]:
@@ -281,7 +281,7 @@ class SharedRuntime:
             )
         gen = None if seed is None else torch.Generator(device=self.model.device).manual_seed(int(seed))
         spec = _GenSpec(ids, adapter, max_new_tokens, float(temperature), int(top_k or 0), float(top_p),
-                        float(repetition_penalty), stop, _eos_ids(self.model, self.tokenizer, eos_token_id), gen)
+                        float(repetition_penalty), stop, eos_ids(self.model, self.tokenizer, eos_token_id), gen)
         spec.reserved_blocks = blocks
         return self._add("generate", spec)
 
