@@ -80,6 +80,19 @@ BLOCK_S = 512
 
 
 @triton.jit
+def _first_seq(cu_ptr, B, r0, BLOCK_S: tl.constexpr):
+    """The first sequence overlapping rows [r0, ...): #{j in 1..B : cu[j] <= r0}."""
+    b = r0 * 0
+    offs_s = tl.arange(0, BLOCK_S)
+    for j0 in range(0, B, BLOCK_S):
+        js = j0 + 1 + offs_s
+        mask_s = js <= B
+        c = tl.load(cu_ptr + js, mask=mask_s, other=0)
+        b += tl.sum(((c <= r0) & mask_s).to(tl.int32), axis=0)
+    return b
+
+
+@triton.jit
 def _pool_rows_kernel(
     src_ptr, cu_ptr, w_ptr, out_ptr,
     B, D, ROWS,
@@ -181,14 +194,7 @@ def _pool_mean_kernel(
     T = tl.load(cu_ptr + B)
     r0 = tl.program_id(0) * ROWS
     r1 = tl.minimum(r0 + ROWS, T)
-    # first sequence overlapping [r0, r1): b = #{j in 1..B : cu[j] <= r0}
-    b = r0 * 0
-    offs_s = tl.arange(0, BLOCK_S)
-    for j0 in range(0, B, BLOCK_S):
-        js = j0 + 1 + offs_s
-        mask_s = js <= B
-        c = tl.load(cu_ptr + js, mask=mask_s, other=0)
-        b += tl.sum(((c <= r0) & mask_s).to(tl.int32), axis=0)
+    b = _first_seq(cu_ptr, B, r0, BLOCK_S)
     seg_start = tl.load(cu_ptr + b)
 
     offs_t = tl.arange(0, BLOCK_T)
@@ -360,13 +366,7 @@ def _pool_mean_bwd_kernel(
     T = tl.load(cu_ptr + B)
     r0 = tl.program_id(0) * ROWS
     r1 = tl.minimum(r0 + ROWS, T)
-    b = r0 * 0
-    offs_s = tl.arange(0, BLOCK_S)
-    for j0 in range(0, B, BLOCK_S):
-        js = j0 + 1 + offs_s
-        mask_s = js <= B
-        c = tl.load(cu_ptr + js, mask=mask_s, other=0)
-        b += tl.sum(((c <= r0) & mask_s).to(tl.int32), axis=0)
+    b = _first_seq(cu_ptr, B, r0, BLOCK_S)
     seg_start = tl.load(cu_ptr + b)
 
     offs_t = tl.arange(0, BLOCK_T)
