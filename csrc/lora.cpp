@@ -439,6 +439,18 @@ static bsr_status check_dtype(const char* fn, bsr_dtype dtype) {
   return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: unsupported dtype %d", fn, static_cast<int>(dtype));
 }
 
+// Rows the adapters' segments cover (the sum of counts), after checking counts / starts;
+// 0 when there are no adapters.
+static bsr_status segment_rows(const char* fn, const int32_t* counts, const int32_t* starts, int64_t L,
+                               int64_t* total) {
+  *total = 0;
+  if (L == 0) return BSR_OK;
+  BSR_CHECK_PTR(counts, fn);
+  BSR_CHECK_PTR(starts, fn);
+  int64_t vrows = 0;
+  return check_groups(fn, counts, starts, L, total, &vrows);
+}
+
 extern "C" {
 
 BSR_API void bsr_version(int* major, int* minor, int* patch) {
@@ -509,12 +521,8 @@ BSR_API bsr_status bsr_lora_shrink(bsr_dtype dtype, const void* x, int64_t x_row
   BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
   BSR_TRY(check_at_least(fn, "num_adapters", num_adapters, 0));
   BSR_TRY(check_at_least(fn, "rank", rank, 1));
-  if (num_adapters == 0) return BSR_OK;
-  BSR_CHECK_PTR(counts, fn);
-  BSR_CHECK_PTR(starts, fn);
-  int64_t total = 0, vrows = 0;
-  bsr_status st = check_groups(fn, counts, starts, num_adapters, &total, &vrows);
-  if (st != BSR_OK) return st;
+  int64_t total = 0;
+  BSR_TRY(segment_rows(fn, counts, starts, num_adapters, &total));
   if (total == 0) return BSR_OK;
   BSR_CHECK_PTR(x, fn);
   BSR_CHECK_PTR(lora_a, fn);
@@ -537,12 +545,8 @@ BSR_API bsr_status bsr_lora_expand(bsr_dtype dtype, const float* v, int64_t rank
   BSR_TRY(check_at_least(fn, "rank", rank, 1));
   BSR_TRY(check_at_least(fn, "num_adapters", num_adapters, 0));
   BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
-  if (num_adapters == 0) return BSR_OK;
-  BSR_CHECK_PTR(counts, fn);
-  BSR_CHECK_PTR(starts, fn);
-  int64_t total = 0, vrows = 0;
-  bsr_status st = check_groups(fn, counts, starts, num_adapters, &total, &vrows);
-  if (st != BSR_OK) return st;
+  int64_t total = 0;
+  BSR_TRY(segment_rows(fn, counts, starts, num_adapters, &total));
   if (total == 0) return BSR_OK;
   BSR_CHECK_PTR(v, fn);
   BSR_CHECK_PTR(lora_b, fn);
