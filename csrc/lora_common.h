@@ -149,6 +149,21 @@ static inline int64_t tile_adapter(const int64_t* prefix, int64_t L, int64_t t) 
   return lo;
 }
 
+// The work of shrink tile t: adapter a, sorted rows [p0, p1), ranks [j0, j1).
+struct ShrinkTile {
+  int64_t a, p0, p1, j0, j1;
+};
+
+static inline ShrinkTile shrink_tile_bounds(const ShrinkPlan& P, int64_t t) {
+  const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
+  const int64_t loc = t - P.tile_prefix[a];
+  const int64_t rbi = loc / P.njb, jbi = loc % P.njb;
+  const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
+  const int64_t p0 = P.starts[a] + rbi * P.rb;
+  const int64_t j0 = jbi * P.jb;
+  return {a, p0, p0 + P.rb < end ? p0 + P.rb : end, j0, j0 + P.jb < P.r ? j0 + P.jb : P.r};
+}
+
 }  // namespace bsr
 
 #endif  // BSHAREDRAG_LORA_COMMON_H

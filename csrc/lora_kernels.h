@@ -80,13 +80,7 @@ static inline void shrink_rows_nr(int nr, const T* const* xr, const T* A, int64_
 
 template <class T>
 static void shrink_tile(const ShrinkPlan& P, int64_t t) {
-  const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
-  const int64_t loc = t - P.tile_prefix[a];
-  const int64_t rbi = loc / P.njb, jbi = loc % P.njb;
-  const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
-  const int64_t p0 = P.starts[a] + rbi * P.rb;
-  const int64_t p1 = imin(p0 + P.rb, end);
-  const int64_t j0 = jbi * P.jb, j1 = imin(j0 + P.jb, P.r);
+  const auto [a, p0, p1, j0, j1] = shrink_tile_bounds(P, t);
   const T* x = static_cast<const T*>(P.x);
   const T* A = static_cast<const T*>(P.a) + a * P.r * P.K;
   for (int64_t p = p0; p < p1; p += V::SH_RB) {
@@ -102,13 +96,7 @@ static void shrink_tile(const ShrinkPlan& P, int64_t t) {
 }
 
 static void shrink_tile_f64(const ShrinkPlan& P, int64_t t) {
-  const int64_t a = tile_adapter(P.tile_prefix, P.L, t);
-  const int64_t loc = t - P.tile_prefix[a];
-  const int64_t rbi = loc / P.njb, jbi = loc % P.njb;
-  const int64_t end = static_cast<int64_t>(P.starts[a]) + P.counts[a];
-  const int64_t p0 = P.starts[a] + rbi * P.rb;
-  const int64_t p1 = imin(p0 + P.rb, end);
-  const int64_t j0 = jbi * P.jb, j1 = imin(j0 + P.jb, P.r);
+  const auto [a, p0, p1, j0, j1] = shrink_tile_bounds(P, t);
   const int64_t K = P.K;
   const double* A = static_cast<const double*>(P.a) + a * P.r * K;
   for (int64_t p = p0; p < p1; ++p) {
