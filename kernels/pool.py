@@ -80,6 +80,17 @@ BLOCK_S = 512
 
 
 @triton.jit
+def _scaled_chunk(src_rows, w_ptr, cols, mask_b, D, scale, HAS_W: tl.constexpr):
+    """Columns `cols` of the pooled rows in fp32, times their scale (and the norm weight)."""
+    mask_d = cols < D
+    mask = mask_b[:, None] & mask_d[None, :]
+    x = tl.load(src_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * scale[:, None]
+    if HAS_W:
+        x = x * tl.load(w_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    return x, mask
+
+
+@triton.jit
 def _first_seq(cu_ptr, B, r0, BLOCK_S: tl.constexpr):
     """The first sequence overlapping rows [r0, ...): #{j in 1..B : cu[j] <= r0}."""
     b = r0 * 0
@@ -149,25 +160,12 @@ def _pool_rows_kernel(
         if NORMALIZE:  # pass: L2 norm of the pooled vector
             sv = tl.zeros((BLOCK_B,), tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                cols = d0 + offs_d
-                mask_d = cols < D
-                mask = mask_b[:, None] & mask_d[None, :]
-                x = tl.load(src_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = x * scale[:, None]
-                if HAS_W:
-                    w = tl.load(w_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
-                    x = x * w[None, :]
+                x, mask = _scaled_chunk(src_rows, w_ptr, d0 + offs_d, mask_b, D, scale, HAS_W)
                 sv += tl.sum(x * x, axis=1)
             scale = scale * (1.0 / tl.maximum(tl.sqrt(sv), 1e-12))
         for d0 in range(0, D, BLOCK_D):  # pass: store
             cols = d0 + offs_d
-            mask_d = cols < D
-            mask = mask_b[:, None] & mask_d[None, :]
-            x = tl.load(src_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = x * scale[:, None]
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
-                x = x * w[None, :]
+            x, mask = _scaled_chunk(src_rows, w_ptr, cols, mask_b, D, scale, HAS_W)
             tl.store(out_rows + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
