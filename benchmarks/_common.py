@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: round-robin timing and the machine description."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -77,3 +78,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def add_device_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="default: float32 on cpu, bfloat16 on cuda")
+
+
+def device_dtype(ap: argparse.ArgumentParser, args) -> torch.dtype:
+    """The benchmark dtype for --device / --dtype; --device cuda without a GPU is an error."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    return getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 
-from _common import RESULTS_DIR, machine_info, time_methods
+from _common import RESULTS_DIR, add_device_args, device_dtype, machine_info, time_methods
 
 DEFAULT_SHAPES = [  # (in, out, T, adapters, rank, pass): includes every shape a goal names
     (2048, 2048, 256, 4, 16, "fwd"),
@@ -177,16 +177,12 @@ def goals(rows: list, device: str) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default: float32 on cpu, bfloat16 on cuda")
+    add_device_args(ap)
     ap.add_argument("--full", action="store_true", help="the whole grid (slow on CPU)")
     ap.add_argument("--budget", type=float, default=0.25, help="seconds of timing per method and shape")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lora_linear_<device>.json)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    dtype = device_dtype(ap, args)
     shapes = full_grid() if args.full else DEFAULT_SHAPES
     rows = []
     for i, shape in enumerate(shapes, 1):

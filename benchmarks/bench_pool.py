@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 
-from _common import RESULTS_DIR, machine_info, time_methods
+from _common import RESULTS_DIR, add_device_args, device_dtype, machine_info, time_methods
 
 DIMS = (896, 4096)
 BATCHES = (1, 16, 64, 256)
@@ -69,15 +69,11 @@ def bench(d, batch, mode, device, dtype, budget_s) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default: float32 on cpu, bfloat16 on cuda")
+    add_device_args(ap)
     ap.add_argument("--budget", type=float, default=0.2, help="seconds of timing per method and shape")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pool_<device>.json)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    dtype = device_dtype(ap, args)
     shapes = [(d, b, m) for d in DIMS for b in BATCHES for m in ("last", "mean")]
     rows = []
     for i, shape in enumerate(shapes, 1):
