@@ -14,9 +14,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterator
 
 import torch
+
+from .data import read_corpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,23 +61,6 @@ def _add_embedder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
     p.add_argument("--query-prefix", default="query: ", help='text put before each query (default "query: ")')
     p.add_argument("--passage-prefix", default="passage: ", help='text put before each document (default "passage: ")')
-
-
-def read_corpus(path: str) -> Iterator[dict]:
-    """JSONL documents: {"_id"|"id", "title"?, "text", "metadata"?} per line (BEIR corpus.jsonl works)."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            doc_id = rec.get("_id", rec.get("id"))
-            if doc_id is None or not isinstance(rec.get("text"), str) or not rec["text"].strip():
-                raise ValueError(f"{path}:{n}: a document needs an \"_id\" (or \"id\") and a non-empty \"text\"")
-            yield {"id": str(doc_id), "title": rec.get("title") or "", "text": rec["text"],
-                   "metadata": rec.get("metadata") or {}}
 
 
 # ----------------------------------------------------------------------------- commands
