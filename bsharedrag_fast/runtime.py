@@ -56,6 +56,11 @@ Thread-safety: submit_* and step() take one lock, so a server thread may drive s
 while others submit and block on handle.wait(); result() / stream() / run_until_done()
 step on the caller's thread. If a step's model call raises, that step's requests finish
 with .error set (result() raises), their cache blocks are freed and step() re-raises.
+
+Cancelling: rt.cancel(h) withdraws a waiting or running request between steps (a server
+whose client went away): a running generation's KV-cache blocks are freed at once and
+the handle finishes with .cancelled True and .error a RequestCancelled. While a
+generation runs, h.tokens is a copy of the token ids generated so far (for streaming).
 """
 from __future__ import annotations
 
@@ -72,9 +77,13 @@ from . import ops
 from .generation import GenerationResult, eos_ids, append_token, apply_repetition_penalty, sample, stop_strings
 from .kv_cache import KVCache
 
-__all__ = ["SharedRuntime", "RequestHandle"]
+__all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled"]
 
 POOL_MODES = ("last", "mean", "cls")
+
+
+class RequestCancelled(Exception):
+    """The error of a request withdrawn by SharedRuntime.cancel."""
 
 
 @dataclass
@@ -114,6 +123,7 @@ class RequestHandle:
         self.done = False
         self.output = None
         self.error: Optional[BaseException] = None  # set when the step running it raised
+        self.cancelled = False
         self._event = threading.Event()
         self.submitted_at = time.perf_counter()
         self.finished_at: Optional[float] = None
@@ -121,6 +131,13 @@ class RequestHandle:
     @property
     def num_tokens(self) -> int:
         return len(self._spec.ids) if self.kind == "embed" else len(self._spec.prompt)
+
+    @property
+    def tokens(self) -> list:
+        """Generation requests: the token ids generated so far (a copy)."""
+        if self.kind != "generate":
+            raise ValueError(f"request {self.id} is an embedding request: it has no generated tokens")
+        return list(self._spec.result.token_ids)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until another thread's step() finishes this request (no stepping here)."""
@@ -329,6 +346,30 @@ class SharedRuntime:
 
     def has_pending(self) -> bool:
         return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Submitted requests not yet admitted (both kinds)."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Admitted generations (holding KV-cache blocks)."""
+        return len(self._running)
+
+    def cancel(self, handle: RequestHandle) -> bool:
+        """Withdraw a waiting or running request of this runtime; a running generation's cache
+        blocks are freed. Returns False (and changes nothing) when it had already finished."""
+        if handle.runtime is not self:
+            raise ValueError(f"request {handle.id} belongs to another runtime")
+        with self._lock:
+            if handle.done:
+                return False
+            if handle in self._waiting:
+                self._waiting.remove(handle)
+            handle.cancelled = True
+            self._fail(handle, RequestCancelled(f"request {handle.id} was cancelled"), [])
+            return True
 
     def run_until_done(self) -> None:
         while self.has_pending():

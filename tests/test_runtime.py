@@ -280,3 +280,31 @@ def test_batch_submission_is_all_or_nothing(model, tok):
     assert not h.wait(0.01)
     rt.run_until_done()
     assert h.wait(0) and h.result().shape == (model.config.hidden_size,)
+
+
+def test_cancel_frees_cache_and_leaves_others_unchanged(model, tok):
+    prompts = _prompts([9, 14, 6])
+    n = 8
+    ref = _standalone_generate(model, prompts, "generation", n)
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    hs = [rt.submit_generate(p, max_new_tokens=n, eos_token_id=[]) for p in prompts]
+    waiting = rt.submit_embed("the quick brown fox")
+    assert rt.cancel(waiting) and waiting.done and waiting.cancelled  # withdrawn before admission
+    rt.step()
+    rt.step()
+    assert rt.num_running == 3 and len(hs[1].tokens) == 2 and hs[1].tokens == ref[1].token_ids[:2]
+    used = rt.cache.num_blocks - rt.cache.num_free_blocks
+    assert rt.cancel(hs[1])  # running: its blocks go back at once
+    assert rt.num_running == 2 and rt.cache.num_blocks - rt.cache.num_free_blocks < used
+    assert len(rt.cache.seq_ids) == 2
+    rt.run_until_done()
+    assert rt.cache.num_free_blocks == rt.cache.num_blocks and rt.num_waiting == 0
+    assert [hs[0].result().token_ids, hs[2].result().token_ids] == [ref[0].token_ids, ref[2].token_ids]
+    for h in (waiting, hs[1]):
+        with pytest.raises(RuntimeError, match="cancelled"):
+            h.result()
+    assert not rt.cancel(hs[0])  # already finished
+    with pytest.raises(ValueError, match="another runtime"):
+        SharedRuntime(model, tok).cancel(hs[0])
+    with pytest.raises(ValueError, match="embedding request"):
+        waiting.tokens
