@@ -25,8 +25,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ----------------------------------------------------------------------------- shared setup
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory (config.json, *.safetensors, tokenizer.json)")
+def _add_model_args(p, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="HF model directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens packed into one engine step")
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+    from .evaluation import add_commands as _add_eval; _add_eval(sub)
     return ap
 
 
