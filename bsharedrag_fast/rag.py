@@ -40,12 +40,15 @@ class RAGPipeline:
     def __init__(self, runtime, index, retrieval_adapter: str = "retrieval",
                  generation_adapter: str = "generation", k: int = 3, template: str = "en",
                  context_tokens: int = 768, max_new_tokens: int = 128, temperature: float = 0.0,
-                 query_prefix: str = "query: ", pooling: str = "last"):
+                 query_prefix: str = "query: ", pooling: str = "last", retrieval_runtime=None):
+        """retrieval_runtime: the engine that embeds questions when it is not `runtime`
+        (Separate RAG: an embedder model beside the generator); default `runtime`."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if context_tokens < 1:
             raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
         self.runtime, self.index = runtime, index
+        self.retrieval_runtime = runtime if retrieval_runtime is None else retrieval_runtime
         self.retrieval_adapter, self.generation_adapter = retrieval_adapter, generation_adapter
         self.k, self.template = k, _check_template(template)
         self.context_tokens, self.max_new_tokens, self.temperature = context_tokens, max_new_tokens, temperature
@@ -83,7 +86,7 @@ class RAGPipeline:
         return self.template.format(context=self.contexts(doc_ids, min(self.context_tokens, room)), question=question)
 
     def retrieve(self, questions: Sequence[str]) -> list:
-        vecs = self.runtime.embed(list(questions), adapter=self.retrieval_adapter, pooling=self.pooling,
+        vecs = self.retrieval_runtime.embed(list(questions), adapter=self.retrieval_adapter, pooling=self.pooling,
                                   prefix=self.query_prefix)
         return self.index.search(vecs, self.k)
 

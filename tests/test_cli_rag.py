@@ -125,3 +125,12 @@ def test_rag_pipeline_plumbing(setup):
         RAGPipeline(rt, idx, template="{context} only")
     zh = RAGPipeline(rt, idx, template="zh", max_new_tokens=2).ask(questions[0])
     assert zh.prompt.startswith("请根据以下参考资料回答问题")
+
+    # Separate RAG: questions embedded by another engine (an embedder model), answers by this one
+    embedder = Backbone.from_pretrained(root / "model")
+    embedder.load_adapter(root / "retrieval", "retrieval")
+    rt_e = SharedRuntime(embedder, Tokenizer.from_pretrained(root / "model"))
+    sep = RAGPipeline(rt, idx, k=3, context_tokens=12, max_new_tokens=4, retrieval_runtime=rt_e)
+    rt_rows = rt.stats["embed_rows"]
+    assert [a.sources for a in sep.ask_many(questions)] == [a.sources for a in answers]
+    assert rt.stats["embed_rows"] == rt_rows and rt_e.stats["embed_rows"] > 0  # the embedder did the embedding
