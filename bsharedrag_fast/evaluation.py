@@ -306,6 +306,8 @@ def normalize_answer(text: str) -> str:
 
 
 def _contains(prediction: str, reference: str) -> bool:
+    if not reference:  # e.g. "The" or "A": nothing left to look for, so only an equally empty answer counts
+        return not prediction
     if has_cjk(reference):
         return reference in prediction
     return f" {reference} " in f" {prediction} "
@@ -322,11 +324,11 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
         for i, x in enumerate(items):
             if not isinstance(x, str):
                 raise ValueError(f"{what} {i} must be a string, got {type(x).__name__}")
+    for i, r in enumerate(references):
+        if not r.strip():
+            raise ValueError(f"reference {i} is empty")
     norm_pred = [normalize_answer(p) for p in predictions]
     norm_ref = [normalize_answer(r) for r in references]
-    for i, r in enumerate(norm_ref):
-        if not r:
-            raise ValueError(f"reference {i} ({references[i]!r}) is empty after normalisation")
     n = len(references)
     return {
         "bleu3": corpus_bleu(predictions, references, 3),
