@@ -394,35 +394,43 @@ def _patterns(values: dict, default) -> dict:
 
 
 def save_adapter(model, name: str, out_dir) -> None:
-    from safetensors.torch import save_file
-
     reg = _registry(model)
     if name not in model.adapter_slots or name not in reg:
         raise ValueError(f"unknown adapter {name!r}; loaded: {model.adapters}")
     info = reg[name]
-    weights = _resident_weights(model, info)
+    write_adapter(out_dir, _resident_weights(model, info), info.modules, len(model.layers), info.use_rslora,
+                  info.config)
+
+
+def write_adapter(out_dir, weights: dict, modules: dict, num_layers: int, use_rslora: bool = False,
+                  config: Optional[dict] = None) -> None:
+    """Write a PEFT LoRA directory. weights {(layer, name): (A [r, in], B [out, r])}, modules
+    {(layer, name): (rank, alpha)}; config: extra adapter_config.json fields to keep (e.g.
+    base_model_name_or_path, lora_dropout). Every module is written at its own rank."""
+    from safetensors.torch import save_file
+
     tensors = {}
     for (l, n), (A, B) in sorted(weights.items()):
         p = f"base_model.model.{module_key(l, n)}."
         tensors[p + "lora_A.weight"] = A.detach().to("cpu").contiguous().clone()
         tensors[p + "lora_B.weight"] = B.detach().to("cpu").contiguous().clone()
-    keys = set(info.modules)
+    keys = set(modules)
     layers = sorted({l for l, _ in keys})
     names = [n for n in TARGETS if any(k[1] == n for k in keys)]
     if keys == {(l, n) for l in layers for n in names}:
         target_modules = names
-        layers_to_transform = None if len(layers) == len(model.layers) else layers
+        layers_to_transform = None if len(layers) == num_layers else layers
     else:  # an irregular subset: name every module by its full key
         target_modules = [module_key(l, n) for l, n in sorted(keys)]
         layers_to_transform = None
-    ranks = {k: v[0] for k, v in info.modules.items()}
-    alphas = {k: v[1] for k, v in info.modules.items()}
+    ranks = {k: v[0] for k, v in modules.items()}
+    alphas = {k: v[1] for k, v in modules.items()}
     r, alpha = _common(list(ranks.values())), _common(list(alphas.values()))
-    cfg = {k: v for k, v in info.config.items() if k not in _HANDLED}
+    cfg = {k: v for k, v in (config or {}).items() if k not in _HANDLED}
     cfg.setdefault("peft_type", "LORA")
     cfg.setdefault("task_type", "CAUSAL_LM")
     cfg.update(
-        r=r, lora_alpha=alpha, use_rslora=info.use_rslora, target_modules=target_modules,
+        r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=target_modules,
         exclude_modules=None, layers_to_transform=layers_to_transform, layers_pattern=None,
         rank_pattern=_patterns(ranks, r), alpha_pattern=_patterns(alphas, alpha),
         bias="none", use_dora=False, fan_in_fan_out=False, modules_to_save=None, inference_mode=True,

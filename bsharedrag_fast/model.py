@@ -337,6 +337,20 @@ def _add_lora(y: torch.Tensor, x: torch.Tensor, layer: Layer, slices, meta: Opti
     return y
 
 
+def check_packed(input_ids, cu_seqlens) -> list[int]:
+    """Validate a packed batch (input_ids [T], int32 cu_seqlens [B + 1]); returns cu_seqlens as a list."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.is_floating_point():
+        raise ValueError("input_ids must be an integer tensor [T] (packed sequences)")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be an int32 tensor [B + 1]")
+    cu = cu_seqlens.tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != input_ids.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to T = {input_ids.shape[0]}, got {cu}")
+    if any(cu[b + 1] <= cu[b] for b in range(len(cu) - 1)):
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequences), got {cu}")
+    return cu
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -523,16 +537,7 @@ class Backbone:
     # -- forward -----------------------------------------------------------------------
 
     def _check_inputs(self, input_ids, cu_seqlens) -> list[int]:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.is_floating_point():
-            raise ValueError("input_ids must be an integer tensor [T] (packed sequences)")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise ValueError("cu_seqlens must be an int32 tensor [B + 1]")
-        cu = cu_seqlens.tolist()
-        if len(cu) < 2 or cu[0] != 0 or cu[-1] != input_ids.shape[0]:
-            raise ValueError(f"cu_seqlens must run from 0 to T = {input_ids.shape[0]}, got {cu}")
-        if any(cu[b + 1] <= cu[b] for b in range(len(cu) - 1)):
-            raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequences), got {cu}")
-        return cu
+        return check_packed(input_ids, cu_seqlens)
 
     def _layer(self, layer: Layer, h, cos, sin, cu, meta, attn_fn=None) -> torch.Tensor:
         cfg = self.config
