@@ -29,14 +29,17 @@ boundaries unless the reference is CJK.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import string
 import unicodedata
+import warnings
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .index import HNSWIndex
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -124,39 +127,40 @@ def write_trec_run(run: Run, path: str, tag: str = "bsharedrag") -> None:
                 f.write(f"{qid} Q0 {doc_id} {rank} {float(scores[doc_id])!r} {tag}\n")
 
 
-def _embed_in_batches(runtime, texts: Sequence[str], adapter, pooling: str, prefix: str, batch_size: int,
-                      desc: str, progress: bool):
-    import torch
+def _embedded_batches(runtime, texts: Sequence[str], adapter, pooling: str, prefix: str, batch_size: int,
+                      desc: str, progress: bool) -> Iterator[tuple[int, Any]]:
+    """(start, float32 [n, d] embeddings) per batch of texts, with a progress bar."""
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    parts = []
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]
-            parts.append(runtime.embed(chunk, adapter=adapter, pooling=pooling, prefix=prefix, truncate=True))
+            yield s, runtime.embed(chunk, adapter=adapter, pooling=pooling, prefix=prefix, truncate=True)
             bar.update(len(chunk))
-    if not parts:
-        return torch.empty(0, runtime.model.config.hidden_size)
-    return torch.cat(parts)
 
 
 def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", pooling: str = "last",
                  passage_prefix: str = "passage: ", space: str = "ip", batch_size: int = 64,
-                 embedder: Any = None, progress: bool = True):
+                 embedder: Any = None, progress: bool = True) -> "HNSWIndex":
     """An HNSWIndex of a {doc_id: {"title", "text", "metadata"}} corpus, each document embedded as
-    `passage_prefix + "title text"` (what `bsharedrag index` embeds); over-long ones are truncated."""
+    `passage_prefix + "title text"` (what `bsharedrag index` embeds); over-long ones are truncated.
+    Batches go into the index as they are embedded, so only the index holds every vector."""
     from .index import HNSWIndex
 
     if not corpus:
         raise ValueError("corpus is empty: nothing to index")
     ids = list(corpus)
+    for d in ids:
+        if not isinstance(corpus[d], Mapping) or not isinstance(corpus[d].get("text"), str):
+            raise ValueError(f'corpus[{d!r}] must be a dict with a "text" string')
     texts = [f"{corpus[d].get('title') or ''} {corpus[d]['text']}".strip() for d in ids]
-    vecs = _embed_in_batches(runtime, texts, adapter, pooling, passage_prefix, batch_size, "embedding corpus",
-                             progress)
-    index = HNSWIndex(vecs.shape[1], space=space, embedder=embedder)
-    index.upsert(ids, vecs, [dict(corpus[d]) for d in ids])
+    index = HNSWIndex(runtime.model.config.hidden_size, space=space, embedder=embedder)
+    for s, vecs in _embedded_batches(runtime, texts, adapter, pooling, passage_prefix, batch_size,
+                                     "embedding corpus", progress):
+        batch = ids[s : s + len(vecs)]
+        index.upsert(batch, vecs, [dict(corpus[d]) for d in batch])
     return index
 
 
@@ -167,7 +171,7 @@ def evaluate_retrieval(runtime, index_or_corpus, queries: Mapping[str, str], qre
     """Embed each judged query with the shared engine, search the index (an HNSWIndex, or one built
     here from a {doc_id: doc} corpus) for the top `depth` (default max(ks)) documents and score the
     run; returns (metrics, run)."""
-    import warnings
+    import torch
 
     from .index import HNSWIndex
 
@@ -192,8 +196,8 @@ def evaluate_retrieval(runtime, index_or_corpus, queries: Mapping[str, str], qre
         raise ValueError(f"index_or_corpus must be an HNSWIndex or a {{doc_id: doc}} dict, "
                          f"got {type(index_or_corpus).__name__}")
     qids = list(qrels)
-    vecs = _embed_in_batches(runtime, [queries[q] for q in qids], adapter, pooling, query_prefix, batch_size,
-                             "embedding queries", progress)
+    vecs = torch.cat([v for _, v in _embedded_batches(runtime, [queries[q] for q in qids], adapter, pooling,
+                                                       query_prefix, batch_size, "embedding queries", progress)])
     hits = index.search(vecs, depth)
     run = {qid: dict(h) for qid, h in zip(qids, hits)}
     return retrieval_metrics(run, qrels, ks), run

@@ -414,7 +414,7 @@ def test_cli_eval_generation_with_rag(tiny, tmp_path, capsys):
 
 def test_evaluate_retrieval_api_checks(tiny):
     from bsharedrag_fast import Backbone, Tokenizer
-    from bsharedrag_fast.evaluation import evaluate_retrieval
+    from bsharedrag_fast.evaluation import evaluate_retrieval, index_corpus
     from bsharedrag_fast.runtime import SharedRuntime
 
     rt = SharedRuntime(Backbone.from_pretrained(tiny / "model"), Tokenizer.from_pretrained(tiny / "model"))
@@ -424,6 +424,14 @@ def test_evaluate_retrieval_api_checks(tiny):
         evaluate_retrieval(rt, ["d0"], QUERIES, QRELS, None)
     with pytest.raises(ValueError, match="corpus is empty"):
         evaluate_retrieval(rt, {}, QUERIES, QRELS, None)
+    with pytest.raises(ValueError, match="corpus\\['d0'\\] must be a dict with a \"text\" string"):
+        evaluate_retrieval(rt, {"d0": {"title": "t"}}, QUERIES, QRELS, None)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        evaluate_retrieval(rt, DOCS, QUERIES, QRELS, None, batch_size=0)
+    partial = index_corpus(rt, {d: DOCS[d] for d in ("d0", "d1", "d2")}, None, batch_size=2, progress=False)
+    with pytest.warns(UserWarning, match="judged documents are not in the index"):
+        metrics, _ = evaluate_retrieval(rt, partial, QUERIES, {"q1": {"d0": 1, "d4": 1}}, None, ks=(3,))
+    assert metrics["recall@3"] == 0.5 and len(partial) == 3
     metrics, run = evaluate_retrieval(rt, DOCS, QUERIES, QRELS, None, ks=(2,), depth=4, progress=False)
     assert set(run) == set(QRELS) and all(len(hits) == 4 for hits in run.values())
     assert metrics == retrieval_metrics(run, QRELS, (2,))
