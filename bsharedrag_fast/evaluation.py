@@ -512,7 +512,7 @@ def add_commands(sub) -> None:
     p.add_argument("--references", default=None, help="JSONL with the reference field, line by line with --predictions")
     p.add_argument("--prediction-field", default="prediction", help='(default "prediction")')
     p.add_argument("--reference-field", default="answer", help='(default "answer")')
-    p.add_argument("--question-field", default="question", help='field of --data with the question (default "question")')
+    p.add_argument("--question-field", default="question", help='question field of --data (default "question")')
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     rag = p.add_argument_group("RAG generation (with --data)")
     _add_model_args(rag, required=False)
