@@ -31,7 +31,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .module import TrainModel
+from ..model import TARGET_MODULES
+from .module import LoRASpec, TrainModel
 
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -78,6 +79,28 @@ class LoopConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True)
+class LoRAOptions:
+    """LoRA options of the retriever and generator stages (paper defaults)."""
+
+    r: int = _help("LoRA rank", default=32)
+    alpha: float = _help("LoRA alpha (scaling alpha / r)", default=64.0)
+    dropout: float = _help("dropout on the LoRA input, as peft's lora_dropout", default=0.1)
+    target_modules: list = _help("modules that get LoRA", default_factory=lambda: list(TARGET_MODULES))
+    init_adapter: Optional[str] = _help("start from this PEFT adapter (same r, alpha, modules)", default=None)
+    epochs: float = _help("if > 0: passes over the training examples, overriding steps", default=0.0)
+
+    def lora_spec(self) -> LoRASpec:
+        return LoRASpec(r=self.r, alpha=float(self.alpha), dropout=self.dropout, targets=tuple(self.target_modules))
+
+    def resolve_steps(self, num_examples: int, per_step: int) -> None:
+        """Turn epochs (if set) into optimizer steps: per_step examples each."""
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.epochs > 0:
+            self.steps = max(1, math.ceil(self.epochs * num_examples / per_step))
 
 
 @dataclass
@@ -235,9 +258,10 @@ def plot_losses(losses: list, path: str, title: str) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-StepLoss = Callable[[TrainModel, object, Dist], tuple[torch.Tensor, int]]
-"""(model, global micro-batch, dist) -> (this rank's loss, scaled so the ranks' losses add
-up to the global mean; tokens this rank processed)."""
+StepLoss = Callable[[TrainModel, object, Dist], tuple[torch.Tensor, torch.Tensor, int]]
+"""(model, global micro-batch, dist) -> (this rank's objective: its gradients summed over the
+ranks are the gradient of the global loss; this rank's share of the loss value: the shares
+add up to the global loss; tokens this rank processed)."""
 
 
 def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, save_final: Callable[[str], None],
@@ -281,9 +305,9 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
         for _ in range(cfg.grad_accum):
             batch = source.next_batch()
             with autocast:
-                loss, n = step_loss(model, batch, dist)
+                loss, value, n = step_loss(model, batch, dist)
             (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().double()
+            loss_sum += value.detach().double()
             tokens += n
         if dist.world > 1:  # one SUM all-reduce of every gradient (see the module docstring)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

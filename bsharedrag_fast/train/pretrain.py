@@ -135,12 +135,13 @@ def causal_labels(seqs: list, loss_from: list | None = None) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.long)
 
 
-def lm_step(model, seqs: list, loss_from: list | None, global_count: int) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss of these packed sequences / the global label count."""
+def lm_step(model, seqs: list, loss_from: list | None, global_count: int):
+    """Summed next-token loss of these packed sequences / the global label count (a StepLoss)."""
     ids, cu = pack(seqs)
     labels = causal_labels(seqs, loss_from).to(model.device)
     loss, _ = model.lm_loss(model.hidden(ids, cu), labels)
-    return loss / global_count, int(ids.numel())
+    loss = loss / global_count
+    return loss, loss.detach(), int(ids.numel())
 
 
 def _pretrain_loss(model, batch, dist):

@@ -1,0 +1,61 @@
+"""Hard-negative mining: the current retriever's top-k per training query, positives removed."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+
+def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: int = 30, split: str = "train",
+                   skip: int = 0, query_prefix: str = "query: ", passage_prefix: str = "passage: ",
+                   batch_size: int = 64, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   max_batch_tokens: int = 4096) -> str:
+    """Embed the corpus of a BEIR directory with model (+ PEFT retrieval adapter), index it
+    (HNSW, inner product over L2-normalised vectors) and write, per judged query of
+    `split`, {"qid", "negatives": [doc ids]}: its top (skip + k) documents minus its
+    judged positives, minus the first `skip` ranks (the very top often holds unjudged
+    positives). Returns out. The retriever trainer reads the file as `negatives`."""
+    from tqdm import tqdm
+
+    from ..data import load_beir
+    from ..index import HNSWIndex
+    from ..model import Backbone
+    from ..runtime import SharedRuntime
+    from ..tokenizer import Tokenizer
+
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip must be an int >= 0, got {skip!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    beir = load_beir(data, split)
+    backbone = Backbone.from_pretrained(model, dtype=dtype, device=device)
+    if adapter:
+        backbone.load_adapter(adapter, "retrieval")
+    rt = SharedRuntime(backbone, Tokenizer.from_pretrained(model), max_batch_tokens=max_batch_tokens)
+    name = "retrieval" if adapter else None
+    index = HNSWIndex(backbone.config.hidden_size, space="ip", initial_capacity=max(1, len(beir.corpus)))
+    ids = list(beir.corpus)
+    for s in tqdm(range(0, len(ids), batch_size), desc="embedding corpus", unit="batch"):
+        chunk = ids[s : s + batch_size]
+        texts = [f"{beir.corpus[d]['title']} {beir.corpus[d]['text']}".strip() for d in chunk]
+        index.upsert(chunk, rt.embed(texts, adapter=name, prefix=passage_prefix, truncate=True))
+    qids = list(beir.qrels)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in tqdm(range(0, len(qids), batch_size), desc="mining", unit="batch"):
+            chunk = qids[s : s + batch_size]
+            vecs = rt.embed([beir.queries[q] for q in chunk], adapter=name, prefix=query_prefix, truncate=True)
+            depth = skip + k + max(len(beir.qrels[q]) for q in chunk)  # room for the positives removed
+            for qid, hits in zip(chunk, index.search(vecs, depth)):
+                judged = beir.qrels[qid]
+                ranked = [d for d, _ in hits][skip:]
+                negs = [d for d in ranked if d not in judged or judged[d] <= 0][:k]
+                f.write(json.dumps({"qid": qid, "negatives": negs}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    index.close()
+    return out
