@@ -75,6 +75,9 @@ def _check_run(run: Run) -> None:
     for qid, scores in run.items():
         if not isinstance(scores, Mapping):
             raise ValueError(f"run[{qid!r}] must be a dict {{doc_id: score}}, got {type(scores).__name__}")
+        # ids are strings everywhere (data.py makes them so): an int id would silently never match the qrels
+        if not isinstance(qid, str) or not all(isinstance(d, str) for d in scores):
+            raise ValueError(f"run[{qid!r}]: query and document ids must be strings")
         for doc_id, s in scores.items():
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise ValueError(f"run[{qid!r}][{doc_id!r}]: score must be a finite number, got {s!r}")
@@ -250,6 +253,10 @@ def _ngrams(tokens: Sequence[str], n: int) -> Counter:
 
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str], max_order: int = 3) -> float:
     """Corpus BLEU in [0, 1] as sacrebleu's BLEU(max_ngram_order=max_order) (exp smoothing)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not isinstance(max_order, int) or max_order < 1:
+        raise ValueError(f"max_order must be an int >= 1, got {max_order!r}")
     cjk = any(has_cjk(r) for r in references)
     correct, total = [0] * max_order, [0] * max_order
     sys_len = ref_len = 0
@@ -279,6 +286,7 @@ def rouge_tokens(text: str) -> list[str]:
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row of the shorter side)."""
     if len(a) < len(b):
         a, b = b, a
     prev = [0] * (len(b) + 1)

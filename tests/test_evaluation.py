@@ -105,6 +105,8 @@ def test_trec_run_file_round_trips_through_pytrec_eval(tmp_path):
     ({"q": ["d"]}, r"run\['q'\] must be a dict"),
     ({"q": {"d": float("nan")}}, r"run\['q'\]\['d'\]: score must be a finite number"),
     ({"q": {"d": "1.0"}}, "score must be a finite number, got '1.0'"),
+    ({"q": {7: 1.0}}, r"run\['q'\]: query and document ids must be strings"),
+    ({1: {"d": 1.0}}, r"run\[1\]: query and document ids must be strings"),
 ])
 def test_bad_runs(run, msg):
     with pytest.raises(ValueError, match=msg):
@@ -236,6 +238,13 @@ def test_exact_and_contains():
 def test_generation_bad_input(preds, refs, msg):
     with pytest.raises(ValueError, match=msg):
         generation_metrics(preds, refs)
+
+
+def test_corpus_bleu_bad_input():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        corpus_bleu(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="max_order must be an int >= 1"):
+        corpus_bleu(["a"], ["a"], 0)
 
 
 def test_format_table():
