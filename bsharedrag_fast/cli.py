@@ -32,8 +32,9 @@ def _add_model_args(p, required: bool = True) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens packed into one engine step")
 
 
-def _load_runtime(args, adapters: dict):
-    """Backbone + tokenizer + the named PEFT adapters, wrapped in the shared engine."""
+def _load_runtime(args, adapters: dict, **runtime_kw):
+    """Backbone + tokenizer + the named PEFT adapters, wrapped in the shared engine
+    (runtime_kw: further SharedRuntime options)."""
     from . import Backbone, Tokenizer
     from .runtime import SharedRuntime
 
@@ -42,7 +43,7 @@ def _load_runtime(args, adapters: dict):
         if path:
             model.load_adapter(path, name)
     tok = Tokenizer.from_pretrained(args.model)
-    return SharedRuntime(model, tok, max_batch_tokens=args.max_batch_tokens)
+    return SharedRuntime(model, tok, max_batch_tokens=args.max_batch_tokens, **runtime_kw)
 
 
 def embedder_fingerprint(args, adapter_path: str) -> dict:
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
     from .evaluation import add_commands as _add_eval; _add_eval(sub)
+    from .server import add_commands as _add_server; _add_server(sub)
+    from .train.cli import add_commands as _add_train; _add_train(sub)
     return ap
 
 
