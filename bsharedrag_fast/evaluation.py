@@ -117,13 +117,19 @@ def retrieval_metrics(run: Run, qrels: Qrels, ks: Any = (3, 5, 10)) -> dict[str,
     return {name: sum(q[name] for q in per_query.values()) / len(per_query) for name in names}
 
 
+def _check_trec_word(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError(f"{what} {value!r} cannot be written to a TREC run (empty or has whitespace)")
+
+
 def write_trec_run(run: Run, path: str, tag: str = "bsharedrag") -> None:
     """A TREC run file: `qid Q0 doc_id rank score tag` per line, ranks in trec_eval order from 1."""
     _check_run(run)
-    for what, values in (("run tag", [tag]), ("query id", run), ("doc id", (d for s in run.values() for d in s))):
-        for value in values:
-            if not isinstance(value, str) or not value or any(c.isspace() for c in value):
-                raise ValueError(f"{what} {value!r} cannot be written to a TREC run (empty or has whitespace)")
+    _check_trec_word(tag, "run tag")
+    for qid, scores in run.items():
+        _check_trec_word(qid, "query id")
+        for doc_id in scores:
+            _check_trec_word(doc_id, "doc id")
     with open(path, "w", encoding="utf-8") as f:
         for qid, scores in run.items():
             for rank, doc_id in enumerate(rank_documents(scores), 1):
@@ -382,6 +388,8 @@ def cmd_eval_retrieval(args) -> int:
     from .index import HNSWIndex
 
     ks = parse_ks(args.k)
+    if args.run_file:  # fail before the work, not after it
+        _check_trec_word(args.run_tag, "run tag")
     data = load_beir(args.data, args.split)
     rt = _load_runtime(args, {"retrieval": args.adapter})
     adapter = "retrieval" if args.adapter else None

@@ -339,6 +339,8 @@ def test_cli_eval_retrieval_errors(tiny, tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
     assert main([*base, "--k", "5", "--depth", "2"]) == 2
     assert "depth must be an int >= the largest k (5)" in capsys.readouterr().err
+    assert main([*base, "--run-file", str(tmp_path / "r.trec"), "--run-tag", "a b"]) == 2
+    assert "run tag 'a b'" in capsys.readouterr().err
     # an index embedded with another adapter is refused
     assert main(["index", "--model", str(tiny / "model"), "--corpus", str(tiny / "beir" / "corpus.jsonl"),
                  "--out", str(tmp_path / "base_idx")]) == 0
