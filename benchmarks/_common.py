@@ -1,13 +1,14 @@
-"""Shared by the benchmark scripts: round-robin timing and the machine description."""
+"""Shared by the benchmark scripts: round-robin timing, device options and the machine description."""
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+from bsharedrag_fast.sysinfo import machine_info  # noqa: F401  (re-exported for the scripts)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -51,33 +52,6 @@ def time_methods(methods: dict, device: str, budget_s: float) -> dict:
             spent += dt
         rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def machine_info(device: str) -> dict:
-    info = {
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        import triton
-
-        info["triton"] = triton.__version__
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def add_device_args(ap: argparse.ArgumentParser) -> None:

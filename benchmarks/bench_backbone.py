@@ -27,76 +27,17 @@ import tempfile
 import time
 
 import torch
-from safetensors.torch import save_file
 
 from bsharedrag_fast import Backbone
 from bsharedrag_fast.generation import generate
+from bsharedrag_fast.synthetic import PRESETS as SHAPES
+from bsharedrag_fast.synthetic import write_adapter, write_checkpoint
+from bsharedrag_fast.sysinfo import rss_bytes
 
 from _common import RESULTS_DIR, machine_info
 
-PRESETS = {
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
-    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK, ALPHA = 16, 32
-
-
-def write_checkpoint(path: str, preset: dict) -> dict:
-    """A random Qwen2 checkpoint in HF layout (config.json + model.safetensors)."""
-    cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
-               max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6, torch_dtype="float32",
-               use_sliding_window=False, **preset)
-    d, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = d // cfg["num_attention_heads"]
-    q, kv = d, cfg["num_key_value_heads"] * hd
-    g = torch.Generator().manual_seed(0)
-    w = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
-    sd = {"model.embed_tokens.weight": w(cfg["vocab_size"], d), "model.norm.weight": torch.ones(d)}
-    for layer in range(L):
-        p = f"model.layers.{layer}."
-        sd.update({
-            p + "input_layernorm.weight": torch.ones(d), p + "post_attention_layernorm.weight": torch.ones(d),
-            p + "self_attn.q_proj.weight": w(q, d), p + "self_attn.q_proj.bias": w(q),
-            p + "self_attn.k_proj.weight": w(kv, d), p + "self_attn.k_proj.bias": w(kv),
-            p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.v_proj.bias": w(kv),
-            p + "self_attn.o_proj.weight": w(d, q),
-            p + "mlp.gate_proj.weight": w(i, d), p + "mlp.up_proj.weight": w(i, d), p + "mlp.down_proj.weight": w(d, i),
-        })  # fmt: skip
-    os.makedirs(path, exist_ok=True)
-    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return cfg
-
-
-def write_adapter(path: str, cfg: dict, seed: int) -> None:
-    """A random PEFT LoRA adapter (lora_B non-zero, unlike peft's initialisation)."""
-    d, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    kv = cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"])
-    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
-              "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for layer in range(L):
-        for name, (fin, fout) in shapes.items():
-            blk = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{blk}.{name}"
-            sd[key + ".lora_A.weight"] = torch.randn(RANK, fin, generator=g) / fin**0.5
-            sd[key + ".lora_B.weight"] = torch.randn(fout, RANK, generator=g) * 0.01
-    os.makedirs(path, exist_ok=True)
-    save_file(sd, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA,
-                   "lora_dropout": 0.0, "target_modules": list(TARGETS), "bias": "none",
-                   "base_model_name_or_path": None, "fan_in_fan_out": False, "use_rslora": False}, f)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# the two shapes this script compares (bsharedrag bench covers the larger presets)
+PRESETS = {name: SHAPES[name] for name in ("tiny", "qwen2-0.5b")}
 
 
 def prompts_for(vocab: int, batch: int, mean_len: int) -> list:

@@ -22,29 +22,14 @@ import torch
 from bsharedrag_fast import Backbone
 from bsharedrag_fast.runtime import SharedRuntime
 
+from bsharedrag_fast.synthetic import token_workload, write_adapter, write_checkpoint
+from bsharedrag_fast.sysinfo import rss_bytes
+
 from _common import RESULTS_DIR, machine_info
-from bench_backbone import rss_bytes, write_adapter
 
-SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=False)
-
-
-def write_llama(path: str) -> dict:
-    """A random Llama checkpoint (HF layout) of SHAPE."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(max_position_embeddings=1024, **SHAPE)
-    cfg.architectures = ["LlamaForCausalLM"]
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return dict(cfg.to_dict(), **SHAPE)
-
-
-def workload(vocab: int, docs: int, answers: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    doc_ids = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(16, 65, (docs,), generator=g)]
-    prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(32, 129, (answers,), generator=g)]
-    return doc_ids, prompts
+SHAPE = dict(architectures=["LlamaForCausalLM"], hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=False,
+             max_position_embeddings=1024)
 
 
 def run_mixed(rt, docs, prompts, new_tokens):
@@ -80,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "engine_cpu.json"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = write_llama(tmp)
+        cfg = write_checkpoint(tmp, SHAPE)
         write_adapter(os.path.join(tmp, "retrieval"), cfg, 1)
         write_adapter(os.path.join(tmp, "generation"), cfg, 2)
         rss0 = rss_bytes()
@@ -95,7 +80,7 @@ def main(argv=None) -> int:
         rt_e = SharedRuntime(embedder, None, max_batch_tokens=args.max_batch_tokens)
         rt_g = SharedRuntime(generator, None, max_batch_tokens=args.max_batch_tokens)
         rss_separate = rss_bytes() - rss0 - rss_shared
-        docs, prompts = workload(cfg["vocab_size"], args.docs, args.answers)
+        docs, prompts = token_workload(cfg["vocab_size"], args.docs, args.answers)
 
         run_mixed(rt, docs[:2], prompts[:1], 2)  # warm-up
         t_mixed, (v_mixed, g_mixed) = best_of(lambda: run_mixed(rt, docs, prompts, args.new_tokens), args.repeats)

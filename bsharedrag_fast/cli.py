@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import add_commands as _add_eval; _add_eval(sub)
     from .server import add_commands as _add_server; _add_server(sub)
     from .train.cli import add_commands as _add_train; _add_train(sub)
+    from .bench import add_commands as _add_bench; _add_bench(sub)
     return ap
 
 

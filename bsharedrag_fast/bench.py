@@ -1,0 +1,332 @@
+"""`bsharedrag bench`: Shared vs Separate RAG vs transformers+peft, memory and throughput, one run.
+
+    bsharedrag bench                          # tiny preset, random weights, ~1-2 min on 2 cores
+    bsharedrag bench --preset qwen2-0.5b      # qwen2-1.5b, llama-3-8b: shapes of those models
+    bsharedrag bench --model DIR [--adapters RETRIEVAL GENERATION] [--dtype bfloat16]
+    bsharedrag bench --quick                  # a smaller workload, one round
+
+A preset writes a random checkpoint and two random r=16 adapters (retrieval, generation) to a
+temporary directory; --model uses a HF checkpoint directory (random adapters unless --adapters).
+Each setup (see bench_worker: shared, separate, hf_peft) lives in its own process, so its
+resident memory (RSS after loading, over the process's RSS before) and peak memory (VmHWM over
+the same baseline) are its own. The workload is token ids: N documents to embed (16-64 tokens)
+and M prompts (32-128 tokens) answered greedily with T new tokens:
+  embed     the N documents, retrieval adapter, last-token pooling
+  generate  the M answers, generation adapter
+  mixed     both at once (N embeds while M generations run)
+Timing is round-robin: each round runs every operation on every setup in turn (the others
+idle, the setup order rotating), after one warm-up round; a setup's figure is its median
+round. Writes bench.json, memory.png and throughput.png to --out
+(default benchmarks/results/bench_<preset>/) and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from .bench_worker import REPLY, SETUPS
+from .synthetic import PRESETS, token_workload, write_adapter, write_checkpoint
+
+OPS = ("embed", "generate", "mixed")
+LABELS = {"shared": "Shared (1 backbone)", "separate": "Separate RAG (2 backbones)", "hf_peft": "transformers+peft"}
+WORKLOADS = {"default": dict(docs=64, answers=8, new_tokens=32, rounds=3),
+             "quick": dict(docs=16, answers=4, new_tokens=8, rounds=1)}
+GOALS = [  # (description, ratio key, bound, "<=" or ">=")
+    ("memory Shared / Separate RAG <= 0.55", "resident_shared_over_separate", 0.55, "<="),
+    ("mixed throughput Shared >= 1.2x Separate RAG", "mixed_shared_over_separate", 1.2, ">="),
+    ("mixed throughput Shared >= 1.5x transformers+peft", "mixed_shared_over_hf_peft", 1.5, ">="),
+]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Worker:
+    """A bench_worker process: its load reply, then one command and its reply at a time."""
+
+    def __init__(self, spec_path: str, setup: str):
+        self.setup = setup
+        self.proc = subprocess.Popen([sys.executable, "-m", "bsharedrag_fast.bench_worker", spec_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.loaded = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        code = self.proc.wait()
+        raise RuntimeError(f"bench worker {self.setup!r} exited with code {code} (its messages are above)")
+
+    def ask(self, op: str) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _checkpoint(tmp: str, preset: str | None, model: str | None, adapters, dtype: str, rank: int) -> tuple:
+    """(checkpoint dir, [retrieval, generation] adapter dirs, config dict)."""
+    import torch
+
+    if model is None:
+        path = os.path.join(tmp, preset)
+        print(f"bench: writing a random {preset} checkpoint", file=sys.stderr, flush=True)
+        cfg = write_checkpoint(path, PRESETS[preset], dtype=getattr(torch, dtype))
+    else:
+        path = model
+        cfg_path = os.path.join(model, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"no config.json in --model {model!r}")
+        with open(cfg_path) as f:
+            cfg = dict(json.load(f), torch_dtype=dtype)
+    if adapters:
+        for a in adapters:
+            if not os.path.isfile(os.path.join(a, "adapter_config.json")):
+                raise FileNotFoundError(f"no adapter_config.json in adapter directory {a!r}")
+        return path, list(adapters), cfg
+    dirs = [os.path.join(tmp, "retrieval"), os.path.join(tmp, "generation")]
+    for seed, d in enumerate(dirs, 1):
+        write_adapter(d, cfg, seed, rank=rank, alpha=2 * rank)
+    return path, dirs, cfg
+
+
+def run_bench(preset: str | None = None, model: str | None = None, adapters=None, quick: bool = False,
+              docs: int | None = None, answers: int | None = None, new_tokens: int | None = None,
+              rounds: int | None = None, max_batch_tokens: int = 512, dtype: str = "float32",
+              setups=SETUPS, threads: int | None = None, rank: int = 16) -> dict:
+    """Run the benchmark and return its results (what bench.json holds)."""
+    from tqdm import tqdm
+
+    from .sysinfo import machine_info
+
+    if preset is not None and model is not None:
+        raise ValueError("give --preset or --model, not both")
+    preset = preset or ("tiny" if model is None else None)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    setups = list(setups)
+    bad = [s for s in setups if s not in SETUPS]
+    if bad or not setups or len(set(setups)) != len(setups):
+        raise ValueError(f"setups must be distinct names from {SETUPS}, got {setups}")
+    if adapters is not None and len(adapters) != 2:
+        raise ValueError("adapters must be two directories: retrieval and generation")
+    work = dict(WORKLOADS["quick" if quick else "default"])
+    work.update({k: v for k, v in dict(docs=docs, answers=answers, new_tokens=new_tokens, rounds=rounds).items()
+                 if v is not None})
+    for key, value in dict(work, max_batch_tokens=max_batch_tokens, rank=rank).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+    if max_batch_tokens < 64:
+        raise ValueError(f"max_batch_tokens must be >= 64 (the longest document), got {max_batch_tokens}")
+
+    with tempfile.TemporaryDirectory(prefix="bsharedrag_bench_") as tmp:
+        path, adapter_dirs, cfg = _checkpoint(tmp, preset, model, adapters, dtype, rank)
+        doc_ids, prompts = token_workload(cfg["vocab_size"], work["docs"], work["answers"])
+        workers: dict = {}
+        try:
+            for setup in setups:
+                spec_path = os.path.join(tmp, f"{setup}.json")
+                with open(spec_path, "w") as f:
+                    json.dump({"setup": setup, "model": path, "adapters": adapter_dirs, "dtype": dtype,
+                               "threads": threads, "docs": doc_ids, "prompts": prompts,
+                               "new_tokens": work["new_tokens"], "max_batch_tokens": max_batch_tokens}, f)
+                print(f"bench: loading {LABELS[setup]}", file=sys.stderr, flush=True)
+                workers[setup] = Worker(spec_path, setup)
+            samples = {s: {op: [] for op in OPS} for s in setups}
+            generated = {s: {} for s in setups}
+            steps = (work["rounds"] + 1) * len(OPS) * len(setups)
+            with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as bar:
+                for rnd in range(work["rounds"] + 1):  # round 0 warms up
+                    for i, op in enumerate(OPS):
+                        k = (rnd + i) % len(setups)
+                        for setup in setups[k:] + setups[:k]:
+                            reply = workers[setup].ask(op)
+                            if rnd:
+                                samples[setup][op].append(reply["seconds"])
+                            generated[setup][op] = reply["generated_tokens"]
+                            bar.update()
+            outputs = {s: w.ask("outputs") for s, w in workers.items()}
+            memory = {s: dict(w.loaded, **w.ask("memory")) for s, w in workers.items()}
+        finally:
+            for w in workers.values():
+                w.close()
+
+    doc_tokens = sum(map(len, doc_ids))
+    res = {
+        "preset": preset, "model": model, "dtype": dtype, "machine": machine_info("cpu"),
+        "shape": {k: cfg[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "num_attention_heads", "num_key_value_heads", "vocab_size") if k in cfg},
+        "workload": dict(work, doc_tokens=doc_tokens, prompt_tokens=sum(map(len, prompts)),
+                         max_batch_tokens=max_batch_tokens, adapter_rank=None if adapters else rank),
+        "setups": {},
+    }
+    for s in setups:
+        sec = {op: statistics.median(samples[s][op]) for op in OPS}
+        res["setups"][s] = {
+            "label": LABELS[s],
+            "memory": {k: memory[s][k] for k in ("resident_bytes", "peak_bytes", "peak_load_bytes",
+                                                 "weights_bytes", "base_rss_bytes", "load_seconds")},
+            "seconds": sec,
+            "throughput": {
+                "embed_docs_per_s": work["docs"] / sec["embed"], "embed_tokens_per_s": doc_tokens / sec["embed"],
+                "generate_tokens_per_s": generated[s]["generate"] / sec["generate"],
+                "mixed_requests_per_s": (work["docs"] + work["answers"]) / sec["mixed"],
+            },
+            "generated_tokens": {op: generated[s][op] for op in ("generate", "mixed")},
+        }
+    res["ratios"] = _ratios(res["setups"])
+    res["outputs"] = _agreement(outputs)
+    res["goals"] = [{"goal": g, "value": res["ratios"][key], "met": _met(res["ratios"][key], bound, op)}
+                    for g, key, bound, op in GOALS if key in res["ratios"]]
+    return res
+
+
+def _met(value: float, bound: float, op: str) -> bool:
+    return value <= bound if op == "<=" else value >= bound
+
+
+def _ratios(rows: dict) -> dict:
+    """Shared over each other setup, from the measured figures (memory: lower is better;
+    throughput: higher is better)."""
+    out = {}
+    if "shared" not in rows:
+        return out
+    sh = rows["shared"]
+    for other in ("separate", "hf_peft"):
+        if other not in rows:
+            continue
+        o = rows[other]
+        for key in ("resident", "peak"):
+            out[f"{key}_shared_over_{other}"] = sh["memory"][f"{key}_bytes"] / o["memory"][f"{key}_bytes"]
+        for name, key in (("embed", "embed_docs_per_s"), ("generate", "generate_tokens_per_s"),
+                          ("mixed", "mixed_requests_per_s")):
+            out[f"{name}_shared_over_{other}"] = sh["throughput"][key] / o["throughput"][key]
+    return out
+
+
+def _agreement(outputs: dict) -> dict:
+    """Each setup's first embeddings and answers against the first setup's (the same weights, so
+    small float differences; greedy tokens can part at near-ties)."""
+    import torch
+
+    ref_name = next(iter(outputs))
+    ref = outputs[ref_name]
+    out = {"reference": ref_name}
+    for name, o in outputs.items():
+        diff = max((torch.tensor(o[k]) - torch.tensor(ref[k])).abs().max().item()
+                   for k in ("embeddings", "mixed_embeddings"))
+        same = [a == b for k in ("tokens", "mixed_tokens") for a, b in zip(o[k], ref[k])]
+        out[name] = {"embedding_max_abs_diff": diff, "answers_identical": sum(same) / len(same)}
+    return out
+
+
+def format_table(res: dict) -> str:
+    mb = 2**20
+    lines = [f"{'setup':>28} | {'resident MB':>11} {'peak MB':>8} | {'embed docs/s':>12} "
+             f"{'gen tok/s':>9} {'mixed req/s':>11}"]
+    for row in res["setups"].values():
+        m, t = row["memory"], row["throughput"]
+        lines.append(f"{row['label']:>28} | {m['resident_bytes'] / mb:>11.1f} {m['peak_bytes'] / mb:>8.1f} | "
+                     f"{t['embed_docs_per_s']:>12.1f} {t['generate_tokens_per_s']:>9.1f} "
+                     f"{t['mixed_requests_per_s']:>11.2f}")
+    for key, value in res["ratios"].items():
+        lines.append(f"{key}: {value:.3f}")
+    for g in res["goals"]:
+        lines.append(f"goal {g['goal']}: {g['value']:.3f} -> {'met' if g['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def write_plots(res: dict, out_dir: str) -> list:
+    """memory.png (resident and peak MiB per setup) and throughput.png (embed, generate, mixed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["setups"])
+    labels = [res["setups"][n]["label"].replace(" (", "\n(") for n in names]
+    colors = [{"shared": "tab:green", "separate": "tab:orange", "hf_peft": "tab:blue"}[n] for n in names]
+    title = res["preset"] or os.path.basename(os.path.normpath(res["model"]))
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for j, (key, hatch) in enumerate((("resident_bytes", ""), ("peak_bytes", "//"))):
+        vals = [res["setups"][n]["memory"][key] / 2**20 for n in names]
+        bars = ax.bar([i + (j - 0.5) * width for i in range(len(names))], vals, width, color=colors, hatch=hatch,
+                      edgecolor="black", label=key.replace("_bytes", ""))
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(names)), labels, fontsize=8)
+    ax.set_ylabel("MiB over the process baseline")
+    ax.set_title(f"bsharedrag bench ({title}): memory")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "memory.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, (key, what) in zip(axes, (("embed_docs_per_s", "embed: documents / s"),
+                                      ("generate_tokens_per_s", "generate: new tokens / s"),
+                                      ("mixed_requests_per_s", "mixed: requests / s"))):
+        bars = ax.bar(range(len(names)), [res["setups"][n]["throughput"][key] for n in names], color=colors)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(names)), labels, fontsize=7)
+        ax.set_title(what)
+    fig.suptitle(f"bsharedrag bench ({title}): throughput, higher is better")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "throughput.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def cmd_bench(args) -> int:
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    res = run_bench(preset=args.preset, model=args.model, adapters=args.adapters, quick=args.quick,
+                    docs=args.docs, answers=args.answers, new_tokens=args.new_tokens, rounds=args.rounds,
+                    max_batch_tokens=args.max_batch_tokens, dtype=args.dtype, setups=setups,
+                    threads=args.threads, rank=args.rank)
+    name = res["preset"] or os.path.basename(os.path.normpath(args.model))
+    out = args.out or os.path.join("benchmarks", "results", f"bench_{name}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plots = write_plots(res, out)
+    print(format_table(res))
+    print(f"wrote {os.path.join(out, 'bench.json')}, " + ", ".join(plots))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("bench", help="memory and throughput: Shared vs Separate RAG vs transformers+peft",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="random-weight shape (default tiny)")
+    p.add_argument("--model", help="a HF checkpoint directory instead of a preset")
+    p.add_argument("--adapters", nargs=2, metavar=("RETRIEVAL", "GENERATION"),
+                   help="PEFT adapter directories (default: random r=--rank adapters)")
+    p.add_argument("--quick", action="store_true", help="a smaller workload, one round")
+    p.add_argument("--docs", type=int, help="documents to embed (default 64, quick 16)")
+    p.add_argument("--answers", type=int, help="answers to generate (default 8, quick 4)")
+    p.add_argument("--new-tokens", type=int, help="new tokens per answer (default 32, quick 8)")
+    p.add_argument("--rounds", type=int, help="timed rounds after the warm-up (default 3, quick 1)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="rows per engine step / padded HF batch")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {','.join(SETUPS)}")
+    p.add_argument("--threads", type=int, help="torch threads per setup process (default: torch's)")
+    p.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
+    p.add_argument("--out", help="output directory (default benchmarks/results/bench_<preset>/)")
+    p.set_defaults(func=cmd_bench)
