@@ -201,7 +201,8 @@ def _sampling(req, limits: Limits, default_max_tokens: int, n_prompts: int) -> d
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
     return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                repetition_penalty=req.repetition_penalty, stop=stop or None)
+                repetition_penalty=req.repetition_penalty, stop=stop or None,
+                eos_token_id=[] if req.ignore_eos else None)
 
 
 class _TextStream:

@@ -46,7 +46,8 @@ def add_commands(sub) -> None:
     g.add_argument("--max-tokens", type=_positive, default=512, help="largest max_tokens (and the chat default)")
     g.add_argument("--max-batch", type=_positive, default=64,
                    help="inputs per embeddings request; prompts x n per completion request")
-    g.add_argument("--max-queue", type=_positive, default=256, help="requests waiting for the engine before 429")
+    g.add_argument("--max-queue", type=_positive, default=256,
+                   help="requests in the engine (waiting + generating) before 429")
     g.add_argument("--max-request-bytes", type=_positive, default=1 << 20, help="request body size before 413")
     g.add_argument("--max-input-tokens", type=_positive, default=None,
                    help="longest prompt / embedding input (default: the model's max_position_embeddings)")

@@ -33,7 +33,7 @@ class ModelNotFound(LookupError):
 
 
 class QueueFull(Exception):
-    """Admitting the request would exceed the server's queue depth limit."""
+    """The request would take the engine past max_queue requests (waiting + generating)."""
 
 
 class AdapterConflict(Exception):
@@ -114,8 +114,12 @@ class EngineDriver:
 
         def cmd():
             adapter = self.resolve(model)
-            if self.rt.num_waiting + len(submits) > self.max_queue:
-                raise QueueFull(f"{self.rt.num_waiting} requests are waiting; the limit is {self.max_queue}")
+            if len(submits) > self.max_queue:
+                raise ValueError(f"{len(submits)} inputs in one request exceed the server's queue of {self.max_queue}")
+            busy = self.rt.num_waiting + self.rt.num_running
+            if busy + len(submits) > self.max_queue:
+                raise QueueFull(f"{busy} requests are in the engine and {len(submits)} more would pass the "
+                                f"limit of {self.max_queue}")
             handles = []
             try:
                 for fn in submits:

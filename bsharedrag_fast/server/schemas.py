@@ -55,11 +55,13 @@ class _Sampling(_Body):
     # extensions (vLLM spells them the same way)
     top_k: int = 0
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
     logprobs: Union[None, bool, int] = None
-    UNSUPPORTED: ClassVar[dict] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": False}
+    UNSUPPORTED: ClassVar[dict] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {},
+                                   "logprobs": False}
 
 
 class CompletionRequest(_Sampling):
@@ -90,7 +92,8 @@ class ChatCompletionRequest(_Sampling):
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
-    UNSUPPORTED: ClassVar[dict] = dict(_Sampling.UNSUPPORTED, tools=[], tool_choice="none", response_format={"type": "text"})
+    UNSUPPORTED: ClassVar[dict] = dict(_Sampling.UNSUPPORTED, tools=[], tool_choice="none",
+                                       response_format={"type": "text"})
 
 
 class RAGRequest(_Body):

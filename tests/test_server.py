@@ -1,0 +1,488 @@
+"""`bsharedrag serve` as a real process on loopback, driven by the official openai client and httpx.
+
+One server process (tiny random Qwen2 + PEFT adapters + an HNSW index) is shared by the
+tests; every answer is compared with the offline engine (SharedRuntime.embed / generate,
+greedy; RAGPipeline.ask) on the same model in this process. The SIGTERM test ends the
+server, so it runs last.
+"""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("hnswlib")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
+from bsharedrag_fast.cli import main  # noqa: E402
+from bsharedrag_fast.index import HNSWIndex  # noqa: E402
+from bsharedrag_fast.rag import RAGPipeline  # noqa: E402
+from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
+from tiny_models import hf_model, peft_adapter, write_tokenizer  # noqa: E402
+
+KEY = "test-key"
+MAX_QUEUE = 40
+BASE = "tiny"
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+TEXTS = ["the quick brown fox", "shared backbone, retrieval and generation", "low rank adapters",
+         "a lazy dog jumps over the fox", "one resident model", "query passage"]
+DOCS = [
+    {"_id": f"d{i}", "title": f"item {i}", "text": t}
+    for i, t in enumerate([
+        "the quick brown fox jumps over the lazy dog", "shared backbone, retrieval and generation",
+        "low rank adapters share one resident model", "the lazy dog sleeps", "a brown fox runs",
+    ])
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    hf = hf_model("qwen2", embed_scale=3.0, vocab_size=320, tie_word_embeddings=False)
+    hf.save_pretrained(root / BASE)
+    write_tokenizer(root / BASE)
+    cfg_path = root / BASE / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), chat_template=CHAT_TEMPLATE)))
+    for name, seed, r in (("retrieval", 1, 4), ("generation", 2, 8), ("extra", 3, 4)):
+        peft_adapter(hf, root / name, seed, r=r, lora_alpha=8)
+    with open(root / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in DOCS)
+    assert main(["index", "--model", str(root / BASE), "--retrieval-adapter", str(root / "retrieval"),
+                 "--corpus", str(root / "corpus.jsonl"), "--out", str(root / "index")]) == 0  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def offline(assets):
+    model = Backbone.from_pretrained(assets / BASE)
+    for name in ("retrieval", "generation", "extra"):
+        model.load_adapter(assets / name, name)
+    return SharedRuntime(model, Tokenizer.from_pretrained(assets / BASE))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, assets):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "bsharedrag_fast.cli", "serve", "--model", str(assets / BASE),
+               "--served-model-name", BASE, "--adapter", f"retrieval={assets / 'retrieval'}",
+               "--adapter", f"generation={assets / 'generation'}", "--index", str(assets / "index"),
+               "--port", str(self.port), "--max-queue", str(MAX_QUEUE), "--max-tokens", "1000",
+               "--max-request-bytes", "100000", "--log-level", "warning"]  # fmt: skip
+        self.log = open(assets / f"server-{self.port}.log", "w+")
+        env = dict(os.environ, BSHAREDRAG_API_KEY=KEY)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.2)
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stats(self) -> dict:
+        return self.http.get("/admin/stats").json()
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    def wait_idle(self, timeout: float = 30.0) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            s = self.stats()
+            if s["running"] == 0 and s["waiting"] == 0 and s["kv_cache_blocks_used"] == 0:
+                return s
+            assert time.time() < deadline, s
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    srv = Server(assets)
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait()
+    srv.log.close()
+
+
+def _chat_ids(offline, messages):
+    return offline.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def _ref_text(offline, prompt, adapter="generation", n=8, **kw):
+    return offline.generate([prompt], adapter=adapter, max_new_tokens=n, temperature=0.0, **kw)[0]
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_health_models_and_api_key(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # open for probes
+    ids = [m.id for m in server.client.models.list().data]
+    assert ids == [BASE, "retrieval", "generation"]
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("GET", "/admin/stats"),
+                             ("POST", "/admin/adapters"), ("DELETE", "/admin/adapters/retrieval")):
+            r = httpx.request(method, server.url + path, headers=headers, json={"model": BASE, "input": "x"})
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert [m.id for m in server.client.models.list().data][1:] == ["retrieval", "generation"]  # nothing unloaded
+
+
+def test_embeddings_match_offline(server, offline):
+    for model, adapter in (("retrieval", "retrieval"), (BASE, None)):
+        r = server.client.embeddings.create(model=model, input=TEXTS)  # the client asks for base64
+        got = torch.tensor([d.embedding for d in r.data])
+        torch.testing.assert_close(got, offline.embed(TEXTS, adapter=adapter), atol=1e-5, rtol=1e-5)
+        assert [d.index for d in r.data] == list(range(len(TEXTS)))
+        ids = [offline.tokenizer.encode("query: " + t) + [offline.tokenizer.eos_token_id] for t in TEXTS]
+        assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
+    # float format, token-id input, the passage prefix and mean pooling (extensions)
+    body = {"model": "retrieval", "input": TEXTS[0], "encoding_format": "float", "prefix": "passage: ",
+            "pooling": "mean"}
+    v = server.http.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
+    ref = offline.embed([TEXTS[0]], adapter="retrieval", prefix="passage: ", pooling="mean")[0]
+    torch.testing.assert_close(torch.tensor(v), ref, atol=1e-5, rtol=1e-5)
+    r = server.client.embeddings.create(model="retrieval", input=[[5, 6, 7], [8, 9]])
+    torch.testing.assert_close(torch.tensor([d.embedding for d in r.data]),
+                               offline.embed([[5, 6, 7], [8, 9]], adapter="retrieval"), atol=1e-5, rtol=1e-5)
+
+
+def test_completions_and_chat_match_offline(server, offline):
+    prompts = ["the quick brown fox", "low rank adapters share"]
+    r = server.client.completions.create(model="generation", prompt=prompts, max_tokens=10, temperature=0)
+    refs = [_ref_text(offline, p, n=10) for p in prompts]
+    assert [c.text for c in r.choices] == [x.text for x in refs]
+    assert [c.finish_reason for c in r.choices] == [{"eos": "stop"}.get(x.finish_reason, x.finish_reason)
+                                                    for x in refs]
+    assert r.usage.completion_tokens == sum(len(x.token_ids) for x in refs)
+    # token-id prompt, base model, a stop string cut from the greedy text
+    ids = offline.tokenizer.encode(prompts[0])
+    r = server.client.completions.create(model=BASE, prompt=ids, max_tokens=6, temperature=0, extra_body={
+        "ignore_eos": True})
+    assert r.choices[0].text == _ref_text(offline, ids, None, 6, eos_token_id=[]).text
+    full = _ref_text(offline, prompts[1], n=10, eos_token_id=[]).text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    r = server.client.completions.create(model="generation", prompt=prompts[1], max_tokens=10, temperature=0,
+                                         stop=[stop], extra_body={"ignore_eos": True})
+    ref = _ref_text(offline, prompts[1], n=10, stop=stop, eos_token_id=[])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, "stop")
+    # seeded sampling, n=2: choice i samples with seed + i, like rt.generate(seed=s)
+    r = server.client.completions.create(model="generation", prompt=prompts[0], max_tokens=8, temperature=0.9,
+                                         top_p=0.9, n=2, seed=11, extra_body={"top_k": 40})
+    refs = offline.generate([prompts[0]] * 2, max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=11)
+    assert [c.text for c in r.choices] == [x.text for x in refs]
+    # chat: the tokenizer's template
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a fox?"}]
+    r = server.client.chat.completions.create(model="generation", messages=messages, max_tokens=12, temperature=0)
+    ref = _ref_text(offline, _chat_ids(offline, messages), n=12)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens == len(_chat_ids(offline, messages))
+
+
+def test_streaming_matches_offline(server, offline):
+    messages = [{"role": "user", "content": "tell me about the lazy dog"}]
+    ref = _ref_text(offline, _chat_ids(offline, messages), n=30, eos_token_id=[])
+    chunks = list(server.client.chat.completions.create(
+        model="generation", messages=messages, max_tokens=30, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))  # fmt: skip
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len([d for d in deltas if d]) > 3 and "".join(deltas) == ref.text  # streamed piece by piece
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 30
+    # completions stream with a stop string: the held-back text never leaks past the stop
+    prompt = "shared backbone"
+    full = _ref_text(offline, prompt, n=20, eos_token_id=[]).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    ref = _ref_text(offline, prompt, n=20, stop=stop, eos_token_id=[])
+    chunks = list(server.client.completions.create(model="generation", prompt=prompt, max_tokens=20, temperature=0,
+                                                   stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_rag_ask_matches_offline(server, offline, assets):
+    index = HNSWIndex.load(str(assets / "index"))
+    rag = RAGPipeline(offline, index, "retrieval", "generation", k=3, max_new_tokens=8)
+    for q in ("what does the fox do?", "which model is shared?"):
+        r = server.http.post("/v1/rag/ask", json={"question": q, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        body, ref = r.json(), rag.ask(q)
+        assert body["answer"] == ref.text
+        assert [s["id"] for s in body["sources"]] == [d for d, _ in ref.sources]
+        assert [s["score"] for s in body["sources"]] == pytest.approx([s for _, s in ref.sources], abs=1e-5)
+        assert body["sources"][0]["text"] == index.get(ref.sources[0][0])["text"]
+    r = server.http.post("/v1/rag/ask", json={"question": "fox?", "k": 1, "max_tokens": 4})
+    assert len(r.json()["sources"]) == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_4xx_with_openai_errors(server):
+    big = "fox " * 30000  # > --max-request-bytes
+    long_text = " ".join(["the quick brown fox"] * 40)  # > the model's 128 positions
+    cases = [
+        ("POST", "/v1/completions", b'{"model": "generation", "prompt": "x"', 400, "invalid_json"),
+        ("POST", "/v1/completions", b"[1, 2]", 400, "invalid_json"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": "x", "max_tokens": "5"}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": 5}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation"}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": "x", "max_tokens": 1001}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": "x", "temperature": -1}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": "x", "n": 65}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": []}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": [[]]}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": [99999]}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": long_text}, 400, "invalid_value"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": "x", "logprobs": 2}, 400,
+         "unsupported_parameter"),
+        ("POST", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+        ("POST", "/v1/completions", {"model": "generation", "prompt": big}, 413, "request_too_large"),
+        ("POST", "/v1/embeddings", {"model": "retrieval", "input": ""}, 400, "invalid_value"),
+        ("POST", "/v1/embeddings", {"model": "retrieval", "input": long_text}, 400, "invalid_value"),
+        ("POST", "/v1/embeddings", {"model": "retrieval", "input": ["x"] * 65}, 400, "batch_too_large"),
+        ("POST", "/v1/embeddings", {"model": "retrieval", "input": "x", "dimensions": 3}, 400, "invalid_value"),
+        ("POST", "/v1/embeddings", {"model": "retrieval", "input": [1.5]}, 400, "invalid_value"),
+        ("POST", "/v1/embeddings", {"model": "nope", "input": "x"}, 404, "model_not_found"),
+        ("POST", "/v1/chat/completions", {"model": "generation", "messages": []}, 400, "invalid_value"),
+        ("POST", "/v1/chat/completions", {"model": "generation", "messages": [{"role": "bot", "content": "x"}]},
+         400, "invalid_value"),
+        ("POST", "/v1/chat/completions", {"model": "generation", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [{"type": "function"}]}, 400, "unsupported_parameter"),
+        ("POST", "/v1/rag/ask", {"question": "  "}, 400, "invalid_value"),
+        ("POST", "/v1/rag/ask", {"question": "x", "k": 0}, 400, "invalid_value"),
+        ("GET", "/v1/nothing", None, 404, "not_found"),
+        ("POST", "/admin/adapters", {"name": "x", "path": "/no/such/dir"}, 400, "invalid_value"),
+        ("POST", "/admin/adapters", {"name": "bad name!", "path": "/tmp"}, 400, "invalid_value"),
+        ("POST", "/admin/adapters", {"name": "retrieval", "path": "/tmp"}, 409, "adapter_exists"),
+        ("DELETE", "/admin/adapters/nope", None, 404, "model_not_found"),
+        ("DELETE", f"/admin/adapters/{BASE}", None, 400, "invalid_value"),
+    ]  # fmt: skip
+    for method, path, body, status, code in cases:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+        r = server.http.request(method, path, headers={"Content-Type": "application/json"}, **kw)
+        assert r.status_code == status, (path, body if not isinstance(body, dict) else list(body.items())[:3],
+                                         r.text[:300])
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+        assert err["code"] == code, (path, err)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.embeddings.create(model="missing", input="x")
+    with pytest.raises(openai.BadRequestError):
+        server.client.chat.completions.create(model="generation", messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=100000)
+    assert "Traceback" not in server.output()
+    server.wait_idle()
+
+
+def test_serve_command_rejects_bad_arguments(assets, capsys):
+    model = str(assets / BASE)
+    assert main(["serve", "--model", model, "--adapter", "a=x", "--adapter", "a=y"]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert main(["serve", "--model", model, "--adapter", f"{BASE}=x"]) == 2
+    assert "base model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", model, "--adapter", "no-equals-sign"])
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", model, "--max-queue", "0"])
+
+
+# ----------------------------------------------------------------------------- disconnects, queue limit
+
+
+def _long_stream(server, model="generation", max_tokens=1000):
+    """A streaming request that runs for a while; returns (response, first data line)."""
+    body = {"model": model, "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    cm = server.http.stream("POST", "/v1/completions", json=body)
+    r = cm.__enter__()
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    first = next(line for line in lines if line.startswith("data:"))
+    return cm, lines, first
+
+
+def test_disconnect_cancels_and_frees_cache_and_queue_limit(server):
+    cancelled = server.metric("bsharedrag_cancelled_requests_total")
+    streams = [_long_stream(server) for _ in range(2)]
+    s = server.stats()
+    assert s["running"] == 2 and s["kv_cache_blocks_used"] > 0
+    # 2 generating + 39 more would pass --max-queue 40: 429, nothing admitted
+    r = server.http.post("/v1/embeddings", json={"model": "retrieval", "input": ["x"] * (MAX_QUEUE - 1)})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["Retry-After"]
+    r = server.http.post("/v1/embeddings", json={"model": "retrieval", "input": ["x"] * (MAX_QUEUE - 2)})
+    assert r.status_code == 200
+    for cm, _, _ in streams:  # the clients go away mid-stream
+        cm.__exit__(None, None, None)
+    server.wait_idle()
+    # a non-streaming client that gives up
+    with pytest.raises(httpx.ReadTimeout):
+        server.http.post("/v1/completions", timeout=0.5, json={
+            "model": "generation", "prompt": "the lazy dog", "max_tokens": 1000, "temperature": 0,
+            "ignore_eos": True})  # fmt: skip
+    s = server.wait_idle()
+    assert s["kv_cache_sequences"] == 0
+    assert server.metric("bsharedrag_cancelled_requests_total") == cancelled + 3
+
+
+# ----------------------------------------------------------------------------- hot-load, load test
+
+
+async def _mixed_load(server, offline, n: int, concurrency: int, models=("retrieval", "generation")):
+    """n requests (embeddings, completions, chat, alternating), `concurrency` at a time;
+    every answer is checked against the offline engine."""
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    sem = asyncio.Semaphore(concurrency)
+    emb_model, gen_model = models
+
+    async def one(i):
+        async with sem:
+            text = f"{TEXTS[i % len(TEXTS)]} {i}"
+            kind = i % 3
+            if kind == 0:
+                r = await client.embeddings.create(model=emb_model, input=text)
+                return kind, text, torch.tensor(r.data[0].embedding)
+            if kind == 1:
+                r = await client.completions.create(model=gen_model, prompt=text, max_tokens=6 + i % 5, temperature=0)
+                return kind, text, r.choices[0].text
+            msgs = [{"role": "user", "content": text}]
+            r = await client.chat.completions.create(model=gen_model, messages=msgs, max_tokens=6 + i % 5,
+                                                     temperature=0)
+            return kind, text, r.choices[0].message.content
+
+    t0 = time.perf_counter()
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        await client.close()
+    t1 = time.perf_counter()
+    refs = []  # the offline engine, all at once (greedy output does not depend on the batch)
+    for i, (kind, text, _) in enumerate(results):
+        if kind == 0:
+            refs.append(offline.submit_embed(text, adapter=emb_model))
+        else:
+            prompt = text if kind == 1 else _chat_ids(offline, [{"role": "user", "content": text}])
+            refs.append(offline.submit_generate(prompt, adapter=gen_model, max_new_tokens=6 + i % 5))
+    offline.run_until_done()
+    print(f"{n} requests: server {t1 - t0:.1f} s, offline {time.perf_counter() - t1:.1f} s")
+    for i, ((kind, text, got), ref) in enumerate(zip(results, refs)):
+        if kind == 0:
+            torch.testing.assert_close(got, ref.result(), atol=1e-5, rtol=1e-5)
+        else:
+            assert got == ref.result().text, (i, kind, text)
+    return results
+
+
+def test_adapter_hot_load_and_unload_under_traffic(server, offline, assets):
+    errors = []
+    traffic = threading.Thread(target=_run_catching, args=(errors, _mixed_load(server, offline, 30, 8)))
+    traffic.start()
+    r = server.http.post("/admin/adapters", json={"name": "extra", "path": str(assets / "extra")})
+    assert r.status_code == 200 and "extra" in r.json()["models"]
+    v = server.client.embeddings.create(model="extra", input=TEXTS[:2])
+    torch.testing.assert_close(torch.tensor([d.embedding for d in v.data]), offline.embed(TEXTS[:2], adapter="extra"),
+                               atol=1e-5, rtol=1e-5)
+    # unloading waits for the request using it, which finishes whole
+    cm, lines, first = _long_stream(server, "extra", max_tokens=300)
+    unload = {}
+
+    def delete():
+        r = server.http.delete("/admin/adapters/extra")
+        unload.update(r=r, at=time.perf_counter())
+
+    t = threading.Thread(target=delete)
+    t.start()
+    rest = [line for line in lines if line.startswith("data:")]
+    stream_done = time.perf_counter()
+    cm.__exit__(None, None, None)
+    t.join(30)
+    assert unload["r"].status_code == 200 and "extra" not in unload["r"].json()["models"]
+    assert unload["at"] >= stream_done
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(openai.NotFoundError):
+        server.client.embeddings.create(model="extra", input="x")
+    traffic.join(120)
+    assert not errors, errors
+    server.wait_idle()
+
+
+def _run_catching(errors: list, coro) -> list:
+    try:
+        asyncio.run(coro)
+    except BaseException as e:  # reported by the test thread
+        errors.append(repr(e))
+    return []
+
+
+def test_load_200_mixed_requests_32_concurrent(server, offline):
+    asyncio.run(_mixed_load(server, offline, 200, 32))
+    s = server.wait_idle()
+    assert s["embed_rows"] > 0 and s["decode_rows"] > 0 and s["prefill_rows"] > 0
+
+
+def test_metrics(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("bsharedrag_queue_depth", "bsharedrag_running_generations", "bsharedrag_kv_cache_blocks_used",
+                 "bsharedrag_tokens_per_second", "bsharedrag_time_to_first_token_seconds_bucket",
+                 "bsharedrag_http_request_seconds_bucket", "bsharedrag_engine_step_seconds_bucket"):
+        assert name in text, name
+    for kind in ("embed", "prefill", "decode"):
+        assert server.metric(f'bsharedrag_engine_rows_total{{kind="{kind}"}}') > 0
+        assert server.metric(f'bsharedrag_step_rows_count{{kind="{kind}"}}') > 0
+    assert server.metric("bsharedrag_generated_tokens_total") > 100
+    assert server.metric('bsharedrag_http_requests_total{route="/v1/chat/completions",status="200"}') > 50
+    assert server.metric('bsharedrag_http_requests_total{route="/v1/completions",status="404"}') >= 1
+    assert server.metric("bsharedrag_kv_cache_blocks_used") == 0
+
+
+# ----------------------------------------------------------------------------- shutdown (last: ends the server)
+
+
+def test_sigterm_drains_in_flight_requests(server, offline):
+    cm, lines, first = _long_stream(server, max_tokens=80)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = [line for line in lines if line.startswith("data:")]
+    cm.__exit__(None, None, None)
+    assert rest[-1] == "data: [DONE]"  # the in-flight stream ran to its end
+    text = json.loads(first[5:])["choices"][0]["text"] + "".join(json.loads(x[5:])["choices"][0]["text"]
+                                                                   for x in rest[:-1])
+    assert text == _ref_text(offline, "the quick brown fox", n=80, eos_token_id=[]).text
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=2)
