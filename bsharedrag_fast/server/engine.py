@@ -69,6 +69,8 @@ class EngineDriver:
         self._tracked: list[Tracked] = []
         self._inflight: dict[Optional[str], int] = {}  # adapter -> unfinished requests naming it
         self._retiring: dict[str, _Retiring] = {}
+        self._served: tuple = ()  # replaced whole on the engine thread, so any thread may read it
+        self._refresh_served()
         self._thread = threading.Thread(target=self._loop, name="bsharedrag-engine", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -105,7 +107,11 @@ class EngineDriver:
         raise ModelNotFound(model)
 
     def served_models(self) -> list[str]:
-        return [self.base_name] + [a for a in self.rt.model.adapters if a not in self._retiring]
+        """The base model's name, then the adapters that take requests (not those unloading)."""
+        return list(self._served)
+
+    def _refresh_served(self) -> None:
+        self._served = (self.base_name, *(a for a in self.rt.model.adapters if a not in self._retiring))
 
     async def submit(self, model: str, submits: list[Callable], stream: bool = False) -> list[Tracked]:
         """Submit a batch all-or-nothing: each callable gets the resolved adapter and returns a
@@ -159,6 +165,7 @@ class EngineDriver:
                 raise AdapterConflict(f"model {name!r} is already served; unload it first")
             t0 = time.perf_counter()
             self.rt.model.load_adapter(path, name)
+            self._refresh_served()
             log.info("loaded adapter %r from %s in %.1f ms", name, path, 1e3 * (time.perf_counter() - t0))
 
         await self.run(cmd)
@@ -171,6 +178,7 @@ class EngineDriver:
                 raise ModelNotFound(name)
             if name not in self._retiring:
                 self._retiring[name] = _Retiring(name)
+                self._refresh_served()
             return self._retiring[name].future
 
         await asyncio.wrap_future(await self.run(cmd))
@@ -212,6 +220,7 @@ class EngineDriver:
                 except BaseException as e:
                     r.future.set_exception(e)
                 del self._retiring[name]
+                self._refresh_served()
 
     def _step(self) -> None:
         before = dict(self.rt.stats)
