@@ -291,6 +291,8 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
 
     @app.get("/health")
     async def health():
+        if not driver.alive:
+            return error_response(503, "the engine is not running", code="engine_down")
         return {"status": "ok", "models": driver.served_models()}
 
     @app.get("/metrics")

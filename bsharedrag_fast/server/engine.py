@@ -88,7 +88,7 @@ class EngineDriver:
 
     def call(self, fn: Callable) -> Future:
         """Run fn() on the engine thread between two steps; its result or error lands in the Future."""
-        if self._stopping or not self._thread.is_alive():
+        if not self.alive:
             raise RuntimeError("the engine is not running")
         fut: Future = Future()
         self._cmds.put((fn, fut))
@@ -185,6 +185,10 @@ class EngineDriver:
 
     # -- the engine thread ---------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
     def _loop(self) -> None:
         while True:
             if not self.rt.has_pending():
@@ -192,10 +196,13 @@ class EngineDriver:
                     break
                 self._wake.wait(0.5)
             self._wake.clear()
-            self._run_commands()
-            self._retire()
-            if self.rt.has_pending():
-                self._step()
+            try:
+                self._run_commands()
+                self._retire()
+                if self.rt.has_pending():
+                    self._step()
+            except Exception:  # keep serving: a dead engine thread would hang every request
+                log.exception("engine loop error")
 
     def _run_commands(self) -> None:
         while True:
