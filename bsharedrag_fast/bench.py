@@ -8,8 +8,9 @@
 A preset writes a random checkpoint and two random r=16 adapters (retrieval, generation) to a
 temporary directory; --model uses a HF checkpoint directory (random adapters unless --adapters).
 Each setup (see bench_worker: shared, separate, hf_peft) lives in its own process, so its
-resident memory (RSS after loading, over the process's RSS before) and peak memory (VmHWM over
-the same baseline) are its own. The workload is token ids: N documents to embed (16-64 tokens)
+memory figures are its own, all over the process's RSS before loading: resident (RSS once the
+workloads have run, so weights that loading only memory-mapped count too), peak (VmHWM) and,
+for reference, loaded (RSS right after loading). The workload is token ids: N documents to embed (16-64 tokens)
 and M prompts (32-128 tokens) answered greedily with T new tokens:
   embed     the N documents, retrieval adapter, last-token pooling
   generate  the M answers, generation adapter
@@ -177,7 +178,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
         sec = {op: statistics.median(samples[s][op]) for op in OPS}
         res["setups"][s] = {
             "label": LABELS[s],
-            "memory": {k: memory[s][k] for k in ("resident_bytes", "peak_bytes", "peak_load_bytes",
+            "memory": {k: memory[s][k] for k in ("resident_bytes", "peak_bytes", "loaded_bytes", "peak_load_bytes",
                                                  "weights_bytes", "base_rss_bytes", "load_seconds")},
             "seconds": sec,
             "throughput": {

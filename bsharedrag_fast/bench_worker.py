@@ -183,7 +183,7 @@ def serve(spec: dict) -> None:
     t0 = time.perf_counter()
     setup = HFPeftSetup(spec) if spec["setup"] == "hf_peft" else OursSetup(spec, spec["setup"] == "separate")
     _reply({"load_seconds": time.perf_counter() - t0, "base_rss_bytes": base,
-            "resident_bytes": rss_bytes() - base, "peak_load_bytes": peak_rss_bytes() - base,
+            "loaded_bytes": rss_bytes() - base, "peak_load_bytes": peak_rss_bytes() - base,
             "weights_bytes": setup.weights_bytes()})
     docs, prompts, n = spec["docs"], spec["prompts"], spec["new_tokens"]
     last = {}
@@ -192,7 +192,8 @@ def serve(spec: dict) -> None:
         if op == "quit":
             break
         if op == "memory":
-            _reply({"peak_bytes": peak_rss_bytes() - base, "resident_end_bytes": rss_bytes() - base})
+            # after the workloads ran: weights read lazily from a memory map are resident by now
+            _reply({"resident_bytes": rss_bytes() - base, "peak_bytes": peak_rss_bytes() - base})
         elif op == "outputs":  # what the latest runs returned, for the cross-setup check
             vecs, tokens = last["mixed"]
             _reply({"embeddings": last["embed"][:4].tolist(), "tokens": last["generate"][:2],
