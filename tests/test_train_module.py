@@ -17,6 +17,15 @@ LENS = [5, 1, 12, 7]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def case(request, tmp_path_factory):
     overrides = {"sliding_window": 6} if request.param == "mistral" else {}

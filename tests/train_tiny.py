@@ -6,7 +6,8 @@ from tiny_models import write_tokenizer
 from bsharedrag_fast.train import init_checkpoint
 
 TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+            initializer_range=0.25)  # larger than HF's 0.02: a LoRA moves the logits within a few steps
 WORDS = ["quick", "brown", "fox", "lazy", "dog", "shared", "backbone", "retrieval", "generation", "low",
          "rank", "adapters", "resident", "model", "jumps", "over"]
 
