@@ -251,6 +251,33 @@ def test_rag_ask_matches_offline(server, offline, assets):
     assert len(r.json()["sources"]) == 1
 
 
+def test_stream_text_deltas_add_up_to_the_final_text(assets):
+    """_TextStream against full decodes: random token ids (partial UTF-8 bytes included), one
+    token per step as the engine emits them, stop strings checked as the runtime does (the
+    token completing a stop never reaches the stream: the request finishes with it)."""
+    from bsharedrag_fast.server.app import _TextStream
+
+    tok = Tokenizer.from_pretrained(assets / BASE)
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        ids = torch.randint(3, tok.vocab_size, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng)
+        ids = ids.tolist()
+        full = tok.decode(ids)
+        stop = []
+        if trial % 2 and len(full) > 4:
+            i = trial % (len(full) - 2)
+            stop = [full[i: i + 1 + trial % 4]]
+        stream, out, final = _TextStream(tok, stop), "", full
+        for j in range(1, len(ids) + 1):
+            text = tok.decode(ids[:j])
+            if stop and stop[0] in text:
+                final = text[: text.find(stop[0])]
+                break
+            out += stream.update(ids[j - 1: j])
+            assert full.startswith(out) and not (stop and stop[0] in out)
+        assert out + stream.finish(final) == final, (ids, stop)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

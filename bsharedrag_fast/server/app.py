@@ -206,20 +206,27 @@ def _sampling(req, limits: Limits, default_max_tokens: int, n_prompts: int) -> d
 
 
 class _TextStream:
-    """Incremental text of one generation. Text that may still turn out to start a stop
-    string (the last len(longest stop) - 1 characters) or is a partial UTF-8 character
-    is held back, so the deltas always add up to the final (stop-cut) text."""
+    """Incremental text of one generation, decoding only the newest tokens (with the
+    previous piece as context, as TGI / vLLM do: O(1) per step). A piece that ends in half
+    a UTF-8 character waits for the next token; text that may still turn out to start a
+    stop string (the last len(longest stop) - 1 characters) is held back, so the deltas
+    add up to the final, stop-cut text."""
 
     def __init__(self, tokenizer, stop: Optional[list]):
-        self.tok, self.sent = tokenizer, ""
+        self.tok, self.ids, self.sent, self.pending = tokenizer, [], "", ""
+        self.prefix = self.read = 0  # ids[prefix:read]: the last piece decoded, context for the next
         self.hold = max((len(s) for s in stop or []), default=1) - 1
 
-    def update(self, token_ids: list) -> str:
-        text = self.tok.decode(token_ids).rstrip("\ufffd")
-        text = text[: max(0, len(text) - self.hold)]
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
+    def update(self, new_ids: list) -> str:
+        self.ids += new_ids
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.pending += now[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        cut = max(0, len(self.pending) - self.hold)
+        delta, self.pending = self.pending[:cut], self.pending[cut:]
+        self.sent += delta
         return delta
 
     def finish(self, final: str) -> str:

@@ -43,8 +43,8 @@ class AdapterConflict(Exception):
 @dataclass
 class Tracked:
     """One engine request as a handler sees it: `done` resolves with the finished handle.
-    Streams share one `events` queue per HTTP request: (tracked, token-id snapshot) after
-    each step that added tokens, then (tracked, None) when it finished."""
+    Streams share one `events` queue per HTTP request: (tracked, new token ids) after each
+    step that added tokens, then (tracked, None) when it finished."""
 
     handle: RequestHandle
     loop: asyncio.AbstractEventLoop
@@ -250,9 +250,9 @@ class EngineDriver:
                     if t.seen == 0:
                         self.metrics.ttft.observe(time.perf_counter() - h.submitted_at)
                     self.metrics.observe_generated(len(toks) - t.seen)
-                    t.seen = len(toks)
                     if t.events is not None and not h.done:
-                        self._send(t, t.events.put_nowait, (t, toks))
+                        self._send(t, t.events.put_nowait, (t, toks[t.seen:]))
+                    t.seen = len(toks)
             if h.done:
                 self._inflight[t.adapter] -= 1
                 self._send(t, _resolve, t.done, h)
