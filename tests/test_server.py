@@ -206,6 +206,7 @@ def test_completions_and_chat_match_offline(server, offline):
                                          top_p=0.9, n=2, seed=11, extra_body={"top_k": 40})
     refs = offline.generate([prompts[0]] * 2, max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=11)
     assert [c.text for c in r.choices] == [x.text for x in refs]
+    assert r.usage.prompt_tokens == len(offline.tokenizer.encode(prompts[0]))  # the prompt counts once
     # chat: the tokenizer's template
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a fox?"}]
     r = server.client.chat.completions.create(model="generation", messages=messages, max_tokens=12, temperature=0)

@@ -235,8 +235,9 @@ class _TextStream:
         return delta
 
 
-def _usage(handles) -> dict:
-    prompt = sum(h.num_tokens for h in handles)
+def _usage(handles, n: int = 1) -> dict:
+    """Token counts; with n choices per prompt (handles grouped by prompt) each prompt counts once."""
+    prompt = sum(h.num_tokens for h in handles[::n])
     completion = sum(len(h.output.token_ids) for h in handles if h.kind == "generate")
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -341,7 +342,7 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": req.model}
         if req.stream:
-            return StreamingResponse(stream(tracked, head, chat, params["stop"], req.stream_options),
+            return StreamingResponse(stream(tracked, head, chat, params["stop"], req.stream_options, req.n),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         handles = await wait_all(request, tracked)
         choices = []
@@ -352,9 +353,9 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
                                 "finish_reason": reason, "logprobs": None})
             else:
                 choices.append({"index": i, "text": h.output.text, "finish_reason": reason, "logprobs": None})
-        return dict(head, choices=choices, usage=_usage(handles))
+        return dict(head, choices=choices, usage=_usage(handles, req.n))
 
-    async def stream(tracked: list[Tracked], head: dict, chat: bool, stop, options):
+    async def stream(tracked: list[Tracked], head: dict, chat: bool, stop, options, n: int):
         head = dict(head, object="chat.completion.chunk" if chat else "text_completion")
         index = {id(t): i for i, t in enumerate(tracked)}
         texts = [_TextStream(tok, stop) for _ in tracked]
@@ -391,7 +392,7 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
                     yield chunk(i, delta)
                 yield chunk(i, None, FINISH_REASONS[h.output.finish_reason])
             if options and options.get("include_usage"):
-                yield _sse(dict(head, choices=[], usage=_usage([t.handle for t in tracked])))
+                yield _sse(dict(head, choices=[], usage=_usage([t.handle for t in tracked], n)))
             yield "data: [DONE]\n\n"
         finally:  # also on client disconnect (Starlette cancels the stream)
             unfinished = [t for t in tracked if not t.handle.done]
