@@ -351,6 +351,34 @@ def test_serve_command_rejects_bad_arguments(assets, capsys):
         main(["serve", "--model", model, "--max-queue", "0"])
 
 
+def test_app_without_key_or_index(offline):
+    """In process (Starlette's TestClient runs the lifespan, so the engine thread too): no
+    --api-key leaves /v1 open and turns the admin endpoints off; no --index, no RAG."""
+    from starlette.testclient import TestClient
+
+    from bsharedrag_fast.server.app import Limits, create_app
+    from bsharedrag_fast.server.engine import EngineDriver
+    from bsharedrag_fast.server.metrics import ServerMetrics
+
+    app = create_app(EngineDriver(offline, BASE, 8, ServerMetrics(offline)), Limits(max_request_bytes=1000))
+    with TestClient(app) as c:
+        assert c.get("/v1/models").status_code == 200
+        r = c.post("/v1/embeddings", json={"model": "retrieval", "input": TEXTS[0], "encoding_format": "float"})
+        torch.testing.assert_close(torch.tensor(r.json()["data"][0]["embedding"]),
+                                   offline.embed(TEXTS[:1], adapter="retrieval")[0], atol=1e-5, rtol=1e-5)
+        for method, path in (("GET", "/admin/stats"), ("POST", "/admin/adapters"), ("DELETE", "/admin/adapters/x")):
+            r = c.request(method, path)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        r = c.post("/v1/rag/ask", json={"question": "fox?"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_index"
+        r = c.post("/v1/completions", content=b"x" * 2000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/v1/completions", content=b"{}", headers={"Content-Type": "application/json",
+                                                              "Content-Length": "ten"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_header"
+    assert not offline.has_pending()
+
+
 # ----------------------------------------------------------------------------- disconnects, queue limit
 
 
