@@ -171,13 +171,11 @@ def main(argv=None) -> int:
                     res = asyncio.run(_level(url, conc, args.requests, args.embed_share, args.max_tokens, seed=conc))
                     res["engine"] = _composition(before, _metrics(url))
                     results.append(res)
-                    lat = res["latency_s"]
+                    lat = " | ".join(f"{kind} p50/p99 {v['p50'] * 1e3:7.1f}/{v['p99'] * 1e3:7.1f} ms"
+                                     for kind, v in res["latency_s"].items())
+                    rows = " ".join(f"{k} {v:.1f}" for k, v in res["engine"]["rows_per_step"].items())
                     print(f"concurrency {conc:>3}: {res['requests_per_s']:7.1f} req/s "
-                          f"{res['generated_tokens_per_s']:8.1f} tok/s | embed p50/p99 "
-                          f"{lat.get('embed', {}).get('p50', 0) * 1e3:7.1f}/{lat.get('embed', {}).get('p99', 0) * 1e3:7.1f} ms"
-                          f" | chat p50/p99 {lat.get('chat', {}).get('p50', 0) * 1e3:7.1f}/"
-                          f"{lat.get('chat', {}).get('p99', 0) * 1e3:7.1f} ms | rows/step "
-                          + " ".join(f"{k} {v:.1f}" for k, v in res["engine"]["rows_per_step"].items()))
+                          f"{res['generated_tokens_per_s']:8.1f} tok/s | {lat} | rows/step {rows}")
             finally:
                 proc.terminate()
                 proc.wait(60)

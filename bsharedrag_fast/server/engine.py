@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..runtime import RequestHandle, SharedRuntime
@@ -54,12 +54,6 @@ class Tracked:
     seen: int = 0  # generated tokens already accounted (engine thread only)
 
 
-@dataclass
-class _Retiring:
-    name: str
-    future: Future = field(default_factory=Future)
-
-
 class EngineDriver:
     def __init__(self, runtime: SharedRuntime, base_name: str, max_queue: int, metrics: ServerMetrics):
         self.rt, self.base_name, self.max_queue, self.metrics = runtime, base_name, max_queue, metrics
@@ -68,7 +62,7 @@ class EngineDriver:
         self._stopping = False
         self._tracked: list[Tracked] = []
         self._inflight: dict[Optional[str], int] = {}  # adapter -> unfinished requests naming it
-        self._retiring: dict[str, _Retiring] = {}
+        self._retiring: dict[str, Future] = {}  # adapter being unloaded -> done when it is
         self._served: tuple = ()  # replaced whole on the engine thread, so any thread may read it
         self._refresh_served()
         self._thread = threading.Thread(target=self._loop, name="bsharedrag-engine", daemon=True)
@@ -177,9 +171,9 @@ class EngineDriver:
             if name not in self.rt.model.adapter_slots:
                 raise ModelNotFound(name)
             if name not in self._retiring:
-                self._retiring[name] = _Retiring(name)
+                self._retiring[name] = Future()
                 self._refresh_served()
-            return self._retiring[name].future
+            return self._retiring[name]
 
         await asyncio.wrap_future(await self.run(cmd))
 
@@ -218,14 +212,14 @@ class EngineDriver:
                 fut.set_exception(e)
 
     def _retire(self) -> None:
-        for name, r in list(self._retiring.items()):
+        for name, fut in list(self._retiring.items()):
             if self._inflight.get(name, 0) == 0:
                 try:
                     self.rt.model.unload_adapter(name)
-                    r.future.set_result(None)
+                    fut.set_result(None)
                     log.info("unloaded adapter %r", name)
                 except BaseException as e:
-                    r.future.set_exception(e)
+                    fut.set_exception(e)
                 del self._retiring[name]
                 self._refresh_served()
 
