@@ -133,6 +133,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     if max_batch_tokens < 64:
         raise ValueError(f"max_batch_tokens must be >= 64 (the longest document), got {max_batch_tokens}")
 
+    load_before = os.getloadavg()  # other jobs on the machine skew timings: recorded with them
     with tempfile.TemporaryDirectory(prefix="bsharedrag_bench_") as tmp:
         path, adapter_dirs, cfg = _checkpoint(tmp, preset, model, adapters, dtype, rank)
         doc_ids, prompts = token_workload(cfg["vocab_size"], work["docs"], work["answers"])
@@ -167,7 +168,8 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
 
     doc_tokens = sum(map(len, doc_ids))
     res = {
-        "preset": preset, "model": model, "dtype": dtype, "machine": machine_info("cpu"),
+        "preset": preset, "model": model, "dtype": dtype,
+        "machine": dict(machine_info("cpu"), load_average_before=load_before[0], load_average_after=os.getloadavg()[0]),
         "shape": {k: cfg[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                                       "num_attention_heads", "num_key_value_heads", "vocab_size") if k in cfg},
         "workload": dict(work, doc_tokens=doc_tokens, prompt_tokens=sum(map(len, prompts)),
@@ -236,11 +238,12 @@ def _agreement(outputs: dict) -> dict:
 
 def format_table(res: dict) -> str:
     mb = 2**20
-    lines = [f"{'setup':>28} | {'resident MB':>11} {'peak MB':>8} | {'embed docs/s':>12} "
+    lines = [f"{'setup':>28} | {'weights MB':>10} {'resident MB':>11} {'peak MB':>8} | {'embed docs/s':>12} "
              f"{'gen tok/s':>9} {'mixed req/s':>11}"]
     for row in res["setups"].values():
         m, t = row["memory"], row["throughput"]
-        lines.append(f"{row['label']:>28} | {m['resident_bytes'] / mb:>11.1f} {m['peak_bytes'] / mb:>8.1f} | "
+        lines.append(f"{row['label']:>28} | {m['weights_bytes'] / mb:>10.1f} {m['resident_bytes'] / mb:>11.1f} "
+                     f"{m['peak_bytes'] / mb:>8.1f} | "
                      f"{t['embed_docs_per_s']:>12.1f} {t['generate_tokens_per_s']:>9.1f} "
                      f"{t['mixed_requests_per_s']:>11.2f}")
     for key, value in res["ratios"].items():

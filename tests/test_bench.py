@@ -26,6 +26,7 @@ def test_bench_writes_json_and_plots(bench):
     out, res = bench
     assert res["preset"] == "tiny" and res["shape"]["hidden_size"] == synthetic.PRESETS["tiny"]["hidden_size"]
     assert res["workload"]["docs"] == 6 and res["workload"]["rounds"] == 1
+    assert res["machine"]["load_average_before"] >= 0 and res["machine"]["threads"] >= 1
     assert list(res["setups"]) == list(SETUPS)
     for name in ("memory.png", "throughput.png"):
         data = (out / name).read_bytes()
