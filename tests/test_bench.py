@@ -13,6 +13,8 @@ from bsharedrag_fast.bench_worker import SETUPS, _token_chunks
 from bsharedrag_fast.cli import main
 
 WORK = ["--docs", "6", "--answers", "2", "--new-tokens", "4", "--threads", "1"]
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,22 @@ def test_bench_setups_compute_the_same_outputs(bench):
     assert out["hf_peft"]["embedding_max_abs_diff"] < 1e-4
 
 
+def test_bench_runs_a_given_model_and_adapters_on_a_subset_of_setups(tmp_path):
+    cfg = synthetic.write_checkpoint(tmp_path / "model", dict(synthetic.PRESETS["tiny"], **SMALL))
+    adapters = [str(tmp_path / name) for name in ("r", "g")]
+    for seed, path in enumerate(adapters):
+        synthetic.write_adapter(path, cfg, seed=seed, rank=2, alpha=4)
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(tmp_path / "model"), "--adapters", *adapters, "--setups", "shared",
+                 "--quick", *WORK, "--out", str(out)]) == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert res["preset"] is None and res["model"] == str(tmp_path / "model")
+    assert list(res["setups"]) == ["shared"] and res["workload"]["adapter_rank"] is None
+    assert res["ratios"] == {} and res["goals"] == []  # nothing to compare with
+    assert res["shape"]["hidden_size"] == SMALL["hidden_size"]
+    assert (out / "memory.png").is_file() and (out / "throughput.png").is_file()
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--preset", "tiny", "--model", "x"], "not both"),
     (["--setups", "shared,bogus"], "setups"),
@@ -103,10 +121,6 @@ def test_token_chunks_respect_the_padded_budget():
 
 
 # -- synthetic checkpoints ----------------------------------------------------------------------
-
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128)
-
 
 @pytest.mark.parametrize("preset", ["qwen2-0.5b", "llama-3-8b"])
 def test_random_checkpoint_and_adapter_match_transformers_and_peft(tmp_path, monkeypatch, preset):

@@ -45,7 +45,8 @@ def _r(lo: int, hi: int, step: int, fmt: str) -> list:
     return [fmt.format(v) for v in range(lo, hi + 1, step)]
 
 
-# noun: how documents name the category (one: with its article, when not a/an + noun); price: (low, high) in dollars; specs: label -> values
+# noun: how documents name the category (one: with its article, when not a/an + noun);
+# price: (low, high) in dollars; specs: label -> values
 CATEGORIES = {
     "headphones": dict(
         noun="headphones", one="a pair of headphones", price=(39, 399),
@@ -147,8 +148,10 @@ QUESTIONS = {
                       "Tell me the {label} of the {name} {noun}."]),
     "pro": ("review", ["What does the review praise about the {name}?",
                        "What is the best thing about the {name} according to its review?"]),
-    "con": ("review", ["What is the main complaint about the {name}?", "What does the reviewer dislike about the {name}?"]),
-    "rating": ("review", ["What rating did the reviewer give the {name}?", "How many points out of 5 did the {name} get?"]),
+    "con": ("review", ["What is the main complaint about the {name}?",
+                       "What does the reviewer dislike about the {name}?"]),
+    "rating": ("review", ["What rating did the reviewer give the {name}?",
+                          "How many points out of 5 did the {name} get?"]),
     "warranty": ("qa", ["How long is the warranty on the {name}?", "What warranty comes with the {name}?"]),
     "box": ("qa", ["What comes in the box with the {name}?", "What accessory ships with the {name}?"]),
     "colour": ("qa", ["Which colour does the {name} come in?", "What colour is the {name}?"]),
@@ -308,7 +311,8 @@ def _documents(p: dict) -> list:
          f"The main problem is {p['con']}. Overall I give it {p['rating']} out of 5."),
         ("qa", f"{pid}-qa", f"Questions about the {name}",
          f"Q: How long is the warranty? A: The {name} comes with {p['warranty']} of warranty. "
-         f"Q: What is in the box? A: It ships with {p['box']}. Q: Which colours are there? A: It comes in {p['colour']}."),
+         f"Q: What is in the box? A: It ships with {p['box']}. "
+         f"Q: Which colours are there? A: It comes in {p['colour']}."),
     ]
     if p["verdict"]:
         docs.append(("longterm", f"{pid}-longterm", f"{name} after {p['months']} months",
