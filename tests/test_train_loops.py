@@ -90,6 +90,20 @@ def test_retriever_learns_and_adapter_loads(tiny, tmp_path, data):
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and len(cfg["target_modules"]) == 7
 
 
+def test_full_finetune_retriever_is_a_separate_model(tiny, tmp_path):
+    out = tmp_path / "sep"
+    r = train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=str(out), steps=40, lr=3e-3,
+                                        batch_size=4, num_negatives=2, full_finetune=True, **FAST))
+    _falls(r.losses, 0.5)
+    assert not (out / "adapter_config.json").exists()
+    tuned, base = Backbone.from_pretrained(str(out)), Backbone.from_pretrained(tiny["model"])
+    assert not torch.equal(tuned.layers[0].qkv_weight, base.layers[0].qkv_weight)  # every weight trained
+    assert not torch.equal(tuned.embed, base.embed)
+    with pytest.raises(ValueError, match="full_finetune trains a whole model"):
+        train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=str(tmp_path / "x"),
+                                        full_finetune=True, fully_shared=True, gen_data=tiny["qa"], **FAST))
+
+
 def test_generator_learns_with_general_mix(tiny, tmp_path):
     general = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": "say fox", "output": "fox"},
                                                     {"instruction": "say", "input": "dog", "output": "dog"}])

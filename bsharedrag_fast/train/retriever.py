@@ -56,6 +56,8 @@ class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
     gen_corpus: Optional[str] = _help("corpus JSONL that gen_data's doc_ids refer to", default=None)
     gen_batch_size: int = _help("generation examples per micro-batch (fully_shared)", default=8)
     gen_weight: float = _help("loss = retrieval + gen_weight * generation (fully_shared)", default=1.0)
+    full_finetune: bool = _help("train every weight, no LoRA, and save a whole HF model: a separate "
+                                "embedder model (the Separate RAG baseline)", default=False)
 
     def check(self) -> None:
         super().check()
@@ -72,6 +74,8 @@ class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
             raise ValueError("batch_size and gen_batch_size must be >= 1")
         if self.fully_shared and not self.gen_data:
             raise ValueError("fully_shared needs gen_data (QA JSONL for the generation loss)")
+        if self.full_finetune and (self.fully_shared or self.init_adapter):
+            raise ValueError("full_finetune trains a whole model: it excludes fully_shared and init_adapter")
         if self.negatives and not os.path.isdir(self.data):
             raise ValueError("negatives (a mined file) go with BEIR data; triples carry their own negatives")
 
@@ -258,10 +262,11 @@ def _make_loss(cfg: RetrieverConfig):
 
 
 def train_retriever(cfg: RetrieverConfig) -> TrainResult:
-    """Train the retrieval LoRA (or, fully_shared, one LoRA on both losses); writes a PEFT adapter."""
+    """Train the retrieval LoRA (or, fully_shared, one LoRA on both losses) and write a PEFT
+    adapter; with full_finetune, train every weight and write a whole HF model."""
     cfg.check()
     dist, dev = setup_distributed(cfg.device)
-    model = build_model(cfg, cfg.model, dist, dev, cfg.lora_spec(), cfg.init_adapter)
+    model = build_model(cfg, cfg.model, dist, dev, None if cfg.full_finetune else cfg.lora_spec(), cfg.init_adapter)
     data = read_beir(cfg.data, cfg.split, cfg.negatives) if os.path.isdir(cfg.data) else read_triples(cfg.data)
     tok = Tokenizer.from_pretrained(cfg.model)
     eos = eos_ids(model, tok, None)
@@ -273,5 +278,8 @@ def train_retriever(cfg: RetrieverConfig) -> TrainResult:
         source = _FullySharedSource(source, ExampleSource(qa, None, 0.0, cfg.gen_batch_size, cfg.seed))
     cfg.resolve_steps(len(data.queries), cfg.batch_size * cfg.grad_accum)
     name = "fully-shared" if cfg.fully_shared else "retriever"
+    if cfg.full_finetune:
+        return train_loop(cfg, model, source, _make_loss(cfg), lambda out: model.save_pretrained(out, cfg.model),
+                          dist, "retriever (full)")
     return train_loop(cfg, model, source, _make_loss(cfg), lambda out: model.save_adapter(out, cfg.model),
                       dist, name)
