@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from .bench_worker import REPLY, SETUPS
 from .synthetic import PRESETS, token_workload, write_adapter, write_checkpoint
 
 OPS = ("embed", "generate", "mixed")
+BACKBONES = {"shared": 1, "separate": 2, "hf_peft": 1}  # copies of the weights each setup holds
 LABELS = {"shared": "Shared (1 backbone)", "separate": "Separate RAG (2 backbones)", "hf_peft": "transformers+peft"}
 WORKLOADS = {"default": dict(docs=64, answers=8, new_tokens=32, rounds=3),
              "quick": dict(docs=16, answers=4, new_tokens=8, rounds=1)}
@@ -76,21 +78,47 @@ class Worker:
                 self.proc.wait()
 
 
-def _checkpoint(tmp: str, preset: str | None, model: str | None, adapters, dtype: str, rank: int) -> tuple:
+def _model_config(model: str) -> dict:
+    cfg_path = os.path.join(model, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in --model {model!r}")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def _check_room(cfg: dict, dtype: str, setups: list, writes_checkpoint: bool) -> None:
+    """Every setup's process is resident at once: refuse a run whose weights alone would not
+    fit in memory (or whose random checkpoint would not fit in the temp dir) before starting it."""
+    import torch
+
+    from .synthetic import checkpoint_nbytes
+    from .sysinfo import available_memory_bytes
+
+    gib = 2**30
+    one = checkpoint_nbytes(cfg, getattr(torch, dtype))
+    copies = sum(BACKBONES[s] for s in setups)
+    avail = available_memory_bytes()
+    if one * copies > avail:
+        raise ValueError(f"setups {','.join(setups)} hold {copies} copies of {one / gib:.1f} GiB of {dtype} weights "
+                         f"({one * copies / gib:.1f} GiB), but {avail / gib:.1f} GiB of memory is available: "
+                         "pass fewer --setups per run or --dtype bfloat16")
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if writes_checkpoint and one > free:
+        raise ValueError(f"the random checkpoint needs {one / gib:.1f} GiB in {tempfile.gettempdir()}, "
+                         f"{free / gib:.1f} GiB is free (set TMPDIR to a larger disk)")
+
+
+def _checkpoint(tmp: str, preset: str | None, model: str | None, cfg: dict, adapters, dtype: str,
+                rank: int) -> tuple:
     """(checkpoint dir, [retrieval, generation] adapter dirs, config dict)."""
     import torch
 
     if model is None:
         path = os.path.join(tmp, preset)
         print(f"bench: writing a random {preset} checkpoint", file=sys.stderr, flush=True)
-        cfg = write_checkpoint(path, PRESETS[preset], dtype=getattr(torch, dtype))
+        cfg = write_checkpoint(path, cfg, dtype=getattr(torch, dtype))
     else:
-        path = model
-        cfg_path = os.path.join(model, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in --model {model!r}")
-        with open(cfg_path) as f:
-            cfg = dict(json.load(f), torch_dtype=dtype)
+        path, cfg = model, dict(cfg, torch_dtype=dtype)
     if adapters:
         for a in adapters:
             if not os.path.isfile(os.path.join(a, "adapter_config.json")):
@@ -133,9 +161,11 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     if max_batch_tokens < 64:
         raise ValueError(f"max_batch_tokens must be >= 64 (the longest document), got {max_batch_tokens}")
 
+    cfg = PRESETS[preset] if model is None else _model_config(model)
+    _check_room(cfg, dtype, setups, writes_checkpoint=model is None)
     load_before = os.getloadavg()  # other jobs on the machine skew timings: recorded with them
     with tempfile.TemporaryDirectory(prefix="bsharedrag_bench_") as tmp:
-        path, adapter_dirs, cfg = _checkpoint(tmp, preset, model, adapters, dtype, rank)
+        path, adapter_dirs, cfg = _checkpoint(tmp, preset, model, cfg, adapters, dtype, rank)
         doc_ids, prompts = token_workload(cfg["vocab_size"], work["docs"], work["answers"])
         workers: dict = {}
         try:

@@ -61,15 +61,21 @@ def _layout(cfg: dict) -> list:
               p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
               p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
               p + "mlp.down_proj.weight": (d, inter)}
-        if cfg["architectures"][0] == "Qwen2ForCausalLM":
+        if (cfg.get("architectures") or [""])[0] == "Qwen2ForCausalLM":
             sd.update({p + "self_attn.q_proj.bias": (d,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)})
         groups.append(sd)
     tail = {"model.norm.weight": (d,)}
-    if not cfg["tie_word_embeddings"]:
+    if not cfg.get("tie_word_embeddings", False):
         tail["lm_head.weight"] = (cfg["vocab_size"], d)
     groups.append(tail)
     return groups
+
+
+def checkpoint_nbytes(cfg: dict, dtype: torch.dtype) -> int:
+    """Bytes of a Qwen2 / Llama checkpoint of this config's shape in dtype (no adapters)."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) * esize for sd in _layout(cfg) for shape in sd.values())
 
 
 def _save_sharded(path: str, groups: list, dtype: torch.dtype, g: torch.Generator) -> None:
@@ -77,7 +83,7 @@ def _save_sharded(path: str, groups: list, dtype: torch.dtype, g: torch.Generato
     about SHARD_BYTES (one model.safetensors when it all fits); a shard's tensors are made only
     when it is written, so memory holds one shard at a time."""
     esize = torch.empty((), dtype=dtype).element_size()
-    nbytes = {k: math.prod(shape) * esize for sd in groups for k, shape in sd.items()}
+    nbytes = {k: math.prod(shape) * esize for sd in groups for k, shape in sd.items()}  # per tensor, for shards
     shards, current = [], []
     for sd in groups:
         current.append(sd)

@@ -22,6 +22,15 @@ def peak_rss_bytes() -> int:
     raise OSError("VmHWM not found in /proc/self/status")
 
 
+def available_memory_bytes() -> int:
+    """Memory the kernel says new work can use without swapping (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("MemAvailable not found in /proc/meminfo")
+
+
 def machine_info(device: str) -> dict:
     info = {
         "device": device,

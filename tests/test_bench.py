@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from bsharedrag_fast import Backbone
 from bsharedrag_fast import synthetic
@@ -112,6 +113,25 @@ def test_run_bench_rejects_bad_arguments(kw, match):
         run_bench(**kw)
 
 
+def test_run_bench_refuses_setups_whose_weights_do_not_fit(monkeypatch):
+    from bsharedrag_fast import sysinfo
+
+    one = synthetic.checkpoint_nbytes(synthetic.PRESETS["tiny"], torch.float32)
+    monkeypatch.setattr(sysinfo, "available_memory_bytes", lambda: 2.5 * one)
+    with pytest.raises(ValueError, match="4 copies"):  # shared 1 + separate 2 + hf_peft 1
+        run_bench()
+    with pytest.raises(ValueError, match="3 copies"):
+        run_bench(setups=["separate", "shared"])
+
+
+def test_run_bench_refuses_a_checkpoint_larger_than_the_temp_disk(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 1))
+    with pytest.raises(ValueError, match="TMPDIR"):
+        run_bench(setups=["shared"])
+
+
 def test_token_chunks_respect_the_padded_budget():
     seqs = [[1] * n for n in (3, 5, 2, 8, 1, 4)]
     chunks = _token_chunks(seqs, 10)
@@ -131,6 +151,11 @@ def test_random_checkpoint_and_adapter_match_transformers_and_peft(tmp_path, mon
     cfg = synthetic.write_checkpoint(tmp_path, dict(synthetic.PRESETS[preset], **SMALL))
     synthetic.write_adapter(tmp_path / "lora", cfg, seed=1, rank=4, alpha=8)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    with_bytes = 0
+    for shard in set(index["weight_map"].values()):
+        with safe_open(tmp_path / shard, framework="pt") as f:
+            with_bytes += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert synthetic.checkpoint_nbytes(cfg, torch.float32) == with_bytes
     assert len(set(index["weight_map"].values())) > 2
     assert any(k.endswith("q_proj.bias") for k in index["weight_map"]) == preset.startswith("qwen2")
     assert ("lm_head.weight" in index["weight_map"]) == (not cfg["tie_word_embeddings"])
