@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import add_commands as _add_server; _add_server(sub)
     from .train.cli import add_commands as _add_train; _add_train(sub)
     from .bench import add_commands as _add_bench; _add_bench(sub)
+    from .demo.pipeline import add_commands as _add_demo; _add_demo(sub)
     return ap
 
 
