@@ -10,8 +10,8 @@ temporary directory; --model uses a HF checkpoint directory (random adapters unl
 Each setup (see bench_worker: shared, separate, hf_peft) lives in its own process, so its
 memory figures are its own, all over the process's RSS before loading: resident (RSS once the
 workloads have run, so weights that loading only memory-mapped count too), peak (VmHWM) and,
-for reference, loaded (RSS right after loading). The workload is token ids: N documents to embed (16-64 tokens)
-and M prompts (32-128 tokens) answered greedily with T new tokens:
+for reference, loaded (RSS right after loading). The workload is token ids: N documents to
+embed (16-64 tokens) and M prompts (32-128 tokens) answered greedily with T new tokens:
   embed     the N documents, retrieval adapter, last-token pooling
   generate  the M answers, generation adapter
   mixed     both at once (N embeds while M generations run)
@@ -41,7 +41,8 @@ WORKLOADS = {"default": dict(docs=64, answers=8, new_tokens=32, rounds=3),
 GOALS = [  # (description, ratio key, bound, "<=" or ">=")
     ("memory Shared / Separate RAG <= 0.55", "resident_shared_over_separate", 0.55, "<="),
     ("mixed throughput Shared >= 1.2x Separate RAG", "mixed_shared_over_separate", 1.2, ">="),
-    ("mixed throughput Shared >= 1.5x transformers+peft", "mixed_shared_over_hf_peft", 1.5, ">="),
+    ("mixed throughput Shared >= 1.5x transformers+peft (its faster of mixed batch and phases)",
+     "mixed_shared_over_hf_peft_best", 1.5, ">="),
 ]
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -247,6 +248,10 @@ def _ratios(rows: dict) -> dict:
         for name, key in (("embed", "embed_docs_per_s"), ("generate", "generate_tokens_per_s"),
                           ("mixed", "mixed_requests_per_s")):
             out[f"{name}_shared_over_{other}"] = sh["throughput"][key] / o["throughput"][key]
+    if "hf_peft" in rows:
+        # transformers+peft's better way to do the mixed work: one padded batch, or two phases
+        hf = rows["hf_peft"]["seconds"]
+        out["mixed_shared_over_hf_peft_best"] = min(hf["mixed"], hf["embed"] + hf["generate"]) / sh["seconds"]["mixed"]
     return out
 
 

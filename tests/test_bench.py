@@ -55,6 +55,8 @@ def test_bench_figures_follow_from_the_measurements(bench):
     assert math.isclose(r["peak_shared_over_hf_peft"], sh["memory"]["peak_bytes"] / hf["memory"]["peak_bytes"])
     assert math.isclose(r["mixed_shared_over_separate"], sep["seconds"]["mixed"] / sh["seconds"]["mixed"])
     assert math.isclose(r["mixed_shared_over_hf_peft"], hf["seconds"]["mixed"] / sh["seconds"]["mixed"])
+    hf_best = min(hf["seconds"]["mixed"], hf["seconds"]["embed"] + hf["seconds"]["generate"])
+    assert math.isclose(r["mixed_shared_over_hf_peft_best"], hf_best / sh["seconds"]["mixed"])
     # two backbones hold about twice the weights of one backbone with both adapters
     assert 1.6 < sep["memory"]["weights_bytes"] / sh["memory"]["weights_bytes"] < 2.0
     assert sep["memory"]["resident_bytes"] > sh["memory"]["resident_bytes"]
