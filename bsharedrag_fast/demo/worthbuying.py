@@ -30,6 +30,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import Union
 
 # per size: products per category, single-product (long-tail) brands per category,
 # extra domain texts, general texts, updates
@@ -427,7 +428,7 @@ def _write_qrels(path: str, records: list) -> None:
                 f.write(f"{rec['query_id']}\t{doc_id}\t1\n")
 
 
-def generate_worthbuying(out_dir: str, seed: int = 0, size: str = "full") -> WorthBuyingPaths:
+def generate_worthbuying(out_dir: Union[str, os.PathLike], seed: int = 0, size: str = "full") -> WorthBuyingPaths:
     """Write WorthBuying-mini to out_dir (created if needed; files there are overwritten).
     size "full": 480 products, ~1700 documents, ~1000 train + ~200 test questions;
     "quick": about a quarter of that. The same seed and size give byte-identical files."""
