@@ -17,7 +17,7 @@ from ..data import enumerate_jsonl, load_corpus
 from ..generation import eos_ids
 from ..rag import TEMPLATES, RAGPipeline
 from ..tokenizer import Tokenizer
-from .loop import LoopConfig, LoRAOptions, TrainResult, _help, build_model, setup_distributed, train_loop
+from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import lm_step
 from .sampling import EpochSampler, Rng
 
@@ -28,12 +28,12 @@ GENERAL_PROMPT = "Instruction: {instruction}\n{input}Response:"
 class PromptOptions:
     """How QA records become prompts (as bsharedrag ask builds them)."""
 
-    template: str = _help("prompt template: en, zh, or a file with {context} and {question}", default="en")
-    k: int = _help("contexts per prompt (the top-k retrieved)", default=3)
-    context_tokens: int = _help("token budget of the contexts", default=768)
-    max_length: Optional[int] = _help("longest prompt + answer (default: the model's max_position_embeddings)",
+    template: str = option("prompt template: en, zh, or a file with {context} and {question}", default="en")
+    k: int = option("contexts per prompt (the top-k retrieved)", default=3)
+    context_tokens: int = option("token budget of the contexts", default=768)
+    max_length: Optional[int] = option("longest prompt + answer (default: the model's max_position_embeddings)",
                                       default=None)
-    max_answer_tokens: int = _help("longest answer incl. EOS; a longer one is an error", default=256)
+    max_answer_tokens: int = option("longest answer incl. EOS; a longer one is an error", default=256)
 
     def template_text(self) -> str:
         if self.template not in TEMPLATES and os.path.isfile(self.template):
@@ -44,12 +44,12 @@ class PromptOptions:
 
 @dataclass(kw_only=True)
 class GeneratorConfig(PromptOptions, LoRAOptions, LoopConfig):
-    model: str = _help("HF model directory (the continually pre-trained backbone)")
-    data: str = _help('QA JSONL: {"question", "answer", "contexts": [{"title", "text"}]} or "doc_ids" + --corpus')
-    corpus: Optional[str] = _help("corpus JSONL (BEIR corpus.jsonl) that doc_ids refer to", default=None)
-    general: Optional[str] = _help('general instruction JSONL: {"instruction", "input"?, "output"}', default=None)
-    general_ratio: float = _help("fraction of examples drawn from the general instruction data", default=0.0)
-    batch_size: int = _help("examples per micro-batch, all processes together", default=8)
+    model: str = option("HF model directory (the continually pre-trained backbone)")
+    data: str = option('QA JSONL: {"question", "answer", "contexts": [{"title", "text"}]} or "doc_ids" + --corpus')
+    corpus: Optional[str] = option("corpus JSONL (BEIR corpus.jsonl) that doc_ids refer to", default=None)
+    general: Optional[str] = option('general instruction JSONL: {"instruction", "input"?, "output"}', default=None)
+    general_ratio: float = option("fraction of examples drawn from the general instruction data", default=0.0)
+    batch_size: int = option("examples per micro-batch, all processes together", default=8)
 
     def check(self) -> None:
         super().check()

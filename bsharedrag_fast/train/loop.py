@@ -39,7 +39,7 @@ METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 
 
-def _help(text: str, **kw):
+def option(text: str, **kw):
     """A dataclass field whose help text the command line shows (see train/cli.py)."""
     return field(metadata={"help": text}, **kw)
 
@@ -48,21 +48,21 @@ def _help(text: str, **kw):
 class LoopConfig:
     """Options every stage shares."""
 
-    out: str = _help("output directory (final model or adapter, checkpoints, metrics.jsonl, loss.png)")
-    steps: int = _help("optimizer steps", default=1000)
-    lr: float = _help("peak learning rate of AdamW", default=1e-4)
-    warmup_steps: int = _help("linear warmup steps before the cosine decay", default=100)
-    min_lr_ratio: float = _help("final learning rate as a fraction of lr (cosine floor)", default=0.0)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
-    grad_accum: int = _help("micro-batches accumulated per optimizer step", default=1)
-    max_grad_norm: float = _help("clip the global gradient norm to this (0 = no clipping)", default=1.0)
-    activation_checkpointing: bool = _help("recompute each layer in backward to save memory", default=False)
-    seed: int = _help("seed of the data order, sampling, init and dropout", default=0)
-    save_every: int = _help("steps between resumable checkpoints (0 = none)", default=500)
-    keep_checkpoints: int = _help("newest checkpoints kept on disk", default=2)
-    resume: bool = _help("continue from the newest checkpoint in out/checkpoints if there is one", default=True)
-    device: str = _help("cpu or cuda (with torchrun: each rank takes cuda:LOCAL_RANK)", default="cpu")
-    bf16: bool = _help("bf16 autocast (CUDA only; weights and optimizer stay fp32)", default=True)
+    out: str = option("output directory (final model or adapter, checkpoints, metrics.jsonl, loss.png)")
+    steps: int = option("optimizer steps", default=1000)
+    lr: float = option("peak learning rate of AdamW", default=1e-4)
+    warmup_steps: int = option("linear warmup steps before the cosine decay", default=100)
+    min_lr_ratio: float = option("final learning rate as a fraction of lr (cosine floor)", default=0.0)
+    weight_decay: float = option("AdamW weight decay", default=0.0)
+    grad_accum: int = option("micro-batches accumulated per optimizer step", default=1)
+    max_grad_norm: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+    activation_checkpointing: bool = option("recompute each layer in backward to save memory", default=False)
+    seed: int = option("seed of the data order, sampling, init and dropout", default=0)
+    save_every: int = option("steps between resumable checkpoints (0 = none)", default=500)
+    keep_checkpoints: int = option("newest checkpoints kept on disk", default=2)
+    resume: bool = option("continue from the newest checkpoint in out/checkpoints if there is one", default=True)
+    device: str = option("cpu or cuda (with torchrun: each rank takes cuda:LOCAL_RANK)", default="cpu")
+    bf16: bool = option("bf16 autocast (CUDA only; weights and optimizer stay fp32)", default=True)
 
     def check(self) -> None:
         if not self.out:
@@ -85,12 +85,12 @@ class LoopConfig:
 class LoRAOptions:
     """LoRA options of the retriever and generator stages (paper defaults)."""
 
-    r: int = _help("LoRA rank", default=32)
-    alpha: float = _help("LoRA alpha (scaling alpha / r)", default=64.0)
-    dropout: float = _help("dropout on the LoRA input, as peft's lora_dropout", default=0.1)
-    target_modules: list = _help("modules that get LoRA", default_factory=lambda: list(TARGET_MODULES))
-    init_adapter: Optional[str] = _help("start from this PEFT adapter (same r, alpha, modules)", default=None)
-    epochs: float = _help("if > 0: passes over the training examples, overriding steps", default=0.0)
+    r: int = option("LoRA rank", default=32)
+    alpha: float = option("LoRA alpha (scaling alpha / r)", default=64.0)
+    dropout: float = option("dropout on the LoRA input, as peft's lora_dropout", default=0.1)
+    target_modules: list = option("modules that get LoRA", default_factory=lambda: list(TARGET_MODULES))
+    init_adapter: Optional[str] = option("start from this PEFT adapter (same r, alpha, modules)", default=None)
+    epochs: float = option("if > 0: passes over the training examples, overriding steps", default=0.0)
 
     def lora_spec(self) -> LoRASpec:
         return LoRASpec(r=self.r, alpha=float(self.alpha), dropout=self.dropout, targets=tuple(self.target_modules))

@@ -29,7 +29,9 @@ lora_linear runs for base-only rows, without an empty adapter stack to carry aro
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,6 +44,7 @@ from .. import ops
 from ..adapters import read_adapter, write_adapter
 from ..model import (TARGET_MODULES, ModelConfig, _attention, apply_rope, check_packed, load_state_dict,
                      positions_from_cu_seqlens, rms_norm, rope_cos_sin, rope_inv_freq)  # fmt: skip
+from .init import copy_tokenizer
 
 IGNORE = -100  # label of rows that carry no loss (as torch's cross_entropy ignore_index)
 
@@ -207,9 +210,6 @@ class TrainModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, lora: Optional[LoRASpec] = None, dtype: torch.dtype = torch.float32,
                         device="cpu", activation_checkpointing: bool = False) -> "TrainModel":
-        import json
-        import os
-
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"no config.json in {path!r}: not a HF model directory")
@@ -331,12 +331,7 @@ class TrainModel(nn.Module):
 
     def save_pretrained(self, out_dir: str, src_dir: str) -> None:
         """HF layout (config.json from src_dir, model.safetensors, tokenizer files copied)."""
-        import json
-        import os
-
         from safetensors.torch import save_file
-
-        from .init import copy_tokenizer
 
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(src_dir, "config.json")) as f:

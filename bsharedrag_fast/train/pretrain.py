@@ -15,20 +15,20 @@ import torch
 from ..data import enumerate_jsonl
 from ..generation import eos_ids
 from ..tokenizer import Tokenizer
-from .loop import LoopConfig, TrainResult, _help, build_model, setup_distributed, train_loop
+from .loop import LoopConfig, TrainResult, build_model, option, setup_distributed, train_loop
 from .module import IGNORE, pack
 from .sampling import EpochSampler, Rng
 
 
 @dataclass(kw_only=True)
 class PretrainConfig(LoopConfig):
-    model: str = _help("HF model directory to start from (config.json, *.safetensors, tokenizer.json)")
-    domain: list = _help("JSONL file(s) of domain text, {\"text\": ...} per line", default_factory=list)
-    general: list = _help("JSONL file(s) of general text, {\"text\": ...} per line", default_factory=list)
-    domain_ratio: float = _help("fraction of rows drawn from the domain corpora", default=0.5)
-    seq_len: int = _help("tokens per row (documents packed, never attending across each other)", default=512)
-    batch_size: int = _help("rows per micro-batch, all processes together", default=8)
-    lr: float = _help("peak learning rate of AdamW", default=2e-5)
+    model: str = option("HF model directory to start from (config.json, *.safetensors, tokenizer.json)")
+    domain: list = option("JSONL file(s) of domain text, {\"text\": ...} per line", default_factory=list)
+    general: list = option("JSONL file(s) of general text, {\"text\": ...} per line", default_factory=list)
+    domain_ratio: float = option("fraction of rows drawn from the domain corpora", default=0.5)
+    seq_len: int = option("tokens per row (documents packed, never attending across each other)", default=512)
+    batch_size: int = option("rows per micro-batch, all processes together", default=8)
+    lr: float = option("peak learning rate of AdamW", default=2e-5)
 
     def check(self) -> None:
         super().check()

@@ -30,7 +30,7 @@ from ..data import enumerate_jsonl, load_beir
 from ..generation import eos_ids
 from ..tokenizer import Tokenizer
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
-from .loop import LoopConfig, LoRAOptions, TrainResult, _help, build_model, setup_distributed, train_loop
+from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .module import pack
 from .pretrain import causal_labels
 from .sampling import EpochSampler, Rng
@@ -38,25 +38,25 @@ from .sampling import EpochSampler, Rng
 
 @dataclass(kw_only=True)
 class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
-    model: str = _help("HF model directory (the continually pre-trained backbone)")
-    data: str = _help("BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a triples JSONL")
-    split: str = _help("qrels split of a BEIR directory", default="train")
-    negatives: Optional[str] = _help("mined negatives JSONL (bsharedrag mine-negatives) for BEIR data",
+    model: str = option("HF model directory (the continually pre-trained backbone)")
+    data: str = option("BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a triples JSONL")
+    split: str = option("qrels split of a BEIR directory", default="train")
+    negatives: Optional[str] = option("mined negatives JSONL (bsharedrag mine-negatives) for BEIR data",
                                      default=None)
-    num_negatives: int = _help("hard negatives per query", default=7)
-    temperature: float = _help("InfoNCE temperature", default=0.01)
-    query_prefix: str = _help("text put before each query", default="query: ")
-    passage_prefix: str = _help("text put before each passage", default="passage: ")
-    query_max_len: int = _help("longest query in tokens (EOS included; longer ones are cut)", default=64)
-    passage_max_len: int = _help("longest passage in tokens (EOS included; longer ones are cut)", default=256)
-    batch_size: int = _help("queries per micro-batch, all processes together", default=8)
-    fully_shared: bool = _help("Fully-shared RAG baseline: one LoRA on retrieval + generation losses",
+    num_negatives: int = option("hard negatives per query", default=7)
+    temperature: float = option("InfoNCE temperature", default=0.01)
+    query_prefix: str = option("text put before each query", default="query: ")
+    passage_prefix: str = option("text put before each passage", default="passage: ")
+    query_max_len: int = option("longest query in tokens (EOS included; longer ones are cut)", default=64)
+    passage_max_len: int = option("longest passage in tokens (EOS included; longer ones are cut)", default=256)
+    batch_size: int = option("queries per micro-batch, all processes together", default=8)
+    fully_shared: bool = option("Fully-shared RAG baseline: one LoRA on retrieval + generation losses",
                                default=False)
-    gen_data: Optional[str] = _help("QA JSONL for fully_shared (as train generator's data)", default=None)
-    gen_corpus: Optional[str] = _help("corpus JSONL that gen_data's doc_ids refer to", default=None)
-    gen_batch_size: int = _help("generation examples per micro-batch (fully_shared)", default=8)
-    gen_weight: float = _help("loss = retrieval + gen_weight * generation (fully_shared)", default=1.0)
-    full_finetune: bool = _help("train every weight, no LoRA, and save a whole HF model: a separate "
+    gen_data: Optional[str] = option("QA JSONL for fully_shared (as train generator's data)", default=None)
+    gen_corpus: Optional[str] = option("corpus JSONL that gen_data's doc_ids refer to", default=None)
+    gen_batch_size: int = option("generation examples per micro-batch (fully_shared)", default=8)
+    gen_weight: float = option("loss = retrieval + gen_weight * generation (fully_shared)", default=1.0)
+    full_finetune: bool = option("train every weight, no LoRA, and save a whole HF model: a separate "
                                 "embedder model (the Separate RAG baseline)", default=False)
 
     def check(self) -> None:
