@@ -22,6 +22,7 @@ statistics, so RSS it is.
 
     python benchmarks/bench_train.py                      # tiny preset
     python benchmarks/bench_train.py --preset qwen2-0.5b --batch 4
+    python benchmarks/bench_train.py --threads 1           # steadier on a busy machine
 Prints the ratios and writes JSON to benchmarks/results/train_cpu.json.
 """
 from __future__ import annotations
@@ -162,9 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per method")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps measured for peak memory")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "train_cpu.json"))
     ap.add_argument("--memory-child", nargs=3, metavar=("METHOD", "CKPT", "WORKLOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args.memory_steps)
         return 0
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
         for m in METHODS:
             print(f"[{args.preset}] memory {m}", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", m, ckpt, wfile,
-                                  "--memory-steps", str(args.memory_steps)],
+                                  "--memory-steps", str(args.memory_steps), "--threads", str(torch.get_num_threads())],
                                  env=dict(os.environ, **MALLOC_ENV), check=True, capture_output=True,
                                  text=True).stdout  # fmt: skip
             memory[m] = json.loads(out.strip().splitlines()[-1])
