@@ -194,6 +194,14 @@ def test_no_resume_starts_over(tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step-2"]
 
 
+def test_resume_from_another_config_is_an_error(tiny, tmp_path):
+    out = str(tmp_path / "r")
+    _stage("retriever", tiny, out, steps=4, save_every=2)
+    with pytest.raises(ValueError, match="other trainable weights"):
+        train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=out, batch_size=4, r=2, alpha=4,
+                                        steps=4, save_every=2))
+
+
 # ----------------------------------------------------------------------------- mining
 
 

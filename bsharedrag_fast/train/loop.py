@@ -285,6 +285,10 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
         if state["world"] != dist.world:
             raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run has {dist.world}")
         named = dict(model.trainable_parameters())
+        shapes = {n: tuple(p.shape) for n, p in named.items()}
+        if {n: tuple(t.shape) for n, t in state["model"].items()} != shapes:
+            raise ValueError(f"checkpoint {path} holds other trainable weights than this run's model "
+                             f"(a different LoRA config or model?); use another out or resume=False")
         with torch.no_grad():
             for n, t in state["model"].items():
                 named[n].copy_(t)
