@@ -6,11 +6,11 @@ SDPA over packed sequences, merged QKV and gate_up weights), with parameters:
 - LoRA mode: the base is frozen and each target module has a trainable A [r, in] and
   B [out, r] (peft's init: A kaiming-uniform, B zero; scaling alpha / r).
 
-Every projection with LoRA is ONE `ops.lora_linear` call on its merged weight: the
-A's of q/k/v (gate/up) are stacked along r and their B's form a block-diagonal
-[out_q + out_k + out_v, 3r], so x A^T B^T lands each module's update in its own slice
-(the off-diagonal blocks are constant zeros: no gradient reaches them). One LoRAMeta
-(every row -> adapter 0) is built per forward and reused by every layer.
+Without dropout, a projection with LoRA is ONE `ops.lora_linear` call on its merged
+weight: the A's of q/k/v (gate/up) are stacked along r and their B's form a
+block-diagonal [out_q + out_k + out_v, 3r], so x A^T B^T lands each module's update in
+its own slice (the off-diagonal blocks are constant zeros: no gradient reaches them).
+One LoRAMeta (every row -> adapter 0) is built per forward and reused by every layer.
 
 Dropout (peft's: on the LoRA input only) gives the LoRA a different input than the base,
 which one fused call cannot take. In training with dropout > 0 a projection is therefore
