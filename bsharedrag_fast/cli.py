@@ -1,9 +1,14 @@
-"""The `bsharedrag` command line: index, embed, ask, generate over one shared backbone.
+"""The `bsharedrag` command line over one shared backbone.
 
+    bsharedrag demo     [--quick]             BSharedRAG end to end on generated data (the main job)
     bsharedrag index    --model DIR --retrieval-adapter DIR --corpus corpus.jsonl --out INDEX_DIR
     bsharedrag embed    --model DIR --adapter DIR --text "..." [--text ...] [--out vecs.npy]
     bsharedrag ask      --model DIR --retrieval-adapter DIR --generation-adapter DIR --index INDEX_DIR "question"
     bsharedrag generate --model DIR [--adapter DIR] "prompt"
+    bsharedrag train    {pretrain,retriever,generator} ...   and   bsharedrag mine-negatives ...
+    bsharedrag eval     {retrieval,generation} ...
+    bsharedrag serve    --model DIR --adapter NAME=DIR ...  (OpenAI-compatible HTTP server)
+    bsharedrag bench    [--preset tiny|qwen2-0.5b|...]      (Shared vs Separate RAG vs transformers+peft)
 
 Models are HF checkpoint directories (config.json, safetensors, tokenizer.json); adapters
 are PEFT LoRA directories. Run `bsharedrag COMMAND --help` for every option.
@@ -204,11 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
-    from .evaluation import add_commands as _add_eval; _add_eval(sub)
-    from .server import add_commands as _add_server; _add_server(sub)
-    from .train.cli import add_commands as _add_train; _add_train(sub)
-    from .bench import add_commands as _add_bench; _add_bench(sub)
-    from .demo.pipeline import add_commands as _add_demo; _add_demo(sub)
+    # command groups registered by the modules that hold them (their heavy imports stay
+    # inside the commands, so --help is fast)
+    from . import bench, evaluation, server
+    from .demo import pipeline
+    from .train import cli as train_cli
+
+    for group in (train_cli, evaluation, pipeline, bench, server):
+        group.add_commands(sub)
     return ap
 
 

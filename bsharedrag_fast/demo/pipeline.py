@@ -38,31 +38,48 @@ RETRIEVAL_KS = (3, 5, 10)
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes and step counts of one demo run (see PLANS)."""
+    """Sizes, step counts and learning rates of one demo run (see PLANS)."""
     data_size: str
     vocab_size: int
     model: dict  # HF config fields of the tiny backbone
     seq_len: int
+    pretrain_batch: int
     general_steps: int
     cpt_steps: int
-    pretrain_batch: int
+    pretrain_lr: float
     retriever_steps: int
     retriever_batch: int
+    retriever_lr: float
+    separate_lr: float  # the fully fine-tuned Separate RAG embedder
     num_negatives: int
+    mine_k: int
     generator_steps: int
     generator_batch: int
-    mine_k: int
+    generator_lr: float
     eval_questions: int  # test questions answered by each RAG system
     max_new_tokens: int
 
 
-_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+# Sized for a 2-core CPU. Both use the quick size of WorthBuying-mini (120 products, 426
+# documents): a model trained from scratch needs several passes over the training queries
+# to tell near-duplicate model codes apart, and the full size's 1067 queries do not get
+# them in minutes (measured: 1.3 epochs left every retriever below 0.15 nDCG@5).
 PLANS = {
-    "full": DemoPlan("full", 2048, _MODEL, 128, 300, 500, 16, 300, 16, 3, 300, 16, 20, 120, 16),
-    "quick": DemoPlan("quick", 1024, dict(_MODEL, num_hidden_layers=2), 96, 80, 150, 16, 100, 16, 2, 100, 16,
-                      10, 40, 12),
+    "full": DemoPlan("quick", 1024, _MODEL, seq_len=96, pretrain_batch=16, general_steps=80, cpt_steps=150,
+                     pretrain_lr=2e-3, retriever_steps=100, retriever_batch=16, retriever_lr=1e-3, separate_lr=3e-4,
+                     num_negatives=2, mine_k=10, generator_steps=150, generator_batch=16, generator_lr=1e-3,
+                     eval_questions=53, max_new_tokens=12),
+    "quick": DemoPlan("quick", 1024, _MODEL, seq_len=96, pretrain_batch=16, general_steps=60, cpt_steps=120,
+                      pretrain_lr=2e-3, retriever_steps=60, retriever_batch=12, retriever_lr=1e-3, separate_lr=3e-4,
+                      num_negatives=2, mine_k=10, generator_steps=60, generator_batch=8, generator_lr=1e-3,
+                      eval_questions=40, max_new_tokens=12),
 }
+
+
+def _warmup(steps: int) -> int:
+    return max(1, steps // 10)
 
 
 @contextmanager
@@ -246,7 +263,8 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     def pre(name, model, domain, general, ratio, steps):
         r = pretrain(PretrainConfig(model=model, out=os.path.join(d["models"], name), domain=domain,
                                     general=general, domain_ratio=ratio, seq_len=plan.seq_len,
-                                    batch_size=plan.pretrain_batch, steps=steps, seed=seed))
+                                    batch_size=plan.pretrain_batch, steps=steps, lr=plan.pretrain_lr,
+                                    warmup_steps=_warmup(steps), save_every=0, seed=seed))
         losses[name] = r.losses
         return r.out_dir
 
@@ -259,10 +277,11 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     with _stage(secs, "cpt", "continual pre-training on domain + general text (BSharedRAG backbone)"):
         cpt = pre("cpt", general, [paths.domain], [paths.general], 0.8, plan.cpt_steps)
 
-    def retr(name, model, negatives=None, **over):
+    def retr(name, model, negatives=None, lr=plan.retriever_lr, **over):
         r = train_retriever(RetrieverConfig(model=model, data=paths.root, out=os.path.join(d["adapters"], name),
                                             negatives=negatives, num_negatives=plan.num_negatives,
                                             steps=plan.retriever_steps, batch_size=plan.retriever_batch,
+                                            lr=lr, warmup_steps=_warmup(plan.retriever_steps), save_every=0,
                                             seed=seed, **over))
         losses[name] = r.losses
         return r.out_dir
@@ -277,7 +296,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         r_nocpt = retr("retrieval_no_cpt", general, negatives=negs)
         r_full = retr("fully_shared", cpt, negatives=negs, fully_shared=True, gen_data=paths.qa_train,
                       gen_corpus=paths.corpus)
-        sep_dir = retr("separate_retriever", general, negatives=negs, full_finetune=True)
+        sep_dir = retr("separate_retriever", general, negatives=negs, full_finetune=True, lr=plan.separate_lr)
 
     with _stage(secs, "index", "embedding the corpus with every retriever"):
         rt_cpt = _runtime(cpt, {"retrieval": ret, "round1": r1, "fully_shared": r_full})
@@ -300,7 +319,9 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         gen_data = _contexts_file(rt_cpt, "retrieval", index, paths.qa_train,
                                   os.path.join(d["work"], "qa_train_contexts.jsonl"), k=3)
         g = train_generator(GeneratorConfig(model=cpt, data=gen_data, out=os.path.join(d["adapters"], "generation"),
-                                            steps=plan.generator_steps, batch_size=plan.generator_batch, seed=seed))
+                                            steps=plan.generator_steps, batch_size=plan.generator_batch,
+                                            lr=plan.generator_lr, warmup_steps=_warmup(plan.generator_steps),
+                                            save_every=0, seed=seed))
         losses["generation"] = g.losses
         rt_cpt.model.load_adapter(g.out_dir, "generation")
 
