@@ -47,7 +47,7 @@ setup(
     package_dir={"bsharedrag_fast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "safetensors", "tokenizers", "jinja2", "tqdm"],
     entry_points={"console_scripts": ["bsharedrag=bsharedrag_fast.cli:main"]},
     extras_require={"triton": ["triton>=3.0"], "plots": ["matplotlib>=3.5"], "train": ["matplotlib>=3.5"],
