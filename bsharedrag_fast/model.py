@@ -180,7 +180,7 @@ def _safetensors_files(path: str) -> list[str]:
 
 
 def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Read the expected tensors (memory-mapped via safe_open, no pickle), cast to dtype.
+    """Read the expected tensors (through safe_open memory maps, no pickle) into copies of dtype.
     Missing, unexpected or mis-shaped tensors are a ValueError naming them."""
     from safetensors import safe_open
 
