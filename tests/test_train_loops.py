@@ -12,18 +12,9 @@ from bsharedrag_fast.train import (GeneratorConfig, PretrainConfig, RetrieverCon
                                    train_generator, train_retriever)
 from bsharedrag_fast.train.generator import PromptBuilder
 from bsharedrag_fast.train.module import pack
-from train_tiny import beir_dir, model_dir, qa_rows, write_jsonl
+from train_tiny import beir_dir, model_dir, one_thread, qa_rows, write_jsonl  # noqa: F401  (one_thread: autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 FAST = dict(save_every=0, warmup_steps=2)
 LORA = dict(r=8, alpha=16, dropout=0.0)
 

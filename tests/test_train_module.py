@@ -12,18 +12,10 @@ from bsharedrag_fast import Backbone  # noqa: E402
 from bsharedrag_fast.train import init_checkpoint  # noqa: E402
 from bsharedrag_fast.train.module import LoRASpec, TrainModel  # noqa: E402
 from tiny_models import hf_model, packed, peft_adapter, spans  # noqa: E402
+from train_tiny import one_thread  # noqa: E402, F401  (autouse fixture)
 
 LENS = [5, 1, 12, 7]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])

@@ -1,6 +1,8 @@
 """Tiny models and data sets for the training tests (random weights, nothing downloaded)."""
 import json
 
+import pytest
+import torch
 from tiny_models import write_tokenizer
 
 from bsharedrag_fast.train import init_checkpoint
@@ -10,6 +12,15 @@ TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_lay
             initializer_range=0.25)  # larger than HF's 0.02: a LoRA moves the logits within a few steps
 WORDS = ["quick", "brown", "fox", "lazy", "dog", "shared", "backbone", "retrieval", "generation", "low",
          "rank", "adapters", "resident", "model", "jumps", "over"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def model_dir(path, arch: str = "LlamaForCausalLM", **overrides):

@@ -243,6 +243,11 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     from .worthbuying import generate_worthbuying
 
     plan = plan or PLANS["quick" if quick else "full"]
+    try:
+        import matplotlib  # noqa: F401  (the report's plots: checked before minutes of training)
+    except ImportError:
+        raise ValueError("bsharedrag demo draws its report's plots with matplotlib: "
+                         "pip install 'bsharedrag_fast[plots]' (or -r requirements-cpu.txt)") from None
     torch.manual_seed(seed)
     out_dir = os.path.abspath(out_dir)
     d = {k: os.path.join(out_dir, k) for k in ("data", "tokenizer", "models", "adapters", "report", "work")}
