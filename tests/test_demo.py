@@ -82,3 +82,14 @@ def test_demo_command_help(capsys):
         main(["demo", "--help"])
     assert e.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_saved_index_answers_through_the_cli(demo, capsys):
+    out, res = demo
+    question = res["samples"][0]["question"]
+    assert main(["ask", "--model", str(out / "models" / "cpt"),
+                 "--retrieval-adapter", str(out / "adapters" / "retrieval"),
+                 "--generation-adapter", str(out / "adapters" / "generation"), "--index", str(out / "index"),
+                 "--max-new-tokens", "4", question]) == 0  # the index records the demo's embedder
+    rec = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(rec["sources"]) == 3 and isinstance(rec["answer"], str)

@@ -24,6 +24,7 @@ Writes `out/report/` (results.json, report.md, PNG plots) and prints a results t
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -116,10 +117,10 @@ def _exact_run(rt, adapter, corpus_ids, corpus_vecs, queries: dict, k: int) -> d
             for qid, srow, irow in zip(qids, scores, idx)}
 
 
-def _build_index(rt, adapter, corpus: dict, corpus_ids, corpus_vecs):
+def _build_index(corpus: dict, corpus_ids, corpus_vecs, embedder: Optional[dict] = None):
     from ..index import HNSWIndex
 
-    idx = HNSWIndex(corpus_vecs.shape[1], space="ip")
+    idx = HNSWIndex(corpus_vecs.shape[1], space="ip", embedder=embedder)
     idx.upsert(corpus_ids, corpus_vecs, [corpus[d] for d in corpus_ids])
     return idx
 
@@ -234,6 +235,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
              plan: Optional[DemoPlan] = None) -> dict:
     """Run every stage (see the module docstring) into out_dir; returns the results dict that
     is also written to out_dir/report/results.json. plan overrides PLANS["quick" / "full"]."""
+    from ..cli import embedder_fingerprint
     from ..data import load_beir, read_jsonl
     from ..evaluation import generation_metrics, retrieval_metrics
     from ..rag import RAGPipeline
@@ -316,9 +318,12 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
             "Separate RAG retriever (same size)": (rt_sep, None),
         }
         vectors = {n: _embed_corpus(rt, test.corpus, a) for n, (rt, a) in systems.items()}
-        index = _build_index(rt_cpt, "retrieval", test.corpus, *vectors["BSharedRAG"])
-        sep_index = _build_index(rt_sep, None, test.corpus, *vectors["Separate RAG retriever (same size)"])
-        fs_index = _build_index(rt_cpt, "fully_shared", test.corpus, *vectors["Fully-shared"])
+        # the saved index records its embedder as `bsharedrag index` does, so `bsharedrag ask` can use it
+        fingerprint = embedder_fingerprint(argparse.Namespace(model=cpt, pooling="last", query_prefix="query: ",
+                                                              passage_prefix="passage: "), ret)
+        index = _build_index(test.corpus, *vectors["BSharedRAG"], embedder=fingerprint)
+        sep_index = _build_index(test.corpus, *vectors["Separate RAG retriever (same size)"])
+        fs_index = _build_index(test.corpus, *vectors["Fully-shared"])
 
     with _stage(secs, "generation", "generation LoRA on retrieved contexts"):
         gen_data = _contexts_file(rt_cpt, "retrieval", index, paths.qa_train,
@@ -388,12 +393,15 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     _print_table(results)
     print(f"\nreport: {d['report']}/report.md (results.json, {len(results['plots'])} plots); "
           f"total {secs['total']:.0f} s")
+    print(f"ask it yourself: bsharedrag ask --model {cpt} --retrieval-adapter {ret} "
+          f"--generation-adapter {g.out_dir} --index {os.path.join(out_dir, 'index')} "
+          f"--max-new-tokens {plan.max_new_tokens} \"{update_rows[0]['question'] if update_rows else questions[0]}\"")
     return results
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="BSharedRAG end to end on a generated e-commerce data set (CPU, minutes)",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bsharedrag-demo", help="work and report directory (default ./bsharedrag-demo)")
     p.add_argument("--quick", action="store_true", help="smaller data, model and step counts (about 2 minutes)")
     p.add_argument("--seed", type=int, default=0)
