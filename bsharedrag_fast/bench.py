@@ -4,13 +4,15 @@
     bsharedrag bench --preset qwen2-0.5b      # qwen2-1.5b, llama-3-8b: shapes of those models
     bsharedrag bench --model DIR [--adapters RETRIEVAL GENERATION] [--dtype bfloat16]
     bsharedrag bench --quick                  # a smaller workload, one round
+    bsharedrag bench --device cuda            # on a GPU: memory is torch's device allocations
 
 A preset writes a random checkpoint and two random r=16 adapters (retrieval, generation) to a
 temporary directory; --model uses a HF checkpoint directory (random adapters unless --adapters).
 Each setup (see bench_worker: shared, separate, hf_peft) lives in its own process, so its
 memory figures are its own, all over the process's RSS before loading: resident (RSS once the
 workloads have run, so weights that loading only memory-mapped count too), peak (VmHWM) and,
-for reference, loaded (RSS right after loading). The workload is token ids: N documents to
+for reference, loaded (RSS right after loading); with --device cuda the same figures are the
+GPU memory torch allocated (the setups' processes share the GPU). The workload is token ids: N documents to
 embed (16-64 tokens) and M prompts (32-128 tokens) answered greedily with T new tokens:
   embed     the N documents, retrieval adapter, last-token pooling
   generate  the M answers, generation adapter
@@ -87,9 +89,10 @@ def _model_config(model: str) -> dict:
         return json.load(f)
 
 
-def _check_room(cfg: dict, dtype: str, setups: list, writes_checkpoint: bool) -> None:
+def _check_room(cfg: dict, dtype: str, setups: list, writes_checkpoint: bool, device: str = "cpu") -> None:
     """Every setup's process is resident at once: refuse a run whose weights alone would not
-    fit in memory (or whose random checkpoint would not fit in the temp dir) before starting it."""
+    fit in memory (the GPU's on CUDA; or whose random checkpoint would not fit in the temp
+    dir) before starting it."""
     import torch
 
     from .synthetic import checkpoint_nbytes
@@ -98,7 +101,7 @@ def _check_room(cfg: dict, dtype: str, setups: list, writes_checkpoint: bool) ->
     gib = 2**30
     one = checkpoint_nbytes(cfg, getattr(torch, dtype))
     copies = sum(BACKBONES[s] for s in setups)
-    avail = available_memory_bytes()
+    avail = torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory_bytes()
     if one * copies > avail:
         raise ValueError(f"setups {','.join(setups)} hold {copies} copies of {one / gib:.1f} GiB of {dtype} weights "
                          f"({one * copies / gib:.1f} GiB), but {avail / gib:.1f} GiB of memory is available: "
@@ -134,7 +137,7 @@ def _checkpoint(tmp: str, preset: str | None, model: str | None, cfg: dict, adap
 def run_bench(preset: str | None = None, model: str | None = None, adapters=None, quick: bool = False,
               docs: int | None = None, answers: int | None = None, new_tokens: int | None = None,
               rounds: int | None = None, max_batch_tokens: int = 512, dtype: str = "float32",
-              setups=SETUPS, threads: int | None = None, rank: int = 16) -> dict:
+              setups=SETUPS, threads: int | None = None, rank: int = 16, device: str = "cpu") -> dict:
     """Run the benchmark and return its results (what bench.json holds)."""
     from tqdm import tqdm
 
@@ -147,6 +150,13 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda: torch sees no CUDA device here")
     setups = list(setups)
     bad = [s for s in setups if s not in SETUPS]
     if bad or not setups or len(set(setups)) != len(setups):
@@ -163,7 +173,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
         raise ValueError(f"max_batch_tokens must be >= 64 (the longest document), got {max_batch_tokens}")
 
     cfg = PRESETS[preset] if model is None else _model_config(model)
-    _check_room(cfg, dtype, setups, writes_checkpoint=model is None)
+    _check_room(cfg, dtype, setups, writes_checkpoint=model is None, device=device)
     load_before = os.getloadavg()  # other jobs on the machine skew timings: recorded with them
     with tempfile.TemporaryDirectory(prefix="bsharedrag_bench_") as tmp:
         path, adapter_dirs, cfg = _checkpoint(tmp, preset, model, cfg, adapters, dtype, rank)
@@ -174,7 +184,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
                 spec_path = os.path.join(tmp, f"{setup}.json")
                 with open(spec_path, "w") as f:
                     json.dump({"setup": setup, "model": path, "adapters": adapter_dirs, "dtype": dtype,
-                               "threads": threads, "docs": doc_ids, "prompts": prompts,
+                               "device": device, "threads": threads, "docs": doc_ids, "prompts": prompts,
                                "new_tokens": work["new_tokens"], "max_batch_tokens": max_batch_tokens}, f)
                 print(f"bench: loading {LABELS[setup]}", file=sys.stderr, flush=True)
                 workers[setup] = Worker(spec_path, setup)
@@ -199,8 +209,9 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
 
     doc_tokens = sum(map(len, doc_ids))
     res = {
-        "preset": preset, "model": model, "dtype": dtype,
-        "machine": dict(machine_info("cpu"), load_average_before=load_before[0], load_average_after=os.getloadavg()[0]),
+        "preset": preset, "model": model, "dtype": dtype, "device": device,
+        "memory_measure": "torch.cuda allocations" if device == "cuda" else "process RSS",
+        "machine": dict(machine_info(device), load_average_before=load_before[0], load_average_after=os.getloadavg()[0]),
         "shape": {k: cfg[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                                       "num_attention_heads", "num_key_value_heads", "vocab_size") if k in cfg},
         "workload": dict(work, doc_tokens=doc_tokens, prompt_tokens=sum(map(len, prompts)),
@@ -338,7 +349,7 @@ def cmd_bench(args) -> int:
     res = run_bench(preset=args.preset, model=args.model, adapters=args.adapters, quick=args.quick,
                     docs=args.docs, answers=args.answers, new_tokens=args.new_tokens, rounds=args.rounds,
                     max_batch_tokens=args.max_batch_tokens, dtype=args.dtype, setups=setups,
-                    threads=args.threads, rank=args.rank)
+                    threads=args.threads, rank=args.rank, device=args.device)
     name = res["preset"] or os.path.basename(os.path.normpath(args.model))
     out = args.out or os.path.join("benchmarks", "results", f"bench_{name}")
     os.makedirs(out, exist_ok=True)
@@ -364,6 +375,8 @@ def add_commands(sub) -> None:
     p.add_argument("--rounds", type=int, help="timed rounds after the warm-up (default 3, quick 1)")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="rows per engine step / padded HF batch")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (memory: process RSS) or cuda (memory: torch's device allocations)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {','.join(SETUPS)}")
     p.add_argument("--threads", type=int, help="torch threads per setup process (default: torch's)")
     p.add_argument("--rank", type=int, default=16, help="rank of the random adapters")

@@ -3,7 +3,9 @@
     python -m bsharedrag_fast.bench_worker SPEC.json
 
 SPEC.json: {"setup": "shared"|"separate"|"hf_peft", "model", "adapters": [retrieval, generation],
-"dtype", "threads", "docs", "prompts" (token id lists), "new_tokens", "max_batch_tokens"}.
+"dtype", "device" ("cpu" or "cuda"), "threads", "docs", "prompts" (token id lists), "new_tokens",
+"max_batch_tokens"}. On CPU memory is the process's RSS; on CUDA it is the device memory torch
+allocated (memory_allocated / max_memory_allocated), timings wait for the device to finish.
 The worker loads its setup, replies with its memory, then runs the commands it reads on stdin
 (one JSON object per line: {"op": "embed"|"generate"|"mixed"|"outputs"|"memory"|"quit"}) while
 the parent keeps the other workers idle. Replies are stdout lines starting with REPLY (libraries
@@ -40,17 +42,17 @@ class OursSetup:
         from .model import Backbone
         from .runtime import SharedRuntime
 
-        dtype = getattr(torch, spec["dtype"])
+        dtype, device = getattr(torch, spec["dtype"]), spec["device"]
         retrieval, generation = spec["adapters"]
         mbt, block = spec["max_batch_tokens"], 16
-        first = Backbone.from_pretrained(spec["model"], dtype=dtype)
+        first = Backbone.from_pretrained(spec["model"], dtype=dtype, device=device)
         cfg = first.config
         per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * first.dtype.itemsize
         # every answer admitted at once: its worst case (prompt + new tokens), in whole blocks
         gen_blocks = sum(-(-(len(p) + spec["new_tokens"]) // block) for p in spec["prompts"])
         gen_budget = gen_blocks * block * per_token
         if separate:
-            second = Backbone.from_pretrained(spec["model"], dtype=dtype)
+            second = Backbone.from_pretrained(spec["model"], dtype=dtype, device=device)
             first.load_adapter(retrieval, "retrieval")
             second.load_adapter(generation, "generation")
             self.models = [first, second]
@@ -114,6 +116,8 @@ class HFPeftSetup:
 
         retrieval, generation = spec["adapters"]
         base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
+        self.device = torch.device(spec["device"])
+        base.to(self.device)
         model = PeftModel.from_pretrained(base, retrieval, adapter_name="retrieval")
         model.load_adapter(generation, adapter_name="generation")
         self.model = model.eval()
@@ -137,13 +141,13 @@ class HFPeftSetup:
     def embed(self, docs: list) -> torch.Tensor:
         out = []
         for chunk in _token_chunks(docs, self.max_batch_tokens):
-            ids, mask = _left_padded(chunk)
+            ids, mask = (t.to(self.device) for t in _left_padded(chunk))
             self.model(input_ids=ids, attention_mask=mask, adapter_names=["retrieval"] * len(chunk), logits_to_keep=1)
             out.append(self._pooled(len(chunk)))
         return torch.cat(out)
 
     def _generate(self, rows: list, adapters: list, new_tokens: int) -> torch.Tensor:
-        ids, mask = _left_padded(rows)
+        ids, mask = (t.to(self.device) for t in _left_padded(rows))
         out = self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=0)
@@ -170,6 +174,29 @@ def _reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
+class _Meter:
+    """Memory over the level before loading (RSS on CPU, torch's allocations on CUDA), and a
+    clock that waits for the device."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.base, self.base_rss = self._now(), rss_bytes()
+
+    def _now(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else rss_bytes()
+
+    def peak(self) -> int:
+        return (torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()) - self.base
+
+    def used(self) -> int:
+        return self._now() - self.base
+
+    def time(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
 def serve(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -179,11 +206,11 @@ def serve(spec: dict) -> None:
     else:
         from . import model, runtime  # noqa: F401
     torch.set_grad_enabled(False)
-    base = rss_bytes()
-    t0 = time.perf_counter()
+    meter = _Meter(spec["device"])
+    t0 = meter.time()
     setup = HFPeftSetup(spec) if spec["setup"] == "hf_peft" else OursSetup(spec, spec["setup"] == "separate")
-    _reply({"load_seconds": time.perf_counter() - t0, "base_rss_bytes": base,
-            "loaded_bytes": rss_bytes() - base, "peak_load_bytes": peak_rss_bytes() - base,
+    _reply({"load_seconds": meter.time() - t0, "base_rss_bytes": meter.base_rss,
+            "loaded_bytes": meter.used(), "peak_load_bytes": meter.peak(),
             "weights_bytes": setup.weights_bytes()})
     docs, prompts, n = spec["docs"], spec["prompts"], spec["new_tokens"]
     last = {}
@@ -193,13 +220,13 @@ def serve(spec: dict) -> None:
             break
         if op == "memory":
             # after the workloads ran: weights read lazily from a memory map are resident by now
-            _reply({"resident_bytes": rss_bytes() - base, "peak_bytes": peak_rss_bytes() - base})
+            _reply({"resident_bytes": meter.used(), "peak_bytes": meter.peak()})
         elif op == "outputs":  # what the latest runs returned, for the cross-setup check
             vecs, tokens = last["mixed"]
             _reply({"embeddings": last["embed"][:4].tolist(), "tokens": last["generate"][:2],
                     "mixed_embeddings": vecs[:4].tolist(), "mixed_tokens": tokens[:2]})
         elif op in ("embed", "generate", "mixed"):
-            t0 = time.perf_counter()
+            t0 = meter.time()
             if op == "embed":
                 last[op], generated = setup.embed(docs), []
             elif op == "generate":
@@ -207,7 +234,7 @@ def serve(spec: dict) -> None:
             else:
                 last[op] = setup.mixed(docs, prompts, n)
                 generated = last[op][1]
-            _reply({"seconds": time.perf_counter() - t0, "generated_tokens": sum(map(len, generated))})
+            _reply({"seconds": meter.time() - t0, "generated_tokens": sum(map(len, generated))})
         else:
             raise ValueError(f"unknown op {op!r}")
 

@@ -28,6 +28,7 @@ def bench(tmp_path_factory):
 def test_bench_writes_json_and_plots(bench):
     out, res = bench
     assert res["preset"] == "tiny" and res["shape"]["hidden_size"] == synthetic.PRESETS["tiny"]["hidden_size"]
+    assert res["device"] == "cpu" and res["memory_measure"] == "process RSS"
     assert res["workload"]["docs"] == 6 and res["workload"]["rounds"] == 1
     assert res["machine"]["load_average_before"] >= 0 and res["machine"]["threads"] >= 1
     assert list(res["setups"]) == list(SETUPS)
@@ -109,10 +110,17 @@ def test_bench_rejects_adapters_without_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw, match", [(dict(preset="gpt-9"), "preset"), (dict(dtype="int8"), "dtype"),
-                                       (dict(adapters=["a"]), "two directories"), (dict(rank=0), "rank")])
+                                       (dict(adapters=["a"]), "two directories"), (dict(rank=0), "rank"),
+                                       (dict(device="tpu"), "device must be cpu or cuda")])
 def test_run_bench_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         run_bench(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_run_bench_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        run_bench(device="cuda")
 
 
 def test_run_bench_refuses_setups_whose_weights_do_not_fit(monkeypatch):
