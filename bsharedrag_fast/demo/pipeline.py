@@ -307,12 +307,12 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
 
     with _stage(secs, "index", "embedding the corpus with every retriever"):
         rt_cpt = _runtime(cpt, {"retrieval": ret, "round1": r1, "fully_shared": r_full})
-        rt_gen = _runtime(general, {"no_cpt": r_nocpt})
+        rt_general = _runtime(general, {"no_cpt": r_nocpt})
         rt_sep = _runtime(sep_dir, {})
         systems = {  # name -> (runtime, adapter)
             "BSharedRAG": (rt_cpt, "retrieval"),
             "w/o hard negatives": (rt_cpt, "round1"),
-            "w/o continual pre-training": (rt_gen, "no_cpt"),
+            "w/o continual pre-training": (rt_general, "no_cpt"),
             "Fully-shared": (rt_cpt, "fully_shared"),
             "base-backbone pooling": (rt_cpt, None),
             "Separate RAG retriever (same size)": (rt_sep, None),
