@@ -4,6 +4,8 @@ Nothing is downloaded: every model and tokenizer is built and saved in tmp_path.
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,6 +191,24 @@ def test_wrong_shape_is_named(saved_llama, tmp_path):
 
     with pytest.raises(ValueError, match="model.norm.weight"):
         Backbone.from_pretrained(_copy(saved_llama, tmp_path / "m", edit_tensors=edit))
+
+
+def test_loaded_weights_leave_the_file(saved_llama, tmp_path):
+    """Every tensor is copied out of the checkpoint's memory maps (none stays mapped, so no page
+    read while loading stays resident): truncating the file after the load changes nothing,
+    where a tensor still on a map would fault (SIGBUS, hence a subprocess)."""
+    p = _copy(saved_llama, tmp_path / "m")
+    code = (
+        "import sys, torch\n"
+        "from bsharedrag_fast import Backbone\n"
+        "ids, cu = torch.arange(1, 9), torch.tensor([0, 5, 8], dtype=torch.int32)\n"
+        "m = Backbone.from_pretrained(sys.argv[1])\n"
+        "before = m(ids, cu)\n"
+        "open(sys.argv[1] + '/model.safetensors', 'wb').close()\n"
+        "assert torch.equal(m(ids, cu), before)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
 
 
 def test_unknown_architecture(saved_llama, tmp_path):
