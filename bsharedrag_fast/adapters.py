@@ -336,8 +336,8 @@ def _check_model(model) -> None:
         )
 
 
-def _swap(model, entries: list) -> None:
-    stacks = _build_stacks(model, entries)
+def _swap(model, entries: list, stacks: Optional[list] = None) -> None:
+    stacks = _build_stacks(model, entries) if stacks is None else stacks
     slots = {info.name: i for i, (info, _) in enumerate(entries)}
     model.set_lora_stacks(stacks, len(entries), adapter_slots=slots)
     model._adapter_infos = {info.name: info for info, _ in entries}
@@ -348,15 +348,52 @@ def _ordered(model) -> list:
     return [reg[n] for n in sorted(model.adapter_slots, key=model.adapter_slots.get)]
 
 
-def load_adapter(model, peft_dir, name: str) -> None:
+@dataclass
+class PreparedAdapter:
+    """A read and checked adapter with the stacks that hold it beside the resident ones
+    (`basis`: their AdapterInfos in slot order): what prepare_adapter builds and
+    commit_adapter swaps in."""
+
+    info: AdapterInfo
+    weights: dict
+    basis: tuple
+    entries: list
+    stacks: list
+
+
+def _check_new_name(model, name: str) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
     _check_model(model)
     if name in model.adapter_slots:
         raise ValueError(f"adapter {name!r} is already loaded; unload it first (loaded: {model.adapters})")
+
+
+def prepare_adapter(model, peft_dir, name: str) -> PreparedAdapter:
+    """The slow part of load_adapter (read the files, check them, build the new stacks)
+    without changing the model, so a server can run it beside forward passes and swap
+    the result in between two of them with commit_adapter."""
+    _check_new_name(model, name)
     info, weights = read_adapter(model, peft_dir, name)
-    entries = [(i, _resident_weights(model, i)) for i in _ordered(model)]
-    _swap(model, entries + [(info, weights)])
+    resident = _ordered(model)
+    entries = [(i, _resident_weights(model, i)) for i in resident] + [(info, weights)]
+    return PreparedAdapter(info, weights, tuple(resident), entries, _build_stacks(model, entries))
+
+
+def commit_adapter(model, prepared: PreparedAdapter) -> None:
+    """Swap a prepared adapter in (fast: the stacks are built). If the resident adapters
+    changed since prepare_adapter, the stacks are rebuilt from the current ones."""
+    _check_new_name(model, prepared.info.name)
+    resident = _ordered(model)
+    # the same AdapterInfo objects: a name unloaded and loaded again meanwhile is a new one
+    if len(resident) == len(prepared.basis) and all(a is b for a, b in zip(resident, prepared.basis)):
+        _swap(model, prepared.entries, prepared.stacks)
+    else:
+        _swap(model, [(i, _resident_weights(model, i)) for i in resident] + [(prepared.info, prepared.weights)])
+
+
+def load_adapter(model, peft_dir, name: str) -> None:
+    commit_adapter(model, prepare_adapter(model, peft_dir, name))
 
 
 def unload_adapter(model, name: str) -> None:

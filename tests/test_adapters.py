@@ -16,6 +16,7 @@ peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from bsharedrag_fast import Backbone  # noqa: E402
+from bsharedrag_fast import adapters  # noqa: E402
 from bsharedrag_fast.adapters import lora_nbytes  # noqa: E402
 from tiny_models import LORA_TARGETS as ALL  # noqa: E402
 from tiny_models import hf_model, packed, peft_adapter, randomize_lora, spans  # noqa: E402
@@ -247,6 +248,38 @@ def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
     model.unload_adapter("c")
     assert model.adapters == [] and model.num_lora_slots == 0
     assert torch.equal(model(ids, cu), base)
+
+
+def test_prepare_then_commit_is_load_even_when_the_residents_changed(qwen, model, tmp_path):
+    """The server's two-phase load: prepare_adapter (slow, beside forwards) changes nothing;
+    commit_adapter swaps it in, rebuilding the stacks if other adapters came or went meanwhile."""
+    hf = qwen[0]
+    for name, seed, r in (("a", 31, 4), ("b", 32, 8), ("c", 33, 2)):
+        peft_adapter(hf, tmp_path / name, seed=seed, r=r, lora_alpha=8)
+    ids, cu = packed(LENS)
+    model.load_adapter(tmp_path / "a", "a")
+    stacks_before = model.layers[0].lora["q_proj"].lora_a
+    prepared = adapters.prepare_adapter(model, tmp_path / "b", "b")
+    assert model.adapters == ["a"] and model.layers[0].lora["q_proj"].lora_a is stacks_before
+    adapters.commit_adapter(model, prepared)  # residents unchanged: the prepared stacks go in as they are
+    assert model.layers[0].lora["q_proj"].lora_a is prepared.stacks[0]["q_proj"].lora_a
+    want = model(ids, cu, adapters=["a", "b", None, "b"])
+
+    hf.save_pretrained(tmp_path / "base")
+    ref = Backbone.from_pretrained(tmp_path / "base")  # the same adapters loaded one after the other
+    ref.load_adapter(tmp_path / "a", "a")
+    ref.load_adapter(tmp_path / "b", "b")
+    assert torch.equal(ref(ids, cu, adapters=["a", "b", None, "b"]), want)
+
+    stale = adapters.prepare_adapter(model, tmp_path / "c", "c")
+    model.unload_adapter("a")  # a resident left after the prepare: its stacks are stale
+    adapters.commit_adapter(model, stale)
+    assert model.adapters == ["b", "c"]
+    ref.unload_adapter("a")
+    ref.load_adapter(tmp_path / "c", "c")
+    assert torch.equal(model(ids, cu, adapters=["b", "c", "c", None]), ref(ids, cu, adapters=["b", "c", "c", None]))
+    with pytest.raises(ValueError, match="already loaded"):
+        adapters.commit_adapter(model, stale)
 
 
 # ----------------------------------------------------------------------------- errors

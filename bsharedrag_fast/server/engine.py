@@ -154,13 +154,25 @@ class EngineDriver:
             pass
 
     async def load_adapter(self, name: str, path: str) -> None:
-        def cmd():
+        """Read the adapter and build its stacks on a worker thread while the engine keeps
+        stepping; only the swap runs on the engine thread, between two steps."""
+        from ..adapters import commit_adapter, prepare_adapter
+
+        def check():
             if name == self.base_name or name in self.rt.model.adapter_slots:
                 raise AdapterConflict(f"model {name!r} is already served; unload it first")
-            t0 = time.perf_counter()
-            self.rt.model.load_adapter(path, name)
+
+        check()
+        t0 = time.perf_counter()
+        prepared = await asyncio.to_thread(prepare_adapter, self.rt.model, path, name)
+
+        def cmd():
+            check()
+            t1 = time.perf_counter()
+            commit_adapter(self.rt.model, prepared)
             self._refresh_served()
-            log.info("loaded adapter %r from %s in %.1f ms", name, path, 1e3 * (time.perf_counter() - t0))
+            log.info("loaded adapter %r from %s in %.1f ms (engine paused %.1f ms)", name, path,
+                     1e3 * (time.perf_counter() - t0), 1e3 * (time.perf_counter() - t1))
 
         await self.run(cmd)
 
