@@ -539,6 +539,6 @@ def test_sigterm_drains_in_flight_requests(server, offline):
     text = json.loads(first[5:])["choices"][0]["text"] + "".join(json.loads(x[5:])["choices"][0]["text"]
                                                                    for x in rest[:-1])
     assert text == _ref_text(offline, "the quick brown fox", n=80, eos_token_id=[]).text
-    assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    assert server.proc.wait(30) == 0  # drained, then a clean exit
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=2)

@@ -12,6 +12,8 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
+import sys
 
 
 def _adapter_arg(value: str) -> tuple[str, str]:
@@ -122,6 +124,9 @@ def cmd_serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
     server = uvicorn.Server(config)
+    # uvicorn re-raises a captured SIGTERM once it has drained, under the handler that was
+    # installed before it ran: this one, so a drained shutdown exits 0, not killed by -15
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     server.run()  # SIGTERM / SIGINT: stop accepting, drain in-flight requests, then the lifespan stops the engine
     return 0 if server.started else 1
 
