@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from .data import read_corpus
+from .data import passage_text, read_corpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,6 +69,20 @@ def _add_embedder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passage-prefix", default="passage: ", help='text put before each document (default "passage: ")')
 
 
+def load_rag(args, k: int):
+    """The RAG pipeline a command's arguments describe: model + retrieval / generation
+    adapters, the index (checked against that embedder), template, budgets."""
+    from .index import HNSWIndex
+    from .rag import RAGPipeline, read_template
+
+    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
+    idx = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
+    return RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
+                       "generation" if args.generation_adapter else None, k=k, template=read_template(args.template),
+                       context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
+                       query_prefix=args.query_prefix, pooling=args.pooling)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -90,7 +104,7 @@ def cmd_index(args) -> int:
     since_save = 0
     for s in range(0, len(todo), args.batch_size):
         batch = todo[s : s + args.batch_size]
-        texts = [f"{d['title']} {d['text']}".strip() for d in batch]
+        texts = [passage_text(d) for d in batch]
         vecs = rt.embed(texts, adapter=adapter, pooling=args.pooling, prefix=args.passage_prefix)
         idx.upsert([d["id"] for d in batch], vecs, batch)
         bar.update(len(batch))
@@ -125,20 +139,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from .index import HNSWIndex
-    from .rag import TEMPLATES, RAGPipeline
-
-    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
-    idx = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
-    template = args.template
-    if template not in TEMPLATES and os.path.isfile(template):
-        with open(template, encoding="utf-8") as f:
-            template = f.read()
-    rag = RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
-                      "generation" if args.generation_adapter else None, k=args.k, template=template,
-                      context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
-                      query_prefix=args.query_prefix, pooling=args.pooling)
-    for ans in rag.ask_many(args.question):
+    for ans in load_rag(args, args.k).ask_many(args.question):
         print(json.dumps({"answer": ans.text, "sources": [[d, round(s, 4)] for d, s in ans.sources]},
                          ensure_ascii=False))
     return 0

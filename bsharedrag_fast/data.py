@@ -64,6 +64,12 @@ def _text(rec: dict, field: str, path: str, n: int, required: bool) -> str:
     return value
 
 
+def passage_text(doc: dict) -> str:
+    """What a retriever embeds of a document (after the passage prefix): "title text". Index
+    building, mining and training all use this, so their vectors agree."""
+    return f"{doc.get('title') or ''} {doc['text']}".strip()
+
+
 def read_corpus(path: str) -> Iterator[dict]:
     """Documents of a JSONL corpus (BEIR corpus.jsonl): {"id", "title", "text", "metadata"} per line,
     in file order; "text" is required and non-empty, "title" and "metadata" are optional."""

@@ -38,6 +38,8 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from .data import passage_text
+
 if TYPE_CHECKING:
     from .index import HNSWIndex
 
@@ -164,7 +166,7 @@ def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", po
     for d in ids:
         if not isinstance(corpus[d], Mapping) or not isinstance(corpus[d].get("text"), str):
             raise ValueError(f'corpus[{d!r}] must be a dict with a "text" string')
-    texts = [f"{corpus[d].get('title') or ''} {corpus[d]['text']}".strip() for d in ids]
+    texts = [passage_text(corpus[d]) for d in ids]
     index = HNSWIndex(runtime.model.config.hidden_size, space=space, embedder=embedder)
     for s, vecs in _embedded_batches(runtime, texts, adapter, pooling, passage_prefix, batch_size,
                                      "embedding corpus", progress):
@@ -446,10 +448,8 @@ def _rag_predictions(args) -> tuple[list[str], list[str]]:
     """Answer every question of --data with the RAG pipeline; optionally save the predictions."""
     from tqdm import tqdm
 
-    from .cli import _load_runtime, embedder_fingerprint
+    from .cli import load_rag
     from .data import enumerate_jsonl
-    from .index import HNSWIndex
-    from .rag import RAGPipeline
 
     for opt in ("model", "index"):
         if not getattr(args, opt):
@@ -458,12 +458,7 @@ def _rag_predictions(args) -> tuple[list[str], list[str]]:
                for n, r in enumerate_jsonl(args.data, "QA data")]
     if not records:
         raise ValueError(f"{args.data}: no questions")
-    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
-    index = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
-    rag = RAGPipeline(rt, index, "retrieval" if args.retrieval_adapter else None,
-                      "generation" if args.generation_adapter else None, k=args.retrieve_k, template=args.template,
-                      context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
-                      query_prefix=args.query_prefix, pooling=args.pooling)
+    rag = load_rag(args, args.retrieve_k)
     answers = []
     with tqdm(total=len(records), desc="answering", unit="question") as bar:
         for s in range(0, len(records), args.batch_size):
@@ -536,7 +531,7 @@ def add_commands(sub) -> None:
     rag.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
     rag.add_argument("--index", default=None, help="index directory built by `bsharedrag index`")
     rag.add_argument("--retrieve-k", type=int, default=3, help="documents retrieved per question (default 3)")
-    rag.add_argument("--template", default="en", help="en, zh, or a template string with {context} and {question}")
+    rag.add_argument("--template", default="en", help="en, zh, or a file with {context} and {question}")
     rag.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")
     _add_embedder_args(rag)
     rag.add_argument("--max-new-tokens", type=int, default=128)

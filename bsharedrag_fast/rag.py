@@ -7,6 +7,7 @@ ask_many() sends every question's embedding, then every prompt, through the engi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,6 +24,15 @@ class Answer:
     sources: list = field(default_factory=list)  # [(doc_id, score)], best first
     prompt: str = ""
     finish_reason: str = ""
+
+
+def read_template(template: str) -> str:
+    """A command-line template argument: a built-in name (kept as it is), a file holding the
+    template, or the template text itself."""
+    if template not in TEMPLATES and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    return template
 
 
 def _check_template(template: str) -> str:

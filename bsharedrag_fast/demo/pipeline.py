@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from ..data import passage_text
+
 RETRIEVAL_KS = (3, 5, 10)
 
 
@@ -104,7 +106,7 @@ def _runtime(model_dir: str, adapters: dict):
 
 def _embed_corpus(rt, corpus: dict, adapter: Optional[str]) -> tuple[list, torch.Tensor]:
     ids = list(corpus)
-    texts = [f"{corpus[d]['title']} {corpus[d]['text']}".strip() for d in ids]
+    texts = [passage_text(corpus[d]) for d in ids]
     return ids, rt.embed(texts, adapter=adapter, prefix="passage: ", truncate=True)
 
 
@@ -363,7 +365,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         before = rag.ask_many([u["question"] for u in updates])
         ids = [u["doc_id"] for u in updates]
         docs = [{"title": u["title"], "text": u["text"], "metadata": u["metadata"]} for u in updates]
-        vecs = rt_cpt.embed([f"{x['title']} {x['text']}" for x in docs], adapter="retrieval", prefix="passage: ")
+        vecs = rt_cpt.embed([passage_text(x) for x in docs], adapter="retrieval", prefix="passage: ")
         index.upsert(ids, vecs, docs)
         after = rag.ask_many([u["question"] for u in updates])
         update_rows = [{"doc_id": u["doc_id"], "question": u["question"], "old_answer": u["old_answer"],

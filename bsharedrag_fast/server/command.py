@@ -105,12 +105,9 @@ def cmd_serve(args) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         from ..index import HNSWIndex
-        from ..rag import TEMPLATES
+        from ..rag import read_template
 
-        template = args.template
-        if template not in TEMPLATES and os.path.isfile(template):
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
+        template = read_template(args.template)
         pool = ThreadPoolExecutor(1, thread_name_prefix="bsharedrag-index")
         fp = embedder_fingerprint(args, adapters.get(args.rag_retrieval_model))
         index = pool.submit(HNSWIndex.load, args.index, embedder=fp).result()

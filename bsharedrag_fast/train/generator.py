@@ -8,14 +8,13 @@ mixed in by ratio to keep the model's general ability.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
 from ..data import enumerate_jsonl, load_corpus
 from ..generation import eos_ids
-from ..rag import TEMPLATES, RAGPipeline
+from ..rag import RAGPipeline, read_template
 from ..tokenizer import Tokenizer
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import lm_step
@@ -36,10 +35,7 @@ class PromptOptions:
     max_answer_tokens: int = option("longest answer incl. EOS; a longer one is an error", default=256)
 
     def template_text(self) -> str:
-        if self.template not in TEMPLATES and os.path.isfile(self.template):
-            with open(self.template, encoding="utf-8") as f:
-                return f.read()
-        return self.template
+        return read_template(self.template)
 
 
 @dataclass(kw_only=True)

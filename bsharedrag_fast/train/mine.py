@@ -20,7 +20,7 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
     from tqdm import tqdm
 
     from ..data import load_beir
-    from ..index import HNSWIndex
+    from ..evaluation import index_corpus
     from ..model import Backbone
     from ..runtime import SharedRuntime
     from ..tokenizer import Tokenizer
@@ -37,12 +37,7 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
         backbone.load_adapter(adapter, "retrieval")
     rt = SharedRuntime(backbone, Tokenizer.from_pretrained(model), max_batch_tokens=max_batch_tokens)
     name = "retrieval" if adapter else None
-    index = HNSWIndex(backbone.config.hidden_size, space="ip", initial_capacity=max(1, len(beir.corpus)))
-    ids = list(beir.corpus)
-    for s in tqdm(range(0, len(ids), batch_size), desc="embedding corpus", unit="batch"):
-        chunk = ids[s : s + batch_size]
-        texts = [f"{beir.corpus[d]['title']} {beir.corpus[d]['text']}".strip() for d in chunk]
-        index.upsert(chunk, rt.embed(texts, adapter=name, prefix=passage_prefix, truncate=True))
+    index = index_corpus(rt, beir.corpus, adapter=name, passage_prefix=passage_prefix, batch_size=batch_size)
     qids = list(beir.qrels)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import enumerate_jsonl, load_beir
+from ..data import enumerate_jsonl, load_beir, passage_text
 from ..generation import eos_ids
 from ..tokenizer import Tokenizer
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
@@ -175,7 +175,7 @@ class RetrievalSource:
     def passage_ids(self, i: int) -> list[int]:
         if i not in self._cache:
             p = self.data.passages[i]
-            self._cache[i] = self._ids(f"{p['title']} {p['text']}".strip(), self.cfg.passage_prefix,
+            self._cache[i] = self._ids(passage_text(p), self.cfg.passage_prefix,
                                        self.cfg.passage_max_len)
         return self._cache[i]
 
