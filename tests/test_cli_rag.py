@@ -15,7 +15,7 @@ from bsharedrag_fast.cli import main  # noqa: E402
 from bsharedrag_fast.index import HNSWIndex  # noqa: E402
 from bsharedrag_fast.rag import TEMPLATES, RAGPipeline  # noqa: E402
 from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
-from tiny_models import hf_model, peft_adapter, write_tokenizer  # noqa: E402
+from tiny_models import rag_checkpoint  # noqa: E402
 
 DOCS = [
     {"_id": f"d{i}", "title": f"item {i}", "text": t}
@@ -30,11 +30,7 @@ DOCS = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rag")
-    hf = hf_model("qwen2", embed_scale=3.0, vocab_size=320, tie_word_embeddings=False)
-    hf.save_pretrained(root / "model")
-    write_tokenizer(root / "model")
-    peft_adapter(hf, root / "retrieval", 1, r=4, lora_alpha=8)
-    peft_adapter(hf, root / "generation", 2, r=8, lora_alpha=8)
+    rag_checkpoint(root)
     with open(root / "corpus.jsonl", "w") as f:
         for d in DOCS:
             f.write(json.dumps(d) + "\n")

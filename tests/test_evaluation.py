@@ -271,14 +271,10 @@ QRELS = {"q1": {"d0": 2, "d4": 1}, "q2": {"d2": 1, "d7": 2, "d9": 1}, "q3": {"d3
 def tiny(tmp_path_factory):
     pytest.importorskip("peft")
     pytest.importorskip("hnswlib")
-    from tiny_models import hf_model, peft_adapter, write_tokenizer
+    from tiny_models import rag_checkpoint
 
     root = tmp_path_factory.mktemp("eval")
-    hf = hf_model("qwen2", embed_scale=3.0, vocab_size=320, tie_word_embeddings=False)
-    hf.save_pretrained(root / "model")
-    write_tokenizer(root / "model")
-    peft_adapter(hf, root / "retrieval", 1, r=4, lora_alpha=8)
-    peft_adapter(hf, root / "generation", 2, r=4, lora_alpha=8)
+    rag_checkpoint(root, adapters=(("retrieval", 1, 4), ("generation", 2, 4)))
     beir = root / "beir"
     (beir / "qrels").mkdir(parents=True)
     (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, **v}) + "\n" for d, v in DOCS.items()))

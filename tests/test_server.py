@@ -31,7 +31,7 @@ from bsharedrag_fast.cli import main  # noqa: E402
 from bsharedrag_fast.index import HNSWIndex  # noqa: E402
 from bsharedrag_fast.rag import RAGPipeline  # noqa: E402
 from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
-from tiny_models import hf_model, peft_adapter, write_tokenizer  # noqa: E402
+from tiny_models import rag_checkpoint  # noqa: E402
 
 KEY = "test-key"
 MAX_QUEUE = 40
@@ -52,13 +52,9 @@ DOCS = [
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    hf = hf_model("qwen2", embed_scale=3.0, vocab_size=320, tie_word_embeddings=False)
-    hf.save_pretrained(root / BASE)
-    write_tokenizer(root / BASE)
+    rag_checkpoint(root, BASE, (("retrieval", 1, 4), ("generation", 2, 8), ("extra", 3, 4)))
     cfg_path = root / BASE / "tokenizer_config.json"
     cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), chat_template=CHAT_TEMPLATE)))
-    for name, seed, r in (("retrieval", 1, 4), ("generation", 2, 8), ("extra", 3, 4)):
-        peft_adapter(hf, root / name, seed, r=r, lora_alpha=8)
     with open(root / "corpus.jsonl", "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in DOCS)
     assert main(["index", "--model", str(root / BASE), "--retrieval-adapter", str(root / "retrieval"),
