@@ -137,7 +137,7 @@ def _contexts_file(rt, adapter, index, qa_path: str, out_path: str, k: int) -> s
     hits = index.search(vecs, k)
     with open(out_path, "w", encoding="utf-8") as f:
         for r, h in zip(recs, hits):
-            ctx = [{"title": index.get(d)["title"], "text": index.get(d)["text"]} for d, _ in h]
+            ctx = [{k: doc[k] for k in ("title", "text")} for doc in (index.get(d) for d, _ in h)]
             f.write(json.dumps(dict(r, contexts=ctx), ensure_ascii=False) + "\n")
     return out_path
 
