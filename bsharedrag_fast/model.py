@@ -9,7 +9,8 @@ Batch layout (no padding anywhere): B sequences are packed into `input_ids [T]`,
 Position ids restart at 0 for every sequence and are derived from cu_seqlens.
 
 Per layer the projections are merged: q/k/v are one weight `[q; k; v]` (and one bias for
-Qwen2) and gate/up are one weight `[gate; up]`, so the base is one F.linear each.
+Qwen2) and gate/up are one weight `[gate; up]`, so the base is one `ops.linear` each (on
+CPU, decode steps' few rows go to a C++ kernel that reads each weight once; see ops/linear.py).
 Multi-LoRA (inference) adds each target module's update into its slice of the merged
 output in place with `ops.add_lora_` (see `LoRAStack` and `Backbone.set_lora_stacks`).
 
@@ -552,18 +553,18 @@ class Backbone:
         cfg = self.config
         T = h.shape[0]
         x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-        qkv = _add_lora(F.linear(x, layer.qkv_weight, layer.qkv_bias), x, layer, self._qkv_slices, meta)
+        qkv = _add_lora(ops.linear(x, layer.qkv_weight, layer.qkv_bias), x, layer, self._qkv_slices, meta)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=1)
         q = apply_rope(q.view(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.view(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.view(T, cfg.num_key_value_heads, cfg.head_dim)
         attn = _attention(q, k, v, cu, cfg.sliding_window) if attn_fn is None else attn_fn(q, k, v)
-        h = h + _add_lora(F.linear(attn, layer.o_weight, layer.o_bias), attn, layer, self._o_slices, meta)
+        h = h + _add_lora(ops.linear(attn, layer.o_weight, layer.o_bias), attn, layer, self._o_slices, meta)
         x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-        gu = _add_lora(F.linear(x, layer.gate_up_weight, layer.gate_up_bias), x, layer, self._gate_up_slices, meta)
+        gu = _add_lora(ops.linear(x, layer.gate_up_weight, layer.gate_up_bias), x, layer, self._gate_up_slices, meta)
         gate, up = gu.split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
         act = F.silu(gate) * up
-        return h + _add_lora(F.linear(act, layer.down_weight, layer.down_bias), act, layer, self._down_slices, meta)
+        return h + _add_lora(ops.linear(act, layer.down_weight, layer.down_bias), act, layer, self._down_slices, meta)
 
     @torch.inference_mode()
     def hidden_states(self, input_ids, cu_seqlens, adapters=None, final_norm: bool = True) -> torch.Tensor:
@@ -585,7 +586,7 @@ class Backbone:
         h = self.hidden_states(input_ids, cu_seqlens, adapters, final_norm=False)
         if logits_rows is not None:
             h = h.index_select(0, torch.as_tensor(logits_rows, dtype=torch.long, device=h.device))
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return ops.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
     __call__ = forward
 
@@ -651,7 +652,7 @@ class Backbone:
             hidden = rms_norm(h, self.norm, cfg.rms_norm_eps) if final_norm else h
         if logits_rows is not None:
             h = h.index_select(0, torch.as_tensor(logits_rows, dtype=torch.long, device=dev))
-        logits = F.linear(rms_norm(h, self.norm, cfg.rms_norm_eps), self.lm_head)
+        logits = ops.linear(rms_norm(h, self.norm, cfg.rms_norm_eps), self.lm_head)
         return StepOutput(logits=logits, hidden=hidden)
 
 

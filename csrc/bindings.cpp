@@ -134,6 +134,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_features"), py::arg("token_adapter_ptr"), py::arg("num_tokens"), py::arg("y_ptr"),
       py::arg("y_row_stride"));
 
+  m.def(
+      "linear",
+      [](int dtype, std::uintptr_t x, int64_t x_row_stride, int64_t rows, int64_t in_features, std::uintptr_t w,
+         int64_t out_features, std::uintptr_t bias, std::uintptr_t y, int64_t y_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_linear(to_dtype(dtype), ptr<const void>(x), x_row_stride, rows, in_features, ptr<const void>(w),
+                          out_features, ptr<const void>(bias), ptr<void>(y), y_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("rows"), py::arg("in_features"),
+      py::arg("weight_ptr"), py::arg("out_features"), py::arg("bias_ptr"), py::arg("y_ptr"),
+      py::arg("y_row_stride"), "Dense y = x W^T + b for few rows (bias_ptr 0 = no bias).");
+
   m.attr("POOL_LAST") = static_cast<int>(BSR_POOL_LAST);
   m.attr("POOL_MEAN") = static_cast<int>(BSR_POOL_MEAN);
   m.attr("POOL_CLS") = static_cast<int>(BSR_POOL_CLS);

@@ -110,11 +110,13 @@ struct Isa {
   int sh_rb, sh_rj, ex_rb;
   void (*shrink)(const ShrinkPlan&, int64_t, int64_t);
   void (*expand)(const ExpandPlan&, int64_t, int64_t, float*);
+  void (*linear)(const LinearPlan&, int64_t, int64_t);
 };
 
 #define BSR_ISA_ENTRY(ns, nm)                                                                  \
   Isa {                                                                                      \
-    nm, ns::V::W, ns::V::SH_RB, ns::V::SH_RJ, ns::V::EX_RB, &ns::shrink_range, &ns::expand_range \
+    nm, ns::V::W, ns::V::SH_RB, ns::V::SH_RJ, ns::V::EX_RB, &ns::shrink_range, &ns::expand_range, \
+        &ns::linear_range                                                                      \
   }
 
 static const Isa kGeneric = BSR_ISA_ENTRY(isa_generic, "generic");
@@ -403,6 +405,30 @@ static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t
   return BSR_OK;
 }
 
+// Threads split the outputs into contiguous ranges (multiples of the micro-tile), so each
+// streams its own part of W.
+static void do_linear(const LinearPlan& P) {
+  const Isa& I = isa();
+  const int64_t work = P.M * P.N * P.K;
+  const int64_t step = I.sh_rj;
+  const int64_t nblocks = (P.N + step - 1) / step;
+  int nt = work >= kShrinkParallelMinWork ? num_threads() : 1;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+      const int64_t n0 = std::min(P.N, nblocks * tid / n * step);
+      const int64_t n1 = std::min(P.N, nblocks * (tid + 1) / n * step);
+      if (n0 < n1) I.linear(P, n0, n1);
+    }
+    return;
+  }
+#endif
+  I.linear(P, 0, P.N);
+}
+
 static bsr_status do_sort(const char* fn, const int32_t* ta, int64_t T, int32_t L, int32_t* sorted_idx,
                           int32_t* counts, int32_t* starts, int64_t* num_lora) {
   for (int32_t a = 0; a < L; ++a) counts[a] = 0;
@@ -598,6 +624,36 @@ BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_st
             S.counts.data(), S.starts.data(), S.v.data(), num_lora);
   return do_expand(S, dtype, S.v.data(), rank, lora_b, num_adapters, out_features, scaling, S.sorted_idx.data(),
                    S.counts.data(), S.starts.data(), y, y_row_stride, num_lora);
+  BSR_GUARD_END(fn)
+}
+
+BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stride, int64_t rows,
+                              int64_t in_features, const void* weight, int64_t out_features, const void* bias,
+                              void* y, int64_t y_row_stride) {
+  static const char* fn = "bsr_linear";
+  clear_error();
+  BSR_GUARD_BEGIN
+  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_at_least(fn, "rows", rows, 0));
+  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
+  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
+  if (rows == 0) return BSR_OK;
+  BSR_CHECK_PTR(x, fn);
+  BSR_CHECK_PTR(weight, fn);
+  BSR_CHECK_PTR(y, fn);
+  LinearPlan P;
+  P.dtype = dtype;
+  P.x = x;
+  P.ldx = x_row_stride;
+  P.M = rows;
+  P.K = in_features;
+  P.w = weight;
+  P.N = out_features;
+  P.bias = bias;
+  P.y = y;
+  P.ldy = y_row_stride;
+  do_linear(P);
+  return BSR_OK;
   BSR_GUARD_END(fn)
 }
 

@@ -139,6 +139,20 @@ struct ExpandPlan {
   int64_t scratch_stride;  // floats per thread
 };
 
+// Dense y = x W^T (+ bias) for few rows (decode steps): W [N, K] contiguous, streamed once.
+struct LinearPlan {
+  bsr_dtype dtype;
+  const void* x;
+  int64_t ldx;  // x row stride (elements)
+  int64_t M;    // rows
+  int64_t K;    // in_features
+  const void* w;
+  int64_t N;          // out_features
+  const void* bias;   // [N] or nullptr
+  void* y;
+  int64_t ldy;
+};
+
 // Finds the adapter of tile t (tile_prefix is nondecreasing, L+1 entries).
 static inline int64_t tile_adapter(const int64_t* prefix, int64_t L, int64_t t) {
   int64_t lo = 0, hi = L;  // answer in [0, L)

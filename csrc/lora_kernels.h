@@ -16,13 +16,18 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // ---------------------------------------------------------------------------------------
 
 // NR rows x NJ ranks of v, dot products of length K; A rows j are at A + j * K.
-template <class T, int NR, int NJ>
+// With PF, the same columns of the next NJ rows (A + NJ * K) are prefetched as we go: the
+// dense linear streams W from memory block after block.
+template <class T, int NR, int NJ, bool PF = false>
 BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, float* const* vo) {
   typename V::vf acc[NR][NJ];
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NJ; ++j) acc[i][j] = V::zero();
   int64_t k = 0;
   for (; k + V::W <= K; k += V::W) {
+    if constexpr (PF) {
+      for (int j = 0; j < NJ; ++j) V::prefetch(A + (NJ + j) * K + k);
+    }
     typename V::vf xv[NR];
     for (int i = 0; i < NR; ++i) xv[i] = V::load(xr[i] + k);
     for (int j = 0; j < NJ; ++j) {
@@ -43,7 +48,7 @@ BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, f
     for (int j = 0; j < NJ; ++j) vo[i][j] = V::hsum(acc[i][j]);
 }
 
-template <class T, int NR, int NJ>
+template <class T, int NR, int NJ, bool PF = false>
 static inline void shrink_micro_nj(int nj, const T* const* xr, const T* A, int64_t K, float* const* vo) {
   if constexpr (NJ > 1) {
     if (nj < NJ) {
@@ -51,7 +56,7 @@ static inline void shrink_micro_nj(int nj, const T* const* xr, const T* A, int64
       return;
     }
   }
-  shrink_micro<T, NR, NJ>(xr, A, K, vo);
+  shrink_micro<T, NR, NJ, PF>(xr, A, K, vo);
 }
 
 // One block of NR rows, ranks [j0, j1).
@@ -319,6 +324,99 @@ static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt)
       break;
     case BSR_DTYPE_F64:
       expand_range_f64(P, t0, t1);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// linear (dense, few rows)
+// ---------------------------------------------------------------------------------------
+
+// Outputs [n0, n1) of every row. Each block of SH_RJ weight rows is read from memory once
+// and reused from L1/L2 by every block of SH_RB rows of x (which stays in L2), so a decode
+// step costs one pass over the weights however many rows it has, up to the compute bound.
+// BLAS gemm packs W first, which doubles the memory traffic at these shapes.
+template <class T, int NR, bool PF>
+static inline void linear_micro_nr(int nr, const T* const* xr, const T* wb, int64_t K, float* const* vo) {
+  if constexpr (NR > 1) {
+    if (nr < NR) {
+      linear_micro_nr<T, NR - 1, PF>(nr, xr, wb, K, vo);
+      return;
+    }
+  }
+  shrink_micro<T, NR, V::SH_RJ, PF>(xr, wb, K, vo);
+}
+
+static constexpr int64_t kLinearRowChunk = 128;  // rows of x per pass over W: its micro-tiles stay in L2
+
+template <class T>
+static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
+  const T* x = static_cast<const T*>(P.x);
+  const T* w = static_cast<const T*>(P.w);
+  const T* bias = static_cast<const T*>(P.bias);
+  T* y = static_cast<T*>(P.y);
+  for (int64_t m0 = 0; m0 < P.M; m0 += kLinearRowChunk) {
+  const int64_t m1 = imin(P.M, m0 + kLinearRowChunk);
+  for (int64_t n = n0; n < n1; n += V::SH_RJ) {
+    const int nj = static_cast<int>(imin(V::SH_RJ, n1 - n));
+    float b[V::SH_RJ];
+    for (int j = 0; j < nj; ++j) b[j] = bias != nullptr ? Scalar<T>::load(bias + n + j) : 0.f;
+    for (int64_t m = m0; m < m1; m += V::SH_RB) {
+      const int nr = static_cast<int>(imin(V::SH_RB, m1 - m));
+      const T* xr[V::SH_RB];
+      float tile[V::SH_RB][V::SH_RJ];
+      float* vo[V::SH_RB];
+      for (int i = 0; i < nr; ++i) {
+        xr[i] = x + (m + i) * P.ldx;
+        vo[i] = tile[i];
+      }
+      const T* wb = w + n * P.K;
+      if (nj < V::SH_RJ) {
+        shrink_rows_nr<T, V::SH_RB>(nr, xr, wb, P.K, 0, nj, vo);
+      } else if (m == m0 && n + 2 * V::SH_RJ <= P.N) {  // first pass over this block: fetch the next
+        linear_micro_nr<T, V::SH_RB, true>(nr, xr, wb, P.K, vo);
+      } else {
+        linear_micro_nr<T, V::SH_RB, false>(nr, xr, wb, P.K, vo);
+      }
+      for (int i = 0; i < nr; ++i) {
+        T* yr = y + (m + i) * P.ldy + n;
+        for (int j = 0; j < nj; ++j) Scalar<T>::store(yr + j, tile[i][j] + b[j]);
+      }
+    }
+  }
+  }
+}
+
+static void linear_range_f64(const LinearPlan& P, int64_t n0, int64_t n1) {
+  const double* x = static_cast<const double*>(P.x);
+  const double* w = static_cast<const double*>(P.w);
+  const double* bias = static_cast<const double*>(P.bias);
+  double* y = static_cast<double*>(P.y);
+  for (int64_t n = n0; n < n1; ++n) {
+    const double* wr = w + n * P.K;
+    for (int64_t m = 0; m < P.M; ++m) {
+      const double* xr = x + m * P.ldx;
+      double acc = 0.0;
+BSR_OMP_SIMD_SUM_ACC
+      for (int64_t k = 0; k < P.K; ++k) acc += xr[k] * wr[k];
+      y[m * P.ldy + n] = acc + (bias != nullptr ? bias[n] : 0.0);
+    }
+  }
+}
+
+static void linear_range(const LinearPlan& P, int64_t n0, int64_t n1) {
+  switch (P.dtype) {
+    case BSR_DTYPE_F32:
+      linear_range_t<float>(P, n0, n1);
+      break;
+    case BSR_DTYPE_F16:
+      linear_range_t<f16_t>(P, n0, n1);
+      break;
+    case BSR_DTYPE_BF16:
+      linear_range_t<bf16_t>(P, n0, n1);
+      break;
+    case BSR_DTYPE_F64:
+      linear_range_f64(P, n0, n1);
       break;
   }
 }

@@ -122,6 +122,17 @@ BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_st
                                 int64_t out_features, const int32_t* token_adapter,
                                 int64_t num_tokens, void* y, int64_t y_row_stride);
 
+/*
+ * Dense linear for few rows (decode steps): y[m, n] = sum_k x[m, k] * weight[n, k] + bias[n],
+ * accumulated in fp32 (f64 in f64) and rounded once into y's dtype.
+ *   weight [out_features, in_features] contiguous; bias [out_features] or NULL.
+ * Each weight row is read from memory once per call whatever `rows` is; it pays over a BLAS
+ * gemm (which packs the weight) up to a few dozen rows. y must not overlap x or weight.
+ */
+BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stride, int64_t rows,
+                              int64_t in_features, const void* weight, int64_t out_features,
+                              const void* bias, void* y, int64_t y_row_stride);
+
 /* ---- pooled embedding ------------------------------------------------------------------ */
 
 typedef enum bsr_pool_mode {

@@ -529,6 +529,77 @@ static void test_pool(void) {
   }
 }
 
+/* ---- dense linear ------------------------------------------------------------------------ */
+/* y = x W^T (+ b) against a double reference on the stored (rounded) inputs; the padding
+ * beyond out_features must stay untouched. */
+static void run_linear(bsr_dtype dt, int M, int K, int N, int bias, int xpad, int ypad) {
+  const size_t es = dtype_size(dt);
+  const int ldx = K + xpad, ldy = N + ypad;
+  void* x = calloc((size_t)M * ldx + 1, es);
+  void* w = calloc((size_t)N * K + 1, es);
+  void* b = calloc((size_t)N + 1, es);
+  void* y = calloc((size_t)M * ldy + 1, es);
+  double* xd = (double*)calloc((size_t)M * K + 1, sizeof(double));
+  double* wd = (double*)calloc((size_t)N * K + 1, sizeof(double));
+  double* bd = (double*)calloc((size_t)N + 1, sizeof(double));
+  double maxref = 1.0, maxerr = 0.0;
+  int m, n, k, bad_pad = 0;
+  bsr_status st;
+  for (m = 0; m < M; ++m)
+    for (k = 0; k < K; ++k) xd[(size_t)m * K + k] = put(dt, x, (size_t)m * ldx + k, urand());
+  for (n = 0; n < N * K; ++n) wd[n] = put(dt, w, (size_t)n, urand());
+  for (n = 0; n < N; ++n) bd[n] = bias ? put(dt, b, (size_t)n, urand()) : 0.0;
+  for (m = 0; m < M; ++m)
+    for (n = N; n < ldy; ++n) put(dt, y, (size_t)m * ldy + n, 7.0);
+  st = bsr_linear(dt, x, ldx, M, K, w, N, bias ? b : NULL, y, ldy);
+  CHECK(st == BSR_OK, "linear %s status %d: %s", dtype_name(dt), st, bsr_last_error());
+  for (m = 0; m < M; ++m) {
+    for (n = 0; n < N; ++n) {
+      double r = bd[n], e;
+      for (k = 0; k < K; ++k) r += xd[(size_t)m * K + k] * wd[(size_t)n * K + k];
+      e = fabs(get(dt, y, (size_t)m * ldy + n) - r);
+      if (fabs(r) > maxref) maxref = fabs(r);
+      if (!(e <= maxerr)) maxerr = e;
+    }
+    for (n = N; n < ldy; ++n) bad_pad += get(dt, y, (size_t)m * ldy + n) != 7.0;
+  }
+  CHECK(maxerr / maxref <= tolerance(dt), "linear %s M=%d K=%d N=%d bias=%d: max rel err %.3g > %.3g",
+        dtype_name(dt), M, K, N, bias, maxerr / maxref, tolerance(dt));
+  CHECK(bad_pad == 0, "linear %s M=%d: %d padding entries written", dtype_name(dt), M, bad_pad);
+  free(x);
+  free(w);
+  free(b);
+  free(y);
+  free(xd);
+  free(wd);
+  free(bd);
+}
+
+static void test_linear(void) {
+  static const bsr_dtype dts[4] = {BSR_DTYPE_F32, BSR_DTYPE_F16, BSR_DTYPE_BF16, BSR_DTYPE_F64};
+  /* M, K, N: odd tails of every micro-tile, one row, and a call over 128 rows (two passes) */
+  static const int shapes[][3] = {{1, 1, 1}, {1, 67, 33}, {3, 16, 4}, {5, 17, 7}, {9, 300, 129}, {130, 40, 21}};
+  float x[4] = {0}, w[4] = {0}, y[4] = {0};
+  int d, s, v;
+  bsr_status st;
+  for (d = 0; d < 4; ++d)
+    for (s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); ++s)
+      for (v = 0; v < 2; ++v) run_linear(dts[d], shapes[s][0], shapes[s][1], shapes[s][2], v, v ? 3 : 0, v ? 2 : 0);
+  st = bsr_linear(BSR_DTYPE_F32, x, 2, 1, 2, NULL, 2, NULL, y, 2);
+  CHECK(st == BSR_ERR_NULL_POINTER && strstr(bsr_last_error(), "weight") != NULL, "linear NULL weight: %d %s", st,
+        bsr_last_error());
+  st = bsr_linear(BSR_DTYPE_F32, x, 1, 1, 2, w, 2, NULL, y, 2);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "x_row_stride") != NULL,
+        "linear x_row_stride < in_features: %d %s", st, bsr_last_error());
+  st = bsr_linear(BSR_DTYPE_F32, x, 2, -1, 2, w, 2, NULL, y, 2);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "rows") != NULL, "linear rows < 0: %d %s", st,
+        bsr_last_error());
+  st = bsr_linear((bsr_dtype)9, x, 2, 1, 2, w, 2, NULL, y, 2);
+  CHECK(st == BSR_ERR_UNSUPPORTED_DTYPE, "linear bad dtype: %d", st);
+  st = bsr_linear(BSR_DTYPE_F32, NULL, 2, 0, 2, NULL, 2, NULL, NULL, 2);
+  CHECK(st == BSR_OK, "linear with 0 rows is a no-op: %d %s", st, bsr_last_error());
+}
+
 int main(void) {
   test_version();
   test_threads();
@@ -537,6 +608,7 @@ int main(void) {
   test_thread_determinism();
   test_errors();
   test_pool();
+  test_linear();
   if (g_failures) {
     fprintf(stderr, "test_c_abi: %d of %d checks FAILED\n", g_failures, g_checks);
     return 1;

@@ -1,0 +1,94 @@
+"""Dense linear y = x W^T + b: the base projection of every layer and the LM head.
+
+Decode steps multiply a handful of rows by every weight of the model, so they are bound
+by reading the weights. A BLAS gemm packs W before multiplying, which at those shapes
+doubles the traffic; torch's CPU fp32 gemm measured 2-4x slower at 4 rows than at 1.
+The C++ kernel (csrc, `bsr_linear`) streams each block of weight rows once, prefetching
+the next, and reuses it from cache for every row of x.
+
+`auto` takes the kernel on CPU inside the row range where it beat F.linear, per dtype,
+in benchmarks/bench_linear.py (AMD EPYC, 2 threads, torch 2.13, Qwen2-0.5B's shapes):
+  float32   1..128 rows: 1.6-3.6x at 1-16 rows, 1.0-2.1x at 64-128, even or behind from 256;
+  float16   2+ rows:     torch's fp16 gemv is faster at 1 row, its gemm 2-4.5x slower above;
+  bfloat16  1..8 rows:   1.1-1.7x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
+Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _backends
+
+CPP_ROWS = {torch.float32: (1, 128), torch.float16: (2, math.inf), torch.bfloat16: (1, 8)}
+
+BACKENDS = ("auto", "cpp", "reference")
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    rows = CPP_ROWS.get(x.dtype)
+    return (
+        rows is not None
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and rows[0] <= x.shape[0] <= rows[1]
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[1]
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype == x.dtype and tuple(bias.shape) == (weight.shape[0],)))
+        and not _needs_graph(x, weight, bias)
+        and _backends._import_cpp() is not None
+    )
+
+
+def _check_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _backends.check_float_matrix("x", x, "[T, in]")
+    _backends.check_float_matrix("weight", weight, "[out, in]")
+    if x.dtype not in CPP_ROWS:
+        raise ValueError(f"backend='cpp' supports float32, float16 and bfloat16, got {x.dtype}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.device.type != "cpu" or t.dtype != x.dtype):
+            raise ValueError(f"{name} must be a {x.dtype} CPU tensor like x, got {t.dtype} on {t.device}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [out, {x.shape[1]}] for x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if _needs_graph(x, weight, bias):
+        raise ValueError("backend='cpp' is inference only; use 'auto' or 'reference' where autograd needs a graph")
+
+
+def _cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    _backends.cpp().linear(
+        _backends.CPP_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+        weight.data_ptr(), weight.shape[0], 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+    )  # fmt: skip
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """y = x W^T + b, x [T, in], weight [out, in], bias [out] or None.
+
+    backend: "auto" (the C++ kernel where it pays, see the module doc, else F.linear),
+    "cpp" (the kernel for any row count; CPU, inference only) or "reference" (F.linear).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpp":
+        _backends.cpp()
+        _check_cpp(x, weight, bias)
+        return _cpp_linear(x, weight, bias)
+    if backend == "auto" and _cpp_pays(x, weight, bias):
+        return _cpp_linear(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -1,0 +1,125 @@
+"""ops.linear (the dense base projection) against an fp64 reference, on every backend.
+
+The C++ kernel (backend "cpp", and "auto" for few rows on CPU) must equal F.linear computed
+in fp64 on the same rounded inputs within per-dtype tolerances, for odd shapes that leave
+tails in every micro-tile, strided inputs, with and without a bias, and across the 128-row
+passes it makes over the weight.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsharedrag_fast import ops
+from bsharedrag_fast.ops import _backends
+from bsharedrag_fast.ops.linear import CPP_ROWS
+
+pytestmark = pytest.mark.skipif(_backends._import_cpp() is None, reason="bsharedrag_fast._C is not built")
+
+# relative to max |reference|: fp32 accumulation over K, then one rounding into the dtype
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+SHAPES = [  # rows, in, out
+    (1, 1, 1), (1, 896, 37), (2, 17, 5), (3, 64, 4), (4, 33, 129), (5, 250, 7),
+    (16, 48, 300), (127, 19, 9), (128, 16, 16), (129, 40, 21), (300, 70, 11),
+]
+
+
+def make(rows, k, n, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def check_close(y, x, w, b):
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.double() - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert err <= TOL[x.dtype] * scale, f"max abs err {err:.3g} > {TOL[x.dtype] * scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpp_matches_fp64_reference(dtype, shape, bias):
+    x, w, b = make(*shape, dtype, bias)
+    check_close(ops.linear(x, w, b, backend="cpp"), x, w, b)
+
+
+def test_strided_inputs():
+    x, w, b = make(6, 40, 23, torch.float32)
+    wide = torch.zeros(6, 57)
+    wide[:, 3:43] = x
+    xs = wide[:, 3:43]  # rows 57 apart
+    assert xs.stride(0) == 57 and not xs.is_contiguous()
+    y = ops.linear(xs, w, b, backend="cpp")
+    check_close(y, x, w, b)
+    # a transposed (column-major) weight view is copied to rows first
+    check_close(ops.linear(x, w.t().contiguous().t(), b, backend="cpp"), x, w, b)
+    # a non-unit last stride of x is copied too
+    xt = x.t().contiguous().t()
+    assert torch.equal(ops.linear(xt, w, b, backend="cpp"), ops.linear(x, w, b, backend="cpp"))
+
+
+@pytest.mark.parametrize("dtype", list(CPP_ROWS))
+def test_auto_picks_kernel_inside_its_row_range(dtype):
+    lo, hi = CPP_ROWS[dtype]
+    edges = {lo, max(1, lo - 1)} | ({hi, hi + 1} if hi < 1000 else {300})
+    for rows in sorted(edges):
+        x, w, b = make(rows, 96, 40, dtype, seed=rows)
+        want = ops.linear(x, w, b, backend="cpp" if lo <= rows <= hi else "reference")
+        assert torch.equal(ops.linear(x, w, b), want), rows
+        check_close(ops.linear(x, w, b), x, w, b)
+
+
+def test_auto_is_reference_for_float64_and_graphs():
+    x, w, b = make(4, 32, 8, torch.float64)
+    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+    # with autograd it is F.linear, so gradients flow and equal F.linear's
+    x, w, b = make(4, 32, 8, torch.float32)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ops.linear(xg, wg, b).square().sum().backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.linear(xr, wr, b).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad) and torch.equal(wg.grad, wr.grad)
+    with torch.no_grad():  # no graph needed: the kernel
+        assert torch.equal(ops.linear(xg, wg, b), ops.linear(x, w, b, backend="cpp"))
+
+
+def test_result_does_not_depend_on_threads():
+    from bsharedrag_fast import _C
+
+    x, w, b = make(9, 300, 1031, torch.float32)
+    try:
+        _C.set_num_threads(1)
+        one = ops.linear(x, w, b, backend="cpp")
+        _C.set_num_threads(2)
+        two = ops.linear(x, w, b, backend="cpp")
+    finally:
+        _C.set_num_threads(0)
+    assert torch.equal(one, two)
+
+
+def test_bad_input_is_a_clear_error():
+    x, w, b = make(3, 8, 5, torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.linear(x, w, b, backend="fast")
+    with pytest.raises(ValueError, match=r"weight must be \[out, 8\]"):
+        ops.linear(x, w[:, :7], b, backend="cpp")
+    with pytest.raises(ValueError, match=r"bias must be \[5\]"):
+        ops.linear(x, w, b[:4], backend="cpp")
+    with pytest.raises(ValueError, match="weight must be a torch.float32 CPU tensor"):
+        ops.linear(x, w.half(), b, backend="cpp")
+    with pytest.raises(ValueError, match="supports float32, float16 and bfloat16"):
+        ops.linear(x.double(), w.double(), b.double(), backend="cpp")
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ops.linear(x[None], w, b, backend="cpp")
+    with pytest.raises(ValueError, match="inference only"):
+        ops.linear(x.clone().requires_grad_(), w, b, backend="cpp")
+    # auto never hands mismatched shapes to the kernel: torch reports them
+    with pytest.raises(RuntimeError):
+        ops.linear(x, w[:, :7], b)
