@@ -16,17 +16,24 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // ---------------------------------------------------------------------------------------
 
 // NR rows x NJ ranks of v, dot products of length K; A rows j are at A + j * K.
-// With PF, the same columns of the next NJ rows (A + NJ * K) are prefetched as we go: the
-// dense linear streams W from memory block after block.
+// With PF, the dense linear's W blocks stream from memory while we compute: the rows two
+// blocks ahead (A + 2 NJ K) are prefetched into L2, spread over the `npass` passes (row
+// blocks) made over this block, pass `phase` taking every npass-th column step, so DRAM
+// reads overlap the passes that run from cache (measured best of 1-2 blocks, L1/L2).
 template <class T, int NR, int NJ, bool PF = false>
-BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, float* const* vo) {
+BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, float* const* vo, int npass = 1,
+                                    int phase = 0) {
   typename V::vf acc[NR][NJ];
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NJ; ++j) acc[i][j] = V::zero();
   int64_t k = 0;
+  int turn = phase;
   for (; k + V::W <= K; k += V::W) {
     if constexpr (PF) {
-      for (int j = 0; j < NJ; ++j) V::prefetch(A + (NJ + j) * K + k);
+      if (turn == 0) {
+        for (int j = 0; j < NJ; ++j) V::prefetch_l2(A + (2 * NJ + j) * K + k);
+      }
+      if (++turn == npass) turn = 0;
     }
     typename V::vf xv[NR];
     for (int i = 0; i < NR; ++i) xv[i] = V::load(xr[i] + k);
@@ -48,7 +55,7 @@ BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, f
     for (int j = 0; j < NJ; ++j) vo[i][j] = V::hsum(acc[i][j]);
 }
 
-template <class T, int NR, int NJ, bool PF = false>
+template <class T, int NR, int NJ>
 static inline void shrink_micro_nj(int nj, const T* const* xr, const T* A, int64_t K, float* const* vo) {
   if constexpr (NJ > 1) {
     if (nj < NJ) {
@@ -56,7 +63,7 @@ static inline void shrink_micro_nj(int nj, const T* const* xr, const T* A, int64
       return;
     }
   }
-  shrink_micro<T, NR, NJ, PF>(xr, A, K, vo);
+  shrink_micro<T, NR, NJ>(xr, A, K, vo);
 }
 
 // One block of NR rows, ranks [j0, j1).
@@ -337,14 +344,15 @@ static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt)
 // step costs one pass over the weights however many rows it has, up to the compute bound.
 // BLAS gemm packs W first, which doubles the memory traffic at these shapes.
 template <class T, int NR, bool PF>
-static inline void linear_micro_nr(int nr, const T* const* xr, const T* wb, int64_t K, float* const* vo) {
+static inline void linear_micro_nr(int nr, const T* const* xr, const T* wb, int64_t K, float* const* vo, int npass,
+                                   int phase) {
   if constexpr (NR > 1) {
     if (nr < NR) {
-      linear_micro_nr<T, NR - 1, PF>(nr, xr, wb, K, vo);
+      linear_micro_nr<T, NR - 1, PF>(nr, xr, wb, K, vo, npass, phase);
       return;
     }
   }
-  shrink_micro<T, NR, V::SH_RJ, PF>(xr, wb, K, vo);
+  shrink_micro<T, NR, V::SH_RJ, PF>(xr, wb, K, vo, npass, phase);
 }
 
 static constexpr int64_t kLinearRowChunk = 128;  // rows of x per pass over W: its micro-tiles stay in L2
@@ -371,12 +379,14 @@ static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
         vo[i] = tile[i];
       }
       const T* wb = w + n * P.K;
+      const int npass = static_cast<int>((m1 - m0 + V::SH_RB - 1) / V::SH_RB);
+      const int phase = static_cast<int>((m - m0) / V::SH_RB);
       if (nj < V::SH_RJ) {
         shrink_rows_nr<T, V::SH_RB>(nr, xr, wb, P.K, 0, nj, vo);
-      } else if (m == m0 && n + 2 * V::SH_RJ <= P.N) {  // first pass over this block: fetch the next
-        linear_micro_nr<T, V::SH_RB, true>(nr, xr, wb, P.K, vo);
+      } else if (n + 3 * V::SH_RJ <= P.N) {  // a block two ahead to fetch
+        linear_micro_nr<T, V::SH_RB, true>(nr, xr, wb, P.K, vo, npass, phase);
       } else {
-        linear_micro_nr<T, V::SH_RB, false>(nr, xr, wb, P.K, vo);
+        linear_micro_nr<T, V::SH_RB, false>(nr, xr, wb, P.K, vo, npass, phase);
       }
       for (int i = 0; i < nr; ++i) {
         T* yr = y + (m + i) * P.ldy + n;

@@ -17,7 +17,7 @@ struct V {
     alignas(32) static const int32_t tbl[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tbl + 8 - n));
   }
-  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
   static inline vf zero() { return _mm256_setzero_ps(); }
   static inline vf set1(float s) { return _mm256_set1_ps(s); }
   static inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }

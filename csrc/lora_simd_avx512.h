@@ -15,7 +15,7 @@ struct V {
   using vf = __m512;
 
   static inline __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
   static inline vf zero() { return _mm512_setzero_ps(); }
   static inline vf set1(float s) { return _mm512_set1_ps(s); }
   static inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }

@@ -21,9 +21,9 @@ struct V {
 #define BSR_VL(v, i) (v).l[i]
 #endif
 
-  static inline void prefetch(const void* p) {
+  static inline void prefetch_l2(const void* p) {
 #if defined(__GNUC__)
-    __builtin_prefetch(p);
+    __builtin_prefetch(p, 0, 2);
 #else
     (void)p;
 #endif

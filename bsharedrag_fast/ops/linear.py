@@ -4,13 +4,15 @@ Decode steps multiply a handful of rows by every weight of the model, so they ar
 by reading the weights. A BLAS gemm packs W before multiplying, which at those shapes
 doubles the traffic; torch's CPU fp32 gemm measured 2-4x slower at 4 rows than at 1.
 The C++ kernel (csrc, `bsr_linear`) streams each block of weight rows once, prefetching
-the next, and reuses it from cache for every row of x.
+two blocks ahead into L2, and reuses it from cache for every row of x.
 
-`auto` takes the kernel on CPU inside the row range where it beat F.linear, per dtype,
-in benchmarks/bench_linear.py (AMD EPYC, 2 threads, torch 2.13, Qwen2-0.5B's shapes):
-  float32   1..128 rows: 1.6-3.6x at 1-16 rows, 1.0-2.1x at 64-128, even or behind from 256;
-  float16   2+ rows:     torch's fp16 gemv is faster at 1 row, its gemm 2-4.5x slower above;
-  bfloat16  1..8 rows:   1.1-1.7x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
+Past 128 rows the kernel makes one pass over W per 128 rows of x (their micro-tiles stay
+in L2). `auto` takes it on CPU inside the row range where it beat F.linear, per dtype, in
+benchmarks/bench_linear.py (AMD EPYC, 2 threads, torch 2.13, Qwen2-0.5B's shapes):
+  float32   every row count: 1.7-5.5x at 1-16 rows, 1.0-2.6x at 32-128; at 256-512 rows
+            0.9-1.6x per shape and 10-15% faster over a whole Qwen2-0.5B forward;
+  float16   2+ rows:   torch's fp16 gemv is even or faster at 1 row, its gemm 1.4-4.7x slower above;
+  bfloat16  1..8 rows: 1.3-3.6x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _backends
 
-CPP_ROWS = {torch.float32: (1, 128), torch.float16: (2, math.inf), torch.bfloat16: (1, 8)}
+CPP_ROWS = {torch.float32: (1, math.inf), torch.float16: (2, math.inf), torch.bfloat16: (1, 8)}
 
 BACKENDS = ("auto", "cpp", "reference")
 
