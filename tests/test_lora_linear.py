@@ -65,17 +65,10 @@ def naive(x, w, b, a, bb, s, ta):
     return y
 
 
-def base_linear(backend):
-    """The base op each backend runs: the pure-torch reference F.linear; the fast ones
-    ops.linear (on CPU the C++ kernel for few rows, tested against fp64 in test_linear.py)."""
-    return F.linear if backend == "reference" else ops.linear
-
-
-def check_base_rows_bit_identical(backend, y, x, w, b, ta):
-    """Rows without an adapter are exactly the base op's output."""
+def check_base_rows_bit_identical(y, x, w, b, ta):
     base = ta.cpu() < 0
     if base.any():
-        assert torch.equal(y.cpu()[base], base_linear(backend)(x, w, b).cpu()[base])
+        assert torch.equal(y.cpu()[base], F.linear(x, w, b).cpu()[base])
 
 
 SHAPES = [  # in, out, rank, adapters, tokens
@@ -103,7 +96,7 @@ def test_forward_fp32_matches_fp64_reference(backend, shape):
     # ground truth: the fp64 reference on exactly the fp32 inputs
     ref64 = ops.lora_linear_reference(*cast(cast(case, torch.float32), torch.float64))
     torch.testing.assert_close(y.cpu().double(), ref64, rtol=TOL[torch.float32], atol=TOL[torch.float32])
-    check_base_rows_bit_identical(backend, y, *args[:3], args[6])
+    check_base_rows_bit_identical(y, *args[:3], args[6])
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -115,7 +108,7 @@ def test_forward_half_dtypes(backend):
         assert y.dtype == dtype
         ref = ops.lora_linear_reference(*args)
         torch.testing.assert_close(y.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
-        check_base_rows_bit_identical(backend, y, *args[:3], args[6])
+        check_base_rows_bit_identical(y, *args[:3], args[6])
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
@@ -140,9 +133,9 @@ def test_adapter_maps(backend, mode):
             r_ad = (ranks or {}).get(ad, 16)
             truth[t] += float(s[ad]) * (bb[ad, :, :r_ad] @ (a[ad, :r_ad] @ x[t]))
     torch.testing.assert_close(y.cpu().double(), truth, rtol=2e-5, atol=2e-5)
-    check_base_rows_bit_identical(backend, y, *args[:3], args[6])
+    check_base_rows_bit_identical(y, *args[:3], args[6])
     if mode == "all_base":
-        assert torch.equal(y.cpu(), base_linear(backend)(*cast(case, torch.float32)[:3]))
+        assert torch.equal(y.cpu(), F.linear(*cast(case, torch.float32)[:3]))
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -14,6 +14,10 @@ benchmarks/bench_linear.py (AMD EPYC, 2 threads, torch 2.13, Qwen2-0.5B's shapes
   float16   2+ rows:   torch's fp16 gemv is even or faster at 1 row, its gemm 1.4-4.7x slower above;
   bfloat16  1..8 rows: 1.3-3.6x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
+
+The Backbone runs every base projection and its LM head through this op, then adds the
+adapters with `ops.add_lora_`. `ops.lora_linear` keeps F.linear as its base: its rows
+without an adapter are bit-identical to F.linear by contract (DESIGN.md).
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """Multi-LoRA linear: y = x W^T + b + scaling[a] * (x A_a^T) B_a^T for rows with adapter a >= 0.
 
 One frozen base weight, L stacked adapters, and a batch whose rows each pick an
-adapter (or -1 for none). The base GEMM is `ops.linear` (cuBLAS / BLAS, or the C++
-kernel for few rows on CPU), always over the whole batch, so rows with -1 are
-bit-identical to it; the LoRA part is a
+adapter (or -1 for none). The base GEMM is torch's (cuBLAS / MKL), always over the
+whole batch, so rows with -1 are bit-identical to F.linear; the LoRA part is a
 shrink (x A^T, fp32 accumulation) into a [num_lora, r] buffer and an expand that adds
 scaling * v B^T into the base output in place, over the adapters' sorted segments.
 
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _backends
-from .linear import linear
 from .lora_meta import LoRAMeta
 
 # Measured by benchmarks/bench_lora_linear.py (backend column): on CPU the C++ segment
@@ -134,7 +132,7 @@ def _expand(backend: str, v: torch.Tensor, lora_b: torch.Tensor, scaling: torch.
 
 
 def _forward(backend, x, weight, bias, lora_a, lora_b, scaling, meta):
-    y = linear(x, weight, bias)
+    y = F.linear(x, weight, bias)
     if meta.no_lora:
         return y, None
     x = _rows(x)
