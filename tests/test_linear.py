@@ -94,13 +94,16 @@ def test_result_does_not_depend_on_threads():
     from bsharedrag_fast import _C
 
     x, w, b = make(9, 300, 1031, torch.float32)
-    try:
-        _C.set_num_threads(1)
+    n = torch.get_num_threads()
+    try:  # the kernels follow torch's thread count
+        torch.set_num_threads(1)
         one = ops.linear(x, w, b, backend="cpp")
-        _C.set_num_threads(2)
+        assert _C.get_num_threads() == 1
+        torch.set_num_threads(2)
         two = ops.linear(x, w, b, backend="cpp")
+        assert _C.get_num_threads() == 2
     finally:
-        _C.set_num_threads(0)
+        torch.set_num_threads(n)
     assert torch.equal(one, two)
 
 

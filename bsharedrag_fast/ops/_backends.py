@@ -34,13 +34,22 @@ def _import_kernels() -> ModuleType | None:
     return kernels
 
 
+_cpp_threads = [0]  # the kernels' thread count last set from torch's
+
+
 def cpp() -> ModuleType:
+    """The C++ kernels, their thread count kept at torch.get_num_threads(): they run on an
+    OpenMP runtime of their own, and torch.set_num_threads(n) must bound the whole model."""
     mod = _import_cpp()
     if mod is None:
         raise ValueError(
             "backend='cpp' is unavailable: the extension bsharedrag_fast._C is not built "
             "(reinstall with `pip install -e .`)"
         )
+    n = torch.get_num_threads()
+    if n != _cpp_threads[0]:
+        mod.set_num_threads(n)
+        _cpp_threads[0] = n
     return mod
 
 
