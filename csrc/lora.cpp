@@ -405,12 +405,12 @@ static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t
   return BSR_OK;
 }
 
-// Threads split the outputs into contiguous ranges (multiples of the micro-tile), so each
+// Threads split the outputs into contiguous ranges (multiples of the micro-tiles), so each
 // streams its own part of W.
 static void do_linear(const LinearPlan& P) {
   const Isa& I = isa();
   const int64_t work = P.M * P.N * P.K;
-  const int64_t step = I.sh_rj;
+  const int64_t step = 12;  // a multiple of every ISA's weight-rows tile (2, 3, 4)
   const int64_t nblocks = (P.N + step - 1) / step;
   int nt = work >= kShrinkParallelMinWork ? num_threads() : 1;
   if (nt > nblocks) nt = static_cast<int>(nblocks);

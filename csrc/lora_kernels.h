@@ -339,61 +339,80 @@ static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt)
 // linear (dense, few rows)
 // ---------------------------------------------------------------------------------------
 
-// Outputs [n0, n1) of every row. Each block of SH_RJ weight rows is read from memory once
-// and reused from L1/L2 by every block of SH_RB rows of x (which stays in L2), so a decode
-// step costs one pass over the weights however many rows it has, up to the compute bound.
-// BLAS gemm packs W first, which doubles the memory traffic at these shapes.
-template <class T, int NR, bool PF>
-static inline void linear_micro_nr(int nr, const T* const* xr, const T* wb, int64_t K, float* const* vo, int npass,
-                                   int phase) {
+// Outputs [n0, n1) of every row, in tiles of RB rows x RJ weight rows. Each block of RJ
+// weight rows is read from memory once and reused from L1/L2 by every block of RB rows of
+// x (which stays in L2), so a decode step costs one pass over the weights however many
+// rows it has, up to the compute bound. BLAS gemm packs W first, which doubles the memory
+// traffic at these shapes.
+template <class T, int NR, int NJ, bool PF>
+static inline void linear_tile(int nr, int nj, const T* const* xr, const T* wb, int64_t K, float* const* vo,
+                               int npass, int phase) {
   if constexpr (NR > 1) {
     if (nr < NR) {
-      linear_micro_nr<T, NR - 1, PF>(nr, xr, wb, K, vo, npass, phase);
+      linear_tile<T, NR - 1, NJ, PF>(nr, nj, xr, wb, K, vo, npass, phase);
       return;
     }
   }
-  shrink_micro<T, NR, V::SH_RJ, PF>(xr, wb, K, vo, npass, phase);
+  if constexpr (NJ > 1) {
+    if (nj < NJ) {
+      linear_tile<T, NR, NJ - 1, PF>(nr, nj, xr, wb, K, vo, npass, phase);
+      return;
+    }
+  }
+  shrink_micro<T, NR, NJ, PF>(xr, wb, K, vo, npass, phase);
 }
 
 static constexpr int64_t kLinearRowChunk = 128;  // rows of x per pass over W: its micro-tiles stay in L2
 
-template <class T>
+template <class T, int RB, int RJ>
 static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
   const T* x = static_cast<const T*>(P.x);
   const T* w = static_cast<const T*>(P.w);
   const T* bias = static_cast<const T*>(P.bias);
   T* y = static_cast<T*>(P.y);
   for (int64_t m0 = 0; m0 < P.M; m0 += kLinearRowChunk) {
-  const int64_t m1 = imin(P.M, m0 + kLinearRowChunk);
-  for (int64_t n = n0; n < n1; n += V::SH_RJ) {
-    const int nj = static_cast<int>(imin(V::SH_RJ, n1 - n));
-    float b[V::SH_RJ];
-    for (int j = 0; j < nj; ++j) b[j] = bias != nullptr ? Scalar<T>::load(bias + n + j) : 0.f;
-    for (int64_t m = m0; m < m1; m += V::SH_RB) {
-      const int nr = static_cast<int>(imin(V::SH_RB, m1 - m));
-      const T* xr[V::SH_RB];
-      float tile[V::SH_RB][V::SH_RJ];
-      float* vo[V::SH_RB];
-      for (int i = 0; i < nr; ++i) {
-        xr[i] = x + (m + i) * P.ldx;
-        vo[i] = tile[i];
-      }
+    const int64_t m1 = imin(P.M, m0 + kLinearRowChunk);
+    const int npass = static_cast<int>((m1 - m0 + RB - 1) / RB);
+    for (int64_t n = n0; n < n1; n += RJ) {
+      const int nj = static_cast<int>(imin(RJ, n1 - n));
       const T* wb = w + n * P.K;
-      const int npass = static_cast<int>((m1 - m0 + V::SH_RB - 1) / V::SH_RB);
-      const int phase = static_cast<int>((m - m0) / V::SH_RB);
-      if (nj < V::SH_RJ) {
-        shrink_rows_nr<T, V::SH_RB>(nr, xr, wb, P.K, 0, nj, vo);
-      } else if (n + 3 * V::SH_RJ <= P.N) {  // a block two ahead to fetch
-        linear_micro_nr<T, V::SH_RB, true>(nr, xr, wb, P.K, vo, npass, phase);
-      } else {
-        linear_micro_nr<T, V::SH_RB, false>(nr, xr, wb, P.K, vo, npass, phase);
-      }
-      for (int i = 0; i < nr; ++i) {
-        T* yr = y + (m + i) * P.ldy + n;
-        for (int j = 0; j < nj; ++j) Scalar<T>::store(yr + j, tile[i][j] + b[j]);
+      const bool fetch = nj == RJ && n + 3 * RJ <= P.N;  // a block two ahead to prefetch
+      float b[RJ];
+      for (int j = 0; j < nj; ++j) b[j] = bias != nullptr ? Scalar<T>::load(bias + n + j) : 0.f;
+      for (int64_t m = m0; m < m1; m += RB) {
+        const int nr = static_cast<int>(imin(RB, m1 - m));
+        const int phase = static_cast<int>((m - m0) / RB);
+        const T* xr[RB];
+        float tile[RB][RJ];
+        float* vo[RB];
+        for (int i = 0; i < nr; ++i) {
+          xr[i] = x + (m + i) * P.ldx;
+          vo[i] = tile[i];
+        }
+        if (fetch) {
+          linear_tile<T, RB, RJ, true>(nr, nj, xr, wb, P.K, vo, npass, phase);
+        } else {
+          linear_tile<T, RB, RJ, false>(nr, nj, xr, wb, P.K, vo, npass, phase);
+        }
+        for (int i = 0; i < nr; ++i) {
+          T* yr = y + (m + i) * P.ldy + n;
+          for (int jj = 0; jj < nj; ++jj) Scalar<T>::store(yr + jj, tile[i][jj] + b[jj]);
+        }
       }
     }
   }
+}
+
+// Up to kLinearFewRows rows (decode steps) take the ISA's wide tile (LN_RB rows), so the
+// weight stream is consumed in one or two passes, overlapping the arithmetic of more rows.
+static constexpr int64_t kLinearFewRows = 16;
+
+template <class T>
+static void linear_range_any(const LinearPlan& P, int64_t n0, int64_t n1) {
+  if (P.M <= kLinearFewRows) {
+    linear_range_t<T, V::LN_RB, V::LN_RJ>(P, n0, n1);
+  } else {
+    linear_range_t<T, V::SH_RB, V::SH_RJ>(P, n0, n1);
   }
 }
 
@@ -417,13 +436,13 @@ BSR_OMP_SIMD_SUM_ACC
 static void linear_range(const LinearPlan& P, int64_t n0, int64_t n1) {
   switch (P.dtype) {
     case BSR_DTYPE_F32:
-      linear_range_t<float>(P, n0, n1);
+      linear_range_any<float>(P, n0, n1);
       break;
     case BSR_DTYPE_F16:
-      linear_range_t<f16_t>(P, n0, n1);
+      linear_range_any<f16_t>(P, n0, n1);
       break;
     case BSR_DTYPE_BF16:
-      linear_range_t<bf16_t>(P, n0, n1);
+      linear_range_any<bf16_t>(P, n0, n1);
       break;
     case BSR_DTYPE_F64:
       linear_range_f64(P, n0, n1);

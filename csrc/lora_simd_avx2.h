@@ -9,6 +9,8 @@ struct V {
   // register blocking (16 ymm registers)
   static constexpr int SH_RB = 4;
   static constexpr int SH_RJ = 2;  // 8 accumulators + 4 x vectors
+  static constexpr int LN_RB = 4;  // dense linear: as shrink
+  static constexpr int LN_RJ = 2;
   static constexpr int EX_RB = 4;
   static constexpr int EX_NV = 2;  // 8 accumulators
   using vf = __m256;

@@ -8,6 +8,8 @@ struct V {
   static constexpr bool kDirectTranspose = true;
   static constexpr int SH_RB = 4;  // 8 accumulators + 4 x vectors (16 SSE registers)
   static constexpr int SH_RJ = 2;
+  static constexpr int LN_RB = 4;  // dense linear: as shrink
+  static constexpr int LN_RJ = 2;
   static constexpr int EX_RB = 4;
   static constexpr int EX_NV = 2;
 #if defined(__GNUC__)
