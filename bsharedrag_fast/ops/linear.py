@@ -6,13 +6,13 @@ doubles the traffic; torch's CPU fp32 gemm measured 2-4x slower at 4 rows than a
 The C++ kernel (csrc, `bsr_linear`) streams each block of weight rows once, prefetching
 two blocks ahead into L2, and reuses it from cache for every row of x.
 
-Past 128 rows the kernel makes one pass over W per 128 rows of x (their micro-tiles stay
-in L2). `auto` takes it on CPU inside the row range where it beat F.linear, per dtype, in
+Up to 16 rows its AVX-512 tile is 8 rows x 3 weight rows, so 8 rows take one pass over
+W; past 128 rows it makes one pass per 128 rows of x (their micro-tiles stay in L2).
+`auto` takes it on CPU inside the row range where it beat F.linear, per dtype, in
 benchmarks/bench_linear.py (AMD EPYC, 2 threads, torch 2.13, Qwen2-0.5B's shapes):
-  float32   every row count: 1.7-5.5x at 1-16 rows, 1.0-2.6x at 32-128; at 256-512 rows
-            0.9-1.6x per shape and 10-15% faster over a whole Qwen2-0.5B forward;
-  float16   2+ rows:   torch's fp16 gemv is even or faster at 1 row, its gemm 1.4-4.7x slower above;
-  bfloat16  1..8 rows: 1.3-3.6x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
+  float32   every row count: 1.8-4.6x at 1-16 rows, 1.1-2.9x at 32-128, 1.0-1.5x at 256-512;
+  float16   2+ rows:   torch's fp16 gemv is as fast at 1 row, its gemm 1.8-4.8x slower above;
+  bfloat16  1..8 rows: 1.5-2.3x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 
 The Backbone runs every base projection and its LM head through this op, then adds the
