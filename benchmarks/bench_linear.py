@@ -4,7 +4,7 @@ The shapes are Qwen2-0.5B's projections and LM head; row counts span decode step
 rows), mixed steps (64-128) and prefill (256-512). Each call uses the next of enough
 copies of the weight to fill 256 MiB, so the weights stream from memory as they do in a
 model's forward (one copy would sit in cache and flatter both sides). The row range
-where `cpp` wins, per dtype, is what ops/linear.py's CPP_ROWS encodes.
+where `cpp` wins, per dtype, is what ops/linear.py's `cpp_pays` encodes.
 
     python benchmarks/bench_linear.py                  # float32, float16, bfloat16
     python benchmarks/bench_linear.py --dtype float32

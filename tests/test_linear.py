@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 from bsharedrag_fast.ops import _backends
-from bsharedrag_fast.ops.linear import CPP_ROWS
+from bsharedrag_fast.ops.linear import CPP_DTYPES, cpp_pays
 
 pytestmark = pytest.mark.skipif(_backends._import_cpp() is None, reason="bsharedrag_fast._C is not built")
 
@@ -65,15 +65,16 @@ def test_strided_inputs():
     assert torch.equal(ops.linear(xt, w, b, backend="cpp"), ops.linear(x, w, b, backend="cpp"))
 
 
-@pytest.mark.parametrize("dtype", list(CPP_ROWS))
-def test_auto_picks_kernel_inside_its_row_range(dtype):
-    lo, hi = CPP_ROWS[dtype]
-    edges = {lo, max(1, lo - 1)} | ({hi, hi + 1} if hi < 1000 else {300})
-    for rows in sorted(edges):
-        x, w, b = make(rows, 96, 40, dtype, seed=rows)
-        want = ops.linear(x, w, b, backend="cpp" if lo <= rows <= hi else "reference")
-        assert torch.equal(ops.linear(x, w, b), want), rows
+@pytest.mark.parametrize("dtype", CPP_DTYPES)
+def test_auto_picks_kernel_where_it_pays(dtype):
+    for rows, k in [(1, 96), (2, 96), (8, 96), (9, 96), (16, 96), (17, 96), (200, 96), (17, 768), (200, 800)]:
+        x, w, b = make(rows, k, 40, dtype, seed=rows)
+        want = ops.linear(x, w, b, backend="cpp" if cpp_pays(dtype, rows, k) else "reference")
+        assert torch.equal(ops.linear(x, w, b), want), (rows, k)
         check_close(ops.linear(x, w, b), x, w, b)
+    assert cpp_pays(torch.float32, 4, 64) and cpp_pays(torch.float32, 512, 896)
+    assert not cpp_pays(torch.float32, 64, 256) and not cpp_pays(torch.float16, 1, 896)
+    assert not cpp_pays(torch.bfloat16, 16, 896) and not cpp_pays(torch.float64, 4, 896)
 
 
 def test_auto_is_reference_for_float64_and_graphs():

@@ -8,9 +8,12 @@ two blocks ahead into L2, and reuses it from cache for every row of x.
 
 Up to 16 rows its AVX-512 tile is 8 rows x 3 weight rows, so 8 rows take one pass over
 W; past 128 rows it makes one pass per 128 rows of x (their micro-tiles stay in L2).
-`auto` takes it on CPU inside the row range where it beat F.linear, per dtype, in
-benchmarks/bench_linear.py (AMD EPYC, 2 threads, torch 2.13, Qwen2-0.5B's shapes):
-  float32   every row count: 1.8-4.6x at 1-16 rows, 1.1-2.9x at 32-128, 1.0-1.5x at 256-512;
+`auto` takes it on CPU where it beat F.linear in benchmarks/bench_linear.py (AMD EPYC,
+2 threads, torch 2.13; Qwen2-0.5B's shapes, weights streamed from memory) and on the tiny
+preset's cache-resident weights, per dtype (`cpp_pays`):
+  float32   up to 16 rows: 1.8-4.6x (0.9-1.4x on cache-resident weights); more rows when
+            in_features >= 768: 1.0-2.9x at 32-512 rows. With fewer input features the
+            reduction that ends each micro-tile is not amortized: 0.7-0.9x from 32 rows.
   float16   2+ rows:   torch's fp16 gemv is as fast at 1 row, its gemm 1.8-4.8x slower above;
   bfloat16  1..8 rows: 1.5-2.3x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
@@ -21,14 +24,22 @@ without an adapter are bit-identical to F.linear by contract (DESIGN.md).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from . import _backends
 
-CPP_ROWS = {torch.float32: (1, math.inf), torch.float16: (2, math.inf), torch.bfloat16: (1, 8)}
+CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cpp_pays(dtype: torch.dtype, rows: int, in_features: int) -> bool:
+    """Whether `auto` takes the C++ kernel for a CPU x [rows, in_features] (see the module doc)."""
+    if dtype == torch.float32:
+        return rows <= 16 or in_features >= 768
+    if dtype == torch.float16:
+        return rows >= 2
+    return dtype == torch.bfloat16 and rows <= 8
+
 
 BACKENDS = ("auto", "cpp", "reference")
 
@@ -38,12 +49,10 @@ def _needs_graph(*tensors) -> bool:
 
 
 def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    rows = CPP_ROWS.get(x.dtype)
     return (
-        rows is not None
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dim() == 2
-        and rows[0] <= x.shape[0] <= rows[1]
+        and cpp_pays(x.dtype, x.shape[0], x.shape[1])
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and weight.shape[1] == x.shape[1]
@@ -57,7 +66,7 @@ def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 def _check_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     _backends.check_float_matrix("x", x, "[T, in]")
     _backends.check_float_matrix("weight", weight, "[out, in]")
-    if x.dtype not in CPP_ROWS:
+    if x.dtype not in CPP_DTYPES:
         raise ValueError(f"backend='cpp' supports float32, float16 and bfloat16, got {x.dtype}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and (t.device.type != "cpu" or t.dtype != x.dtype):
