@@ -139,7 +139,8 @@ struct ExpandPlan {
   int64_t scratch_stride;  // floats per thread
 };
 
-// Dense y = x W^T (+ bias) for few rows (decode steps): W [N, K] contiguous, streamed once.
+// Dense y = x W^T (+ bias), W [N, K] contiguous and streamed once per 128 rows of x; made
+// for the few rows of decode steps.
 struct LinearPlan {
   bsr_dtype dtype;
   const void* x;

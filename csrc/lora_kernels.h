@@ -1,4 +1,5 @@
-// Internal header of csrc/lora.cpp: the shrink / expand kernels, written once against a
+// Internal header of csrc/lora.cpp: the shrink / expand kernels and the dense linear that
+// computes the base output they add into, written once against a
 // SIMD abstraction `V` (lora_simd_{generic,avx2,avx512}.h) and included once per ISA, each
 // time inside its own namespace and `#pragma GCC target` region. No include guard on purpose;
 // no system headers here (lora.cpp includes them first).
@@ -7,7 +8,8 @@
 // over k and reduced at the end, in an order that does not depend on the tiling or on the
 // number of threads, so results are deterministic for a given ISA. Expand accumulates
 // sum_j v[j] * B[o, j] in fp32 and then does y = fma(s, acc, y) once, rounded once into
-// y's dtype. f64 accumulates in f64.
+// y's dtype. The dense linear reuses the shrink's micro-kernel (so its dot products are
+// summed the same way), adds the bias in fp32 and rounds once. f64 accumulates in f64.
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 

@@ -91,6 +91,17 @@ def test_auto_is_reference_for_float64_and_graphs():
         assert torch.equal(ops.linear(xg, wg, b), ops.linear(x, w, b, backend="cpp"))
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_a_row_does_not_depend_on_its_batch(dtype):
+    """Every output is one lane-wise dot product reduced the same way, whatever the tile
+    (8 x 3 up to 16 rows, 4 x 4 beyond) and the 128-row passes: a decode row gives the same
+    bits alone or in a mixed batch."""
+    x, w, b = make(140, 200, 37, dtype)
+    alone = torch.cat([ops.linear(x[i:i + 1], w, b, backend="cpp") for i in range(140)])
+    for rows in (5, 16, 17, 140):
+        assert torch.equal(ops.linear(x[:rows], w, b, backend="cpp"), alone[:rows]), rows
+
+
 def test_result_does_not_depend_on_threads():
     from bsharedrag_fast import _C
 

@@ -38,8 +38,10 @@ _cpp_threads = [0]  # the kernels' thread count last set from torch's
 
 
 def cpp() -> ModuleType:
-    """The C++ kernels, their thread count kept at torch.get_num_threads(): they run on an
-    OpenMP runtime of their own, and torch.set_num_threads(n) must bound the whole model."""
+    """The C++ kernels, their thread count kept at torch.get_num_threads(), so that
+    torch.set_num_threads(n) bounds the whole model: OpenMP's own setting is per calling
+    thread (a server's engine thread would not see it) and per runtime (theirs may not be
+    torch's)."""
     mod = _import_cpp()
     if mod is None:
         raise ValueError(
