@@ -60,6 +60,11 @@ def test_strided_inputs():
     check_close(y, x, w, b)
     # a transposed (column-major) weight view is copied to rows first
     check_close(ops.linear(x, w.t().contiguous().t(), b, backend="cpp"), x, w, b)
+    # rows that overlap (a broadcast row, stride 0) are copied too, under auto as well
+    xb = x[:1].expand(6, 40)
+    assert xb.stride(0) == 0
+    check_close(ops.linear(xb, w, b, backend="cpp"), xb.contiguous(), w, b)
+    check_close(ops.linear(xb, w, b), xb.contiguous(), w, b)
     # a non-unit last stride of x is copied too
     xt = x.t().contiguous().t()
     assert torch.equal(ops.linear(xt, w, b, backend="cpp"), ops.linear(x, w, b, backend="cpp"))

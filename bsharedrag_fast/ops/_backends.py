@@ -79,6 +79,12 @@ def check_float_matrix(name: str, t, layout: str) -> None:
         raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
+def dense_rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its rows are dense and disjoint (what the C++ / Triton kernels take), else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, cpu_auto: str) -> str:
     """Return the concrete backend for tensors of `dtype` on `device`.
 

@@ -80,7 +80,7 @@ def _check_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = _backends.dense_rows(x)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)

@@ -90,11 +90,6 @@ def _as_meta(meta_or_token_adapter, x: torch.Tensor, num_adapters: int) -> LoRAM
 # ----------------------------------------------------------------------------- kernels
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t itself if its rows are dense and disjoint (what the kernels take), else a contiguous copy."""
-    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
-
-
 def _shrink(backend: str, x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     """v[p] = x[sorted_idx[p]] A_a^T accumulated in fp32; lora_a may be a strided view."""
     rank = lora_a.shape[1]
@@ -135,7 +130,7 @@ def _forward(backend, x, weight, bias, lora_a, lora_b, scaling, meta):
     y = F.linear(x, weight, bias)
     if meta.no_lora:
         return y, None
-    x = _rows(x)
+    x = _backends.dense_rows(x)
     v = _shrink(backend, x, lora_a, meta)
     _expand(backend, v, lora_b, scaling, meta, y)
     return y, v
@@ -154,7 +149,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, scaling, v = ctx.saved_tensors
         meta, backend = ctx.meta, ctx.backend
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dy = _rows(dy)
+        dy = _backends.dense_rows(dy)
         dx = dw = db = da = dbb = None
         if need_x:
             dx = dy.mm(weight)
@@ -255,7 +250,7 @@ def add_lora_(
     if backend == "reference":
         return y.copy_(_add_lora_reference(y, x, lora_a, lora_b, scaling, meta.token_adapter))
     if not meta.no_lora:
-        _expand(backend, _shrink(backend, _rows(x), lora_a, meta), lora_b, scaling, meta, y)
+        _expand(backend, _shrink(backend, _backends.dense_rows(x), lora_a, meta), lora_b, scaling, meta, y)
     return y
 
 
