@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 
+from . import plots
 from .bench_worker import REPLY, SETUPS
 from .synthetic import PRESETS, token_workload, write_adapter, write_checkpoint
 
@@ -301,10 +302,7 @@ def format_table(res: dict) -> str:
 
 def write_plots(res: dict, out_dir: str) -> list:
     """memory.png (resident and peak MiB per setup) and throughput.png (embed, generate, mixed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     names = list(res["setups"])
     labels = [res["setups"][n]["label"].replace(" (", "\n(") for n in names]
@@ -323,10 +321,7 @@ def write_plots(res: dict, out_dir: str) -> list:
     ax.set_ylabel("MiB over the process baseline")
     ax.set_title(f"bsharedrag bench ({title}): memory")
     ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "memory.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plots.save(fig, os.path.join(out_dir, "memory.png")))
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     for ax, (key, what) in zip(axes, (("embed_docs_per_s", "embed: documents / s"),
@@ -337,10 +332,7 @@ def write_plots(res: dict, out_dir: str) -> list:
         ax.set_xticks(range(len(names)), labels, fontsize=7)
         ax.set_title(what)
     fig.suptitle(f"bsharedrag bench ({title}): throughput, higher is better")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "throughput.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plots.save(fig, os.path.join(out_dir, "throughput.png")))
     return paths
 
 

@@ -13,22 +13,23 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _proc_kib_field(path: str, key: str) -> int:
+    """Bytes of the `key:  N kB` line of a /proc file."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not found in {path}")
+
+
 def peak_rss_bytes() -> int:
     """Highest resident set size of this process so far (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("VmHWM not found in /proc/self/status")
+    return _proc_kib_field("/proc/self/status", "VmHWM")
 
 
 def available_memory_bytes() -> int:
     """Memory the kernel says new work can use without swapping (MemAvailable)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("MemAvailable not found in /proc/meminfo")
+    return _proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def machine_info(device: str) -> dict:

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from .. import plots
 from ..data import passage_text
 
 RETRIEVAL_KS = (3, 5, 10)
@@ -143,10 +144,7 @@ def _contexts_file(rt, adapter, index, qa_path: str, out_path: str, k: int) -> s
 
 
 def _plots(report_dir: str, results: dict) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     paths = []
     names = list(results["retrieval"])
@@ -155,10 +153,7 @@ def _plots(report_dir: str, results: dict) -> list:
     ax.barh(names[::-1], vals[::-1], color=["#2a7" if n == "BSharedRAG" else "#888" for n in names[::-1]])
     ax.set_xlabel("nDCG@5 (WorthBuying-mini test)")
     ax.set_title("Retrieval: BSharedRAG vs ablations and Separate RAG")
-    fig.tight_layout()
-    paths.append(os.path.join(report_dir, "retrieval_ndcg5.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plots.save(fig, os.path.join(report_dir, "retrieval_ndcg5.png")))
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name, losses in results["loss_curves"].items():
@@ -169,10 +164,7 @@ def _plots(report_dir: str, results: dict) -> list:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("Training losses")
-    fig.tight_layout()
-    paths.append(os.path.join(report_dir, "loss_curves.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plots.save(fig, os.path.join(report_dir, "loss_curves.png")))
 
     mem = results["memory"]
     fig, ax = plt.subplots(figsize=(6, 2.6))
@@ -180,10 +172,7 @@ def _plots(report_dir: str, results: dict) -> list:
             color=["#888", "#2a7"])
     ax.set_xlabel("resident weights (MiB)")
     ax.set_title(f"Memory: Shared / Separate = {mem['ratio']:.2f}")
-    fig.tight_layout()
-    paths.append(os.path.join(report_dir, "memory.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plots.save(fig, os.path.join(report_dir, "memory.png")))
     return paths
 
 

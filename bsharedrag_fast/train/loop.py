@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .. import plots
 from ..model import TARGET_MODULES
 from .module import LoRASpec, TrainModel
 
@@ -238,10 +239,7 @@ def _write_metrics(path: str, rows: list[dict]) -> None:
 
 def plot_losses(losses: list, path: str, title: str) -> str:
     """The loss curve as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses)
@@ -249,10 +247,7 @@ def plot_losses(losses: list, path: str, title: str) -> str:
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- the loop
