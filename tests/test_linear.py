@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 from bsharedrag_fast.ops import _backends
-from bsharedrag_fast.ops.linear import CPP_DTYPES, cpp_pays
+from bsharedrag_fast.ops.linear import KERNEL_DTYPES, cpp_pays
 
 pytestmark = pytest.mark.skipif(_backends._import_cpp() is None, reason="bsharedrag_fast._C is not built")
 
@@ -70,7 +70,7 @@ def test_strided_inputs():
     assert torch.equal(ops.linear(xt, w, b, backend="cpp"), ops.linear(x, w, b, backend="cpp"))
 
 
-@pytest.mark.parametrize("dtype", CPP_DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_auto_picks_kernel_where_it_pays(dtype):
     for rows, k in [(1, 96), (2, 96), (8, 96), (9, 96), (16, 96), (17, 96), (200, 96), (17, 768), (200, 800)]:
         x, w, b = make(rows, k, 40, dtype, seed=rows)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import _backends
 
-CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bsr_linear takes here (fp64: F.linear)
 
 
 def cpp_pays(dtype: torch.dtype, rows: int, in_features: int) -> bool:
@@ -66,7 +66,7 @@ def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 def _check_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     _backends.check_float_matrix("x", x, "[T, in]")
     _backends.check_float_matrix("weight", weight, "[out, in]")
-    if x.dtype not in CPP_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"backend='cpp' supports float32, float16 and bfloat16, got {x.dtype}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and (t.device.type != "cpu" or t.dtype != x.dtype):
