@@ -57,39 +57,24 @@ BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, f
     for (int j = 0; j < NJ; ++j) vo[i][j] = V::hsum(acc[i][j]);
 }
 
-template <class T, int NR, int NJ>
-static inline void shrink_micro_nj(int nj, const T* const* xr, const T* A, int64_t K, float* const* vo) {
-  if constexpr (NJ > 1) {
-    if (nj < NJ) {
-      shrink_micro_nj<T, NR, NJ - 1>(nj, xr, A, K, vo);
-      return;
-    }
-  }
-  shrink_micro<T, NR, NJ>(xr, A, K, vo);
-}
-
-// One block of NR rows, ranks [j0, j1).
-template <class T, int NR>
-static inline void shrink_rows(const T* const* xr, const T* A, int64_t K, int64_t j0, int64_t j1,
-                               float* const* v) {
-  float* vo[NR];
-  for (int64_t j = j0; j < j1; j += V::SH_RJ) {
-    for (int i = 0; i < NR; ++i) vo[i] = v[i] + j;
-    const int nj = static_cast<int>(imin(V::SH_RJ, j1 - j));
-    shrink_micro_nj<T, NR, V::SH_RJ>(nj, xr, A + j * K, K, vo);
-  }
-}
-
-template <class T, int NR>
-static inline void shrink_rows_nr(int nr, const T* const* xr, const T* A, int64_t K, int64_t j0,
-                                  int64_t j1, float* const* v) {
+// A tile of nr <= NR rows x nj <= NJ rows of A: the shrink_micro instance of exactly that
+// shape (shared by the shrink and the dense linear).
+template <class T, int NR, int NJ, bool PF = false>
+static inline void micro_tile(int nr, int nj, const T* const* xr, const T* A, int64_t K, float* const* vo,
+                              int npass = 1, int phase = 0) {
   if constexpr (NR > 1) {
     if (nr < NR) {
-      shrink_rows_nr<T, NR - 1>(nr, xr, A, K, j0, j1, v);
+      micro_tile<T, NR - 1, NJ, PF>(nr, nj, xr, A, K, vo, npass, phase);
       return;
     }
   }
-  shrink_rows<T, NR>(xr, A, K, j0, j1, v);
+  if constexpr (NJ > 1) {
+    if (nj < NJ) {
+      micro_tile<T, NR, NJ - 1, PF>(nr, nj, xr, A, K, vo, npass, phase);
+      return;
+    }
+  }
+  shrink_micro<T, NR, NJ, PF>(xr, A, K, vo, npass, phase);
 }
 
 template <class T>
@@ -105,7 +90,11 @@ static void shrink_tile(const ShrinkPlan& P, int64_t t) {
       xr[i] = x + static_cast<int64_t>(P.sorted_idx[p + i]) * P.ldx;
       vr[i] = P.v + (p + i) * P.r;
     }
-    shrink_rows_nr<T, V::SH_RB>(nr, xr, A, P.K, j0, j1, vr);
+    float* vo[V::SH_RB];
+    for (int64_t j = j0; j < j1; j += V::SH_RJ) {
+      for (int i = 0; i < nr; ++i) vo[i] = vr[i] + j;
+      micro_tile<T, V::SH_RB, V::SH_RJ>(nr, static_cast<int>(imin(V::SH_RJ, j1 - j)), xr, A + j * P.K, P.K, vo);
+    }
   }
 }
 
@@ -338,7 +327,7 @@ static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt)
 }
 
 // ---------------------------------------------------------------------------------------
-// linear (dense, few rows)
+// linear (dense; made for the few rows of decode steps)
 // ---------------------------------------------------------------------------------------
 
 // Outputs [n0, n1) of every row, in tiles of RB rows x RJ weight rows. Each block of RJ
@@ -346,24 +335,6 @@ static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt)
 // x (which stays in L2), so a decode step costs one pass over the weights however many
 // rows it has, up to the compute bound. BLAS gemm packs W first, which doubles the memory
 // traffic at these shapes.
-template <class T, int NR, int NJ, bool PF>
-static inline void linear_tile(int nr, int nj, const T* const* xr, const T* wb, int64_t K, float* const* vo,
-                               int npass, int phase) {
-  if constexpr (NR > 1) {
-    if (nr < NR) {
-      linear_tile<T, NR - 1, NJ, PF>(nr, nj, xr, wb, K, vo, npass, phase);
-      return;
-    }
-  }
-  if constexpr (NJ > 1) {
-    if (nj < NJ) {
-      linear_tile<T, NR, NJ - 1, PF>(nr, nj, xr, wb, K, vo, npass, phase);
-      return;
-    }
-  }
-  shrink_micro<T, NR, NJ, PF>(xr, wb, K, vo, npass, phase);
-}
-
 static constexpr int64_t kLinearRowChunk = 128;  // rows of x per pass over W: its micro-tiles stay in L2
 
 template <class T, int RB, int RJ>
@@ -392,9 +363,9 @@ static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
           vo[i] = tile[i];
         }
         if (fetch) {
-          linear_tile<T, RB, RJ, true>(nr, nj, xr, wb, P.K, vo, npass, phase);
+          micro_tile<T, RB, RJ, true>(nr, nj, xr, wb, P.K, vo, npass, phase);
         } else {
-          linear_tile<T, RB, RJ, false>(nr, nj, xr, wb, P.K, vo, npass, phase);
+          micro_tile<T, RB, RJ, false>(nr, nj, xr, wb, P.K, vo, npass, phase);
         }
         for (int i = 0; i < nr; ++i) {
           T* yr = y + (m + i) * P.ldy + n;
