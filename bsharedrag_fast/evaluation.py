@@ -451,9 +451,8 @@ def _rag_predictions(args) -> tuple[list[str], list[str]]:
     from .cli import load_rag
     from .data import enumerate_jsonl
 
-    for opt in ("model", "index"):
-        if not getattr(args, opt):
-            raise ValueError(f"--data needs --{opt} (predictions are generated with the RAG pipeline)")
+    if not args.index:
+        raise ValueError("--data needs --index (predictions are generated with the RAG pipeline)")
     records = [(n, r, _field(r, args.question_field, args.data, n), _field(r, args.reference_field, args.data, n))
                for n, r in enumerate_jsonl(args.data, "QA data")]
     if not records:
@@ -491,7 +490,7 @@ def cmd_eval_generation(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `bsharedrag eval retrieval|generation` on the CLI's subparsers."""
-    from .cli import _add_embedder_args, _add_model_args
+    from .cli import _add_embedder_args, _add_model_args, _add_prompt_args
 
     ev = sub.add_parser("eval", help="evaluate retrieval (BEIR data) or generation (predictions vs answers)")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -526,12 +525,12 @@ def add_commands(sub) -> None:
     p.add_argument("--question-field", default="question", help='question field of --data (default "question")')
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     rag = p.add_argument_group("RAG generation (with --data)")
-    _add_model_args(rag, required=False)
+    _add_model_args(rag)
     rag.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
     rag.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
     rag.add_argument("--index", default=None, help="index directory built by `bsharedrag index`")
     rag.add_argument("--retrieve-k", type=int, default=3, help="documents retrieved per question (default 3)")
-    rag.add_argument("--template", default="en", help="en, zh, or a file with {context} and {question}")
+    _add_prompt_args(rag)
     rag.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")
     _add_embedder_args(rag)
     rag.add_argument("--max-new-tokens", type=int, default=128)

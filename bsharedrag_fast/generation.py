@@ -88,17 +88,28 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
 
 
 def eos_ids(model, tokenizer, eos_token_id) -> set:
+    """The ids that end a sequence. None: the tokenizer's EOS and every id of config.json's
+    eos_token_id (an int or a list, as HF generate reads it: a chat model lists both its
+    end-of-turn and its end-of-text token); [] disables EOS."""
     if eos_token_id is None:
+        ids = set()
         if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos_token_id = tokenizer.eos_token_id
-        else:
-            eos_token_id = model.config.extra.get("eos_token_id")
-    if eos_token_id is None:
-        return set()
+            ids.add(int(tokenizer.eos_token_id))
+        cfg_eos = model.config.extra.get("eos_token_id")
+        ids.update([int(cfg_eos)] if isinstance(cfg_eos, int) else (int(e) for e in cfg_eos or ()))
+        return ids
     if isinstance(eos_token_id, int):
         return {eos_token_id}
     return set(int(e) for e in eos_token_id)
 
+
+def primary_eos(model, tokenizer) -> Optional[int]:
+    """The one EOS id appended to texts (the pooled token, training targets): the tokenizer's
+    (a chat model's end of turn), else the smallest of config.json's; None when there is none."""
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    eos = eos_ids(model, None, None)
+    return min(eos) if eos else None
 
 def stop_strings(stop: Union[None, str, Sequence[str]], tokenizer) -> list:
     """The non-empty stop strings as a list; they need a tokenizer to be found."""

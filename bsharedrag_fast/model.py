@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .model_store import resolve_model
 from .ops.lora_meta import LoRAMeta
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -414,8 +415,8 @@ class Backbone:
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Backbone":
         """Load a HF checkpoint directory: config.json + model.safetensors, or sharded
-        *.safetensors + model.safetensors.index.json."""
-        path = os.fspath(path)
+        *.safetensors + model.safetensors.index.json; or a model name / .gguf file (model_store)."""
+        path = resolve_model(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"no config.json in {path!r}: not a HF model directory")

@@ -3,13 +3,19 @@
 ask() embeds the question with the retrieval adapter (query prefix, EOS appended, last-token
 pooling), takes the top-k documents from the index, fills the prompt template with their
 `title: text` contexts cut to a token budget, and generates with the generation adapter.
-ask_many() sends every question's embedding, then every prompt, through the engine together.
+When the tokenizer has a chat template (and chat is not turned off), the filled template is
+the user turn of a chat, as an instruction-tuned model expects. ask_many() sends every
+question's embedding, then every prompt, through the engine together.
+
+The generator trainer saves the template and the chat choice it trained with beside its
+adapter (PROMPT_FILE), and `ask`, `eval generation` and the server read them from there.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 # The paper's setting (WorthBuying, Chinese e-commerce QA) and an English equivalent.
 TEMPLATES = {
@@ -24,6 +30,7 @@ class Answer:
     sources: list = field(default_factory=list)  # [(doc_id, score)], best first
     prompt: str = ""
     finish_reason: str = ""
+    completion_tokens: int = 0
 
 
 def read_template(template: str) -> str:
@@ -33,6 +40,53 @@ def read_template(template: str) -> str:
         with open(template, encoding="utf-8") as f:
             return f.read()
     return template
+
+
+PROMPT_FILE = "rag_prompt.json"  # beside a generation adapter: {"template", "chat"}
+
+
+def save_prompt_format(adapter_dir: str, template: str, chat: bool) -> None:
+    """Record how the prompts of the adapter in adapter_dir were built (see read_prompt_format)."""
+    path = os.path.join(adapter_dir, PROMPT_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"template": _check_template(template), "chat": bool(chat)}, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+def read_prompt_format(adapter_dir: Optional[str]) -> dict:
+    """{"template", "chat"} an adapter was trained with; {} when it has no PROMPT_FILE."""
+    path = os.path.join(adapter_dir, PROMPT_FILE) if adapter_dir else None
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        fmt = {"template": _check_template(rec["template"]), "chat": rec["chat"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a prompt format file ({type(e).__name__}: {e})") from None
+    if not isinstance(fmt["chat"], bool):
+        raise ValueError(f'{path}: "chat" must be true or false')
+    return fmt
+
+
+def prompt_settings(template: Optional[str], raw: bool, adapter_dir: Optional[str]) -> tuple[str, Optional[bool]]:
+    """(template, chat) for a command: the --template given, else the generation adapter's
+    saved one, else "en"; chat off with --raw, else as the adapter was trained, else None
+    (the pipeline's default: on when the tokenizer has a chat template)."""
+    saved = read_prompt_format(adapter_dir)
+    chat = False if raw else saved.get("chat")
+    return (read_template(template) if template is not None else saved.get("template", "en")), chat
+
+
+def chat_wrap(tok, text: str, chat: bool) -> str:
+    """text as the model is prompted with it: the user turn of a chat, or as it is."""
+    return tok.apply_chat_template([{"role": "user", "content": text}]) if chat else text
+
+
+def encode_prompt(tok, prompt: str, chat: bool) -> list[int]:
+    """Ids of a prompt from chat_wrap (a rendered chat already holds its special tokens)."""
+    return tok.encode(prompt, add_special_tokens=not chat)
 
 
 def _check_template(template: str) -> str:
@@ -50,9 +104,12 @@ class RAGPipeline:
     def __init__(self, runtime, index, retrieval_adapter: str = "retrieval",
                  generation_adapter: str = "generation", k: int = 3, template: str = "en",
                  context_tokens: int = 768, max_new_tokens: int = 128, temperature: float = 0.0,
-                 query_prefix: str = "query: ", pooling: str = "last", retrieval_runtime=None):
+                 query_prefix: str = "query: ", pooling: str = "last", retrieval_runtime=None,
+                 chat: Optional[bool] = None):
         """retrieval_runtime: the engine that embeds questions when it is not `runtime`
-        (Separate RAG: an embedder model beside the generator); default `runtime`."""
+        (Separate RAG: an embedder model beside the generator); default `runtime`.
+        chat: put the filled template in the tokenizer's chat template as the user turn;
+        None: when the tokenizer has one."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if context_tokens < 1:
@@ -63,6 +120,16 @@ class RAGPipeline:
         self.k, self.template = k, _check_template(template)
         self.context_tokens, self.max_new_tokens, self.temperature = context_tokens, max_new_tokens, temperature
         self.query_prefix, self.pooling = query_prefix, pooling
+        tok = runtime.tokenizer
+        self.chat = bool(tok.chat_template) if chat is None else chat
+        if self.chat and not tok.chat_template:
+            raise ValueError("chat=True needs a tokenizer with a chat template")
+
+    def wrap(self, text: str) -> str:
+        return chat_wrap(self.runtime.tokenizer, text, self.chat)
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.runtime.tokenizer, prompt, self.chat)
 
     def contexts(self, doc_ids: Sequence[str], budget: int | None = None) -> str:
         """`title: text` of each document in rank order, cut to `budget` tokens in all (default
@@ -84,16 +151,17 @@ class RAGPipeline:
 
     def prompt(self, question: str, doc_ids: Sequence[str]) -> str:
         """The filled template; the contexts also shrink so prompt + answer fit the model's max_length."""
-        tok = self.runtime.tokenizer
-        fixed = len(tok.encode(self.template.format(context="", question=question)))
-        markers = len(tok.encode("\n".join(f"[{i + 1}] " for i in range(len(doc_ids))), add_special_tokens=False))
+        fixed = len(self.encode(self.wrap(self.template.format(context="", question=question))))
+        marks = "\n".join(f"[{i + 1}] " for i in range(len(doc_ids)))
+        markers = len(self.runtime.tokenizer.encode(marks, add_special_tokens=False))
         room = self.runtime.max_length - fixed - markers - self.max_new_tokens
         if room < 1:
             raise ValueError(
                 f"question too long: the template and question take {fixed} tokens and the answer "
                 f"{self.max_new_tokens}, leaving no room for contexts within max_length={self.runtime.max_length}"
             )
-        return self.template.format(context=self.contexts(doc_ids, min(self.context_tokens, room)), question=question)
+        return self.wrap(self.template.format(context=self.contexts(doc_ids, min(self.context_tokens, room)),
+                                              question=question))
 
     def retrieve(self, questions: Sequence[str]) -> list:
         vecs = self.retrieval_runtime.embed(list(questions), adapter=self.retrieval_adapter, pooling=self.pooling,
@@ -107,10 +175,11 @@ class RAGPipeline:
                 raise ValueError(f"question {i} is empty")
         hits = self.retrieve(questions)
         prompts = [self.prompt(q, [d for d, _ in h]) for q, h in zip(questions, hits)]
-        outs = self.runtime.generate(prompts, adapter=self.generation_adapter,
+        outs = self.runtime.generate([self.encode(p) for p in prompts], adapter=self.generation_adapter,
                                      max_new_tokens=self.max_new_tokens, temperature=self.temperature)
         return [
-            Answer(text=o.text.strip(), sources=list(h), prompt=p, finish_reason=o.finish_reason)
+            Answer(text=o.text.strip(), sources=list(h), prompt=p, finish_reason=o.finish_reason,
+                   completion_tokens=len(o.token_ids))
             for o, h, p in zip(outs, hits, prompts)
         ]
 

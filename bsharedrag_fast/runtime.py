@@ -74,7 +74,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .generation import GenerationResult, eos_ids, append_token, apply_repetition_penalty, sample, stop_strings
+from .generation import (GenerationResult, append_token, apply_repetition_penalty, eos_ids, primary_eos, sample,
+                         stop_strings)
 from .kv_cache import KVCache
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled"]
@@ -215,8 +216,7 @@ class SharedRuntime:
         return self.tokenizer
 
     def _eos_id(self) -> Optional[int]:
-        eos = eos_ids(self.model, self.tokenizer, None)
-        return min(eos) if eos else None
+        return primary_eos(self.model, self.tokenizer)
 
     def _as_ids(self, x, what: str) -> Optional[list]:
         """A list/tuple/tensor of ints -> list; a str -> None (the caller tokenizes)."""

@@ -36,7 +36,9 @@ class Tokenizer:
     def from_pretrained(cls, path) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        path = os.fspath(path)
+        from .model_store import resolve_model
+
+        path = resolve_model(path)
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise ValueError(f"no tokenizer.json in {path!r} (only fast tokenizers are supported)")

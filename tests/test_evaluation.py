@@ -380,7 +380,7 @@ def test_cli_eval_generation_from_files(tmp_path, capsys):
     assert main(["eval", "generation", "--predictions", one, "--prediction-field", "nope"]) == 2
     assert 'one.jsonl:1: "nope" must be a string' in capsys.readouterr().err
     assert main(["eval", "generation", "--data", one]) == 2
-    assert "--data needs --model" in capsys.readouterr().err
+    assert "--data needs --index" in capsys.readouterr().err
     assert main(["eval", "generation", "--data", one, "--references", r]) == 2
     assert "--references goes with --predictions" in capsys.readouterr().err
 

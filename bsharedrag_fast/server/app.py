@@ -56,6 +56,7 @@ class RAGService:
     generation_model: str
     k: int = 3
     template: str = "en"
+    chat: Optional[bool] = None  # the filled template as a chat's user turn (None: when the tokenizer has one)
     context_tokens: int = 768
     max_new_tokens: int = 128
     query_prefix: str = "query: "
@@ -435,14 +436,14 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
                            param="max_tokens", code="invalid_value")
         pipe = RAGPipeline(rt, rag.index, rag.retrieval_model, rag.generation_model, k=k, template=rag.template,
                            context_tokens=rag.context_tokens, max_new_tokens=max_tokens,
-                           query_prefix=rag.query_prefix, pooling=rag.pooling)
+                           query_prefix=rag.query_prefix, pooling=rag.pooling, chat=rag.chat)
         sub = [lambda a: rt.submit_embed(question, a, rag.pooling, True, rag.query_prefix)]
         [qh] = await wait_all(request, await driver.submit(rag.retrieval_model, sub))
 
         def retrieve():
             hits = rag.index.search(qh.output[None], k)[0]
             docs = [rag.index.get(d) for d, _ in hits]
-            return hits, docs, pipe.prompt(question, [d for d, _ in hits])
+            return hits, docs, pipe.encode(pipe.prompt(question, [d for d, _ in hits]))
 
         hits, docs, prompt = await asyncio.get_running_loop().run_in_executor(rag.pool, retrieve)
         sub = [lambda a: rt.submit_generate(prompt, a, max_new_tokens=max_tokens, temperature=pipe.temperature)]

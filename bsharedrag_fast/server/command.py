@@ -31,7 +31,7 @@ def _positive(value: str) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..cli import _add_embedder_args, _add_model_args
+    from ..cli import _add_embedder_args, _add_model_args, _add_prompt_args
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat, RAG) "
                                      "on one shared engine")
@@ -62,7 +62,7 @@ def add_commands(sub) -> None:
     r.add_argument("--rag-retrieval-model", default="retrieval", help="model (adapter) that embeds the question")
     r.add_argument("--rag-generation-model", default="generation", help="model (adapter) that answers")
     r.add_argument("--k", type=_positive, default=3, help="documents retrieved per question")
-    r.add_argument("--template", default="en", help="en, zh, or a file with {context} and {question}")
+    _add_prompt_args(r)
     r.add_argument("--context-tokens", type=_positive, default=768, help="token budget of the retrieved contexts")
     r.add_argument("--rag-max-tokens", type=_positive, default=128, help="default answer length")
     _add_embedder_args(p)
@@ -105,14 +105,14 @@ def cmd_serve(args) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         from ..index import HNSWIndex
-        from ..rag import read_template
+        from ..rag import prompt_settings
 
-        template = read_template(args.template)
+        template, chat = prompt_settings(args.template, args.raw, adapters.get(args.rag_generation_model))
         pool = ThreadPoolExecutor(1, thread_name_prefix="bsharedrag-index")
         fp = embedder_fingerprint(args, adapters.get(args.rag_retrieval_model))
         index = pool.submit(HNSWIndex.load, args.index, embedder=fp).result()
         rag = RAGService(index, pool, args.rag_retrieval_model, args.rag_generation_model, k=args.k,
-                         template=template, context_tokens=args.context_tokens, max_new_tokens=args.rag_max_tokens,
+                         template=template, chat=chat, context_tokens=args.context_tokens, max_new_tokens=args.rag_max_tokens,
                          query_prefix=args.query_prefix, pooling=args.pooling)
     limits = Limits(api_key=args.api_key, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_request_bytes=args.max_request_bytes)

@@ -28,14 +28,14 @@ def _add_config_args(p: argparse.ArgumentParser, cls) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
         text = f.metadata.get("help", "")
-        if kind is bool:
+        base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+        if base is bool:
             p.add_argument(opt, type=_bool, nargs="?", const=True, default=default,
                            help=f"{text} (true/false; default {default})")
         elif kind is list:
             p.add_argument(opt, nargs="+", default=default, required=required,
                            help=f"{text} (one or more; default {' '.join(map(str, default or [])) or 'none'})")
         else:
-            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             p.add_argument(opt, type=base, default=default, required=required,
                            help=text + ("" if required else f" (default {default})"))
 

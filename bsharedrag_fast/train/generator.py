@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from typing import Optional
 
 from ..data import enumerate_jsonl, load_corpus
-from ..generation import eos_ids
-from ..rag import RAGPipeline, read_template
+from ..generation import primary_eos
+from ..rag import RAGPipeline, chat_wrap, encode_prompt, read_template, save_prompt_format
 from ..tokenizer import Tokenizer
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import lm_step
@@ -33,9 +33,21 @@ class PromptOptions:
     max_length: Optional[int] = option("longest prompt + answer (default: the model's max_position_embeddings)",
                                       default=None)
     max_answer_tokens: int = option("longest answer incl. EOS; a longer one is an error", default=256)
+    chat: Optional[bool] = option("prompts as the user turn of the model's chat template "
+                                  "(default: when the tokenizer has one)", default=None)
 
     def template_text(self) -> str:
         return read_template(self.template)
+
+    def chat_for(self, tok: Tokenizer) -> bool:
+        return bool(tok.chat_template) if self.chat is None else self.chat
+
+    def saver(self, model, base: str, tok: Tokenizer):
+        """Writes the adapter and, beside it, the prompt format it learned (rag.PROMPT_FILE)."""
+        def save(out: str) -> None:
+            model.save_adapter(out, base)
+            save_prompt_format(out, self.template_text(), self.chat_for(tok))
+        return save
 
 
 @dataclass(kw_only=True)
@@ -75,11 +87,14 @@ class PromptBuilder:
         if opts.max_answer_tokens < 1:
             raise ValueError(f"max_answer_tokens must be >= 1, got {opts.max_answer_tokens}")
         self.template = opts.template_text()
+        self.chat = opts.chat_for(tok)
         # RAGPipeline builds the inference prompts; this one only needs a tokenizer and a length
         self.runtime = SimpleNamespace(tokenizer=tok, max_length=self.max_length)
 
     def answer_ids(self, answer: str, where: str) -> list[int]:
-        ids = self.tok.encode(" " + answer.strip(), add_special_tokens=False) + [self.eos]
+        # a chat answer opens the assistant turn; a plain one follows "Answer:" after a space
+        text = answer.strip() if self.chat else " " + answer.strip()
+        ids = self.tok.encode(text, add_special_tokens=False) + [self.eos]
         if len(ids) > self.opts.max_answer_tokens:
             raise ValueError(f"{where}: answer has {len(ids)} tokens (EOS included), more than "
                              f"max_answer_tokens={self.opts.max_answer_tokens}")
@@ -89,15 +104,16 @@ class PromptBuilder:
         ans = self.answer_ids(answer, where)
         store = {str(i): d for i, d in enumerate(docs[: self.opts.k])}
         rag = RAGPipeline(self.runtime, store, k=self.opts.k, template=self.template,
-                          context_tokens=self.opts.context_tokens, max_new_tokens=len(ans))
+                          context_tokens=self.opts.context_tokens, max_new_tokens=len(ans), chat=self.chat)
         try:
             prompt = rag.prompt(question, list(store))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return self._join(self.tok.encode(prompt, add_special_tokens=True), ans, where)
+        return self._join(rag.encode(prompt), ans, where)
 
     def plain(self, prompt: str, answer: str, where: str) -> tuple[list[int], int]:
-        return self._join(self.tok.encode(prompt, add_special_tokens=True), self.answer_ids(answer, where), where)
+        ids = encode_prompt(self.tok, chat_wrap(self.tok, prompt, self.chat), self.chat)
+        return self._join(ids, self.answer_ids(answer, where), where)
 
     def _join(self, prompt: list[int], ans: list[int], where: str) -> tuple[list[int], int]:
         if len(prompt) + len(ans) > self.max_length:
@@ -200,12 +216,12 @@ def load_examples(opts: PromptOptions, model_dir: str, model, data: str, corpus:
                   general: Optional[str] = None):
     """Tokenizer, EOS id and the tokenized (QA, general) examples for a model directory."""
     tok = Tokenizer.from_pretrained(model_dir)
-    eos = eos_ids(model, tok, None)
-    if not eos:
+    eos = primary_eos(model, tok)
+    if eos is None:
         raise ValueError(f"{model_dir}: no EOS token (tokenizer_config.json or config.json eos_token_id)")
-    builder = PromptBuilder(opts, tok, min(eos), model.config.max_position_embeddings)
+    builder = PromptBuilder(opts, tok, eos, model.config.max_position_embeddings)
     qa = read_qa(data, builder, load_corpus(corpus) if corpus else None)
-    return tok, min(eos), qa, read_general(general, builder) if general else None
+    return tok, eos, qa, read_general(general, builder) if general else None
 
 
 def train_generator(cfg: GeneratorConfig) -> TrainResult:
@@ -213,9 +229,8 @@ def train_generator(cfg: GeneratorConfig) -> TrainResult:
     cfg.check()
     dist, dev = setup_distributed(cfg.device)
     model = build_model(cfg, cfg.model, dist, dev, cfg.lora_spec(), cfg.init_adapter)
-    _, _, qa, general = load_examples(cfg, cfg.model, model, cfg.data, cfg.corpus,
-                                      cfg.general if cfg.general_ratio > 0 else None)
+    tok, _, qa, general = load_examples(cfg, cfg.model, model, cfg.data, cfg.corpus,
+                                        cfg.general if cfg.general_ratio > 0 else None)
     cfg.resolve_steps(len(qa), cfg.batch_size * cfg.grad_accum)
     source = ExampleSource(qa, general, cfg.general_ratio, cfg.batch_size, cfg.seed)
-    return train_loop(cfg, model, source, _generator_loss, lambda out: model.save_adapter(out, cfg.model),
-                      dist, "generator")
+    return train_loop(cfg, model, source, _generator_loss, cfg.saver(model, cfg.model, tok), dist, "generator")

@@ -44,6 +44,7 @@ from .. import ops
 from ..adapters import read_adapter, write_adapter
 from ..model import (TARGET_MODULES, ModelConfig, _attention, apply_rope, check_packed, load_state_dict,
                      positions_from_cu_seqlens, rms_norm, rope_cos_sin, rope_inv_freq)  # fmt: skip
+from ..model_store import resolve_model
 from .init import copy_tokenizer
 
 IGNORE = -100  # label of rows that carry no loss (as torch's cross_entropy ignore_index)
@@ -210,6 +211,7 @@ class TrainModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, lora: Optional[LoRASpec] = None, dtype: torch.dtype = torch.float32,
                         device="cpu", activation_checkpointing: bool = False) -> "TrainModel":
+        path = resolve_model(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"no config.json in {path!r}: not a HF model directory")
@@ -334,6 +336,7 @@ class TrainModel(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)
+        src_dir = resolve_model(src_dir)
         with open(os.path.join(src_dir, "config.json")) as f:
             hf_cfg = json.load(f)
         hf_cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import enumerate_jsonl
-from ..generation import eos_ids
+from ..generation import primary_eos
 from ..tokenizer import Tokenizer
 from .loop import LoopConfig, TrainResult, build_model, option, setup_distributed, train_loop
 from .module import IGNORE, pack
@@ -156,9 +156,9 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     dist, dev = setup_distributed(cfg.device)
     tok = Tokenizer.from_pretrained(cfg.model)
     model = build_model(cfg, cfg.model, dist, dev)
-    eos = eos_ids(model, tok, None)
-    if not eos:
+    eos = primary_eos(model, tok)
+    if eos is None:
         raise ValueError(f"{cfg.model}: no EOS token (tokenizer_config.json or config.json eos_token_id)")
-    source = PretrainSource(cfg, tok, min(eos))
+    source = PretrainSource(cfg, tok, eos)
     return train_loop(cfg, model, source, _pretrain_loss, lambda out: model.save_pretrained(out, cfg.model),
                       dist, "pretrain")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import enumerate_jsonl, load_beir, passage_text
-from ..generation import eos_ids
+from ..generation import primary_eos
 from ..tokenizer import Tokenizer
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
@@ -269,10 +269,10 @@ def train_retriever(cfg: RetrieverConfig) -> TrainResult:
     model = build_model(cfg, cfg.model, dist, dev, None if cfg.full_finetune else cfg.lora_spec(), cfg.init_adapter)
     data = read_beir(cfg.data, cfg.split, cfg.negatives) if os.path.isdir(cfg.data) else read_triples(cfg.data)
     tok = Tokenizer.from_pretrained(cfg.model)
-    eos = eos_ids(model, tok, None)
-    if not eos:
+    eos = primary_eos(model, tok)
+    if eos is None:
         raise ValueError(f"{cfg.model}: no EOS token (tokenizer_config.json or config.json eos_token_id)")
-    source = RetrievalSource(cfg, data, tok, min(eos))
+    source = RetrievalSource(cfg, data, tok, eos)
     if cfg.fully_shared:
         _, _, qa, _ = load_examples(cfg, cfg.model, model, cfg.gen_data, cfg.gen_corpus)
         source = _FullySharedSource(source, ExampleSource(qa, None, 0.0, cfg.gen_batch_size, cfg.seed))
@@ -281,5 +281,6 @@ def train_retriever(cfg: RetrieverConfig) -> TrainResult:
     if cfg.full_finetune:
         return train_loop(cfg, model, source, _make_loss(cfg), lambda out: model.save_pretrained(out, cfg.model),
                           dist, "retriever (full)")
-    return train_loop(cfg, model, source, _make_loss(cfg), lambda out: model.save_adapter(out, cfg.model),
-                      dist, name)
+    # a Fully-shared adapter also answers: it keeps the prompt format it was trained with
+    save = cfg.saver(model, cfg.model, tok) if cfg.fully_shared else lambda out: model.save_adapter(out, cfg.model)
+    return train_loop(cfg, model, source, _make_loss(cfg), save, dist, name)

