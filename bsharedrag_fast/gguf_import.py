@@ -25,8 +25,9 @@ from typing import Optional
 MANIFEST = "gguf_source.json"
 # GGUF general.architecture, and the model_type transformers reads it as -> the HF class our
 # Backbone implements. llama.cpp writes Mistral models as "llama" (and runs them so, without
-# a sliding window): they import as LlamaForCausalLM, the same computation.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+# a sliding window): they import as LlamaForCausalLM, the same computation. No "mistral": gguf
+# (so transformers' reader) has no such architecture, a file claiming it fails after inspection.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 # PretrainedConfig.to_dict() fields of every model class that say nothing about this one
 _GENERIC_KEYS = ("id2label", "label2id", "output_hidden_states", "output_attentions", "return_dict",
@@ -233,7 +234,7 @@ def verify_import(out: str) -> Optional[str]:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("import-gguf", help="convert a Llama / Qwen2 / Mistral GGUF file into a HF model directory")
+    p = sub.add_parser("import-gguf", help="convert a Llama / Qwen2 GGUF file into a HF model directory")
     p.add_argument("src", help="a .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, ...)")
     p.add_argument("out", help="the HF directory to write (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--dtype", default="float32", choices=OUT_DTYPES, help="dtype of model.safetensors (default float32)")

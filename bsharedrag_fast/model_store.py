@@ -63,8 +63,8 @@ def named_model_file(name: str) -> str:
     return path
 
 
-def _stale(out: str, src: str) -> str | None:
-    """Why the cached conversion at out cannot be used for src, or None when it can."""
+def _stale(out: str, src: str, digest: str) -> str | None:
+    """Why the cached conversion at out cannot be used for src (of sha256 digest), or None when it can."""
     import json
 
     if not os.path.isdir(out):
@@ -76,7 +76,8 @@ def _stale(out: str, src: str) -> str | None:
         source = json.load(f).get("source", {})
     if source.get("size") != os.path.getsize(src):
         return f"{src} changed size"
-    if source.get("path") != os.path.abspath(src) and source.get("sha256") != sha256_file(src):
+    # even at the same path and size: a reinstalled package can ship other bytes there
+    if source.get("sha256") != digest:
         return f"{src} is not the file it was converted from"
     return None
 
@@ -92,13 +93,15 @@ def _locked(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached_import(src: str, key: str, dtype: str = "float32") -> str:
-    """The converted directory of the GGUF file src under the cache (see the module docstring)."""
+def cached_import(src: str, key: str, dtype: str = "float32", digest: str | None = None) -> str:
+    """The converted directory of the GGUF file src under the cache (see the module docstring);
+    digest: src's sha256, when the caller has it."""
     out = os.path.join(cache_root(), "models", f"{key}-{dtype}")
-    if _stale(out, src) is None:
+    digest = digest or sha256_file(src)
+    if _stale(out, src, digest) is None:
         return out
     with _locked(out + ".lock"):
-        why = _stale(out, src)  # another process may have converted it while we waited
+        why = _stale(out, src, digest)  # another process may have converted it while we waited
         if why is None:
             return out
         print(f"bsharedrag: converting {src} -> {out} ({why}); this happens once", file=sys.stderr, flush=True)
@@ -116,6 +119,6 @@ def resolve_model(model, dtype: str = "float32") -> str:
     if model in NAMED_MODELS:
         return cached_import(named_model_file(model), model, dtype)
     if model.endswith(".gguf") and os.path.isfile(model):
-        stem = os.path.splitext(os.path.basename(model))[0]
-        return cached_import(model, f"{stem}-{sha256_file(model)[:12]}", dtype)
+        stem, digest = os.path.splitext(os.path.basename(model))[0], sha256_file(model)
+        return cached_import(model, f"{stem}-{digest[:12]}", dtype, digest)
     return model

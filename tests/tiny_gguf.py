@@ -1,9 +1,12 @@
-"""Tiny random GGUF files (Llama / Qwen2 / Mistral) written with the gguf package, for the
-import tests: every tensor can get its own quantization type, and the tokenizer is the test
-BPE (tiny_models.write_tokenizer) stored as a llama.cpp "gpt2" vocabulary.
+"""Tiny random GGUF files (Llama / Qwen2, or any architecture name for the error tests) written
+with the gguf package, for the import tests: every tensor can get its own quantization type,
+and the tokenizer is the test BPE (tiny_models.write_tokenizer) stored as a llama.cpp "gpt2"
+vocabulary.
 
 gguf.quants.quantize covers F16, BF16, Q8_0, Q4_0, Q4_1; it cannot quantize K-quants, so
 Q4_K / Q6_K tensors are random blocks with small fp16 scales (a dequantizer cannot tell).
+Q8_1 blocks are plain random bytes: gguf cannot dequantize Q8_1 either, which is what the
+unsupported-type tests need.
 """
 import json
 
@@ -11,10 +14,10 @@ import numpy as np
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SHAPE = dict(vocab=300, d=256, ffn=512, layers=2, heads=4, kv_heads=2)  # K-quant rows need multiples of 256
+SHAPE = dict(vocab=320, d=256, ffn=512, layers=2, heads=4, kv_heads=2)  # K-quant rows need multiples of 256
 
 
-def _k_quant_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
+def _random_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -25,7 +28,7 @@ def _k_quant_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
         raw[..., 2:4] = scale
     elif qtype == gguf.GGMLQuantizationType.Q6_K:  # ql[128], qh[64], scales[16] (int8), d
         raw[..., -2:] = scale
-    else:
+    elif qtype != gguf.GGMLQuantizationType.Q8_1:
         raise ValueError(f"no random-block writer for {qtype.name}")
     return raw.reshape(rows, -1)
 
@@ -38,15 +41,17 @@ def _tensor(rng, shape, qtype_name: str):
     x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
     if qt == gguf.GGMLQuantizationType.F32:
         return x, None
-    if qt in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
-        return _k_quant_blocks(rng, shape[0], shape[1], qt), qt
+    if qt in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q8_1):
+        return _random_blocks(rng, shape[0], shape[1], qt), qt
     return gguf.quants.quantize(x, qt), qt
 
 
 def write_gguf(path, tok_dir, arch: str = "llama", types=None, name: str = "tiny test model",
-               tied: bool = True, chat_template: str = CHATML, seed: int = 0) -> str:
+               tied: bool = True, chat_template: str = CHATML, eot_token: str | None = None, seed: int = 0) -> str:
     """A random model of SHAPE at path; types maps a GGUF tensor-name suffix (attn_q, ffn_down,
-    token_embd, ...) to a quantization type name (default F32). Norms stay F32 (as llama.cpp)."""
+    token_embd, ...) to a quantization type name (default F32). Norms stay F32 (as llama.cpp).
+    eot_token: a token (e.g. "<unused0>", the vocabulary's padding) the header names as
+    end-of-turn, a second stop id."""
     import gguf
 
     types = types or {}
@@ -72,7 +77,7 @@ def write_gguf(path, tok_dir, arch: str = "llama", types=None, name: str = "tiny
     tokens = sorted(vocab, key=vocab.get)
     assert len(tokens) <= s["vocab"]
     tokens += [f"<unused{i}>" for i in range(s["vocab"] - len(tokens))]
-    specials = {"<unk>", "<s>", "</s>"}
+    specials = {"<unk>", "<s>", "</s>", eot_token}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -82,6 +87,8 @@ def write_gguf(path, tok_dir, arch: str = "llama", types=None, name: str = "tiny
     w.add_bos_token_id(vocab["<s>"])
     w.add_eos_token_id(vocab["</s>"])
     w.add_unk_token_id(vocab["<unk>"])
+    if eot_token:
+        w.add_eot_token_id(tokens.index(eot_token))
     if chat_template:
         w.add_chat_template(chat_template)
 
