@@ -1,5 +1,11 @@
 """bsharedrag_fast: one resident LLM backbone shared by retrieval and generation LoRAs."""
-import torch  # noqa: F401  imported first: its bundled libgomp.so.1 is then shared with our _C
+import os
+
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning unless the user
+# chose otherwise (on a loaded machine spinning made training 2-10x slower; see threads.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402,F401  imported first: its bundled libgomp.so.1 is then shared with our _C
 
 from . import ops
 from .generation import GenerationResult, generate

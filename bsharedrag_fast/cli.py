@@ -244,12 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     for group in (train_cli, evaluation, pipeline, bench, server, gguf_import):
         group.add_commands(sub)
+    _add_threads(sub)
     return ap
 
 
+def _add_threads(sub) -> None:
+    """--threads on every command (and on each of a group's commands) that has none of its own."""
+    from .threads import available_cores
+
+    for p in sub.choices.values():
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_threads(nested[0])
+        elif "--threads" not in p._option_string_actions:
+            p.add_argument("--threads", type=int, default=None,
+                           help=f"CPU threads (default: the cores this process may use, {available_cores()} here)")
+
+
 def main(argv=None) -> int:
+    from .threads import set_threads
+
     args = build_parser().parse_args(argv)
     try:
+        set_threads(args.threads)
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"bsharedrag {args.command}: error: {e}", file=sys.stderr)

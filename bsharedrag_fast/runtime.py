@@ -160,7 +160,7 @@ class SharedRuntime:
     """Continuous-batching engine over one Backbone; see the module docstring.
 
     max_batch_tokens: rows packed into one step (decode rows + prefill chunks + embedding rows).
-    cache_budget_bytes: KV cache size; None -> room for 4 x max(max_batch_tokens, max_length)
+    cache_budget_bytes: KV cache size; None -> room for max(4 x max_batch_tokens, max_length)
         tokens. Admission control (worst-case reservation) keeps every request within it.
     max_length: longest prompt / embedding input (default config.max_position_embeddings).
     max_running: most generations admitted at once (always <= max_batch_tokens, so every
@@ -179,13 +179,16 @@ class SharedRuntime:
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length!r}")
         self.max_embed_tokens = min(self.max_length, max_batch_tokens)
+        self.truncated = 0  # embedding inputs cut to their limit so far
         if max_running is not None and max_running < 1:
             raise ValueError(f"max_running must be >= 1 or None, got {max_running!r}")
         self.max_running = max_running
         if cache_budget_bytes is None:
             esize = torch.empty((), dtype=model.dtype).element_size()
             per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * esize
-            tokens = 4 * max(max_batch_tokens, self.max_length)
+            # one longest sequence, or 4 full steps: 4 x max_length cost smollm2-135m (8192 positions)
+            # 1.5 GB of zeroed cache and 2-5 s at every start
+            tokens = max(4 * max_batch_tokens, self.max_length)
             cache_budget_bytes = -(-tokens // block_size) * block_size * per_token
         self.cache = KVCache(cfg, int(cache_budget_bytes), model.dtype, model.device, block_size)
         self._lock = threading.RLock()
@@ -241,9 +244,12 @@ class SharedRuntime:
             return h
 
     def submit_embed(self, text, adapter="retrieval", pooling: str = "last", normalize: bool = True,
-                     prefix: str = "query: ", truncate: bool = False) -> RequestHandle:
+                     prefix: str = "query: ", truncate: bool = False,
+                     max_tokens: Optional[int] = None) -> RequestHandle:
         """Queue one embedding request (text, or exact token ids); see the module docstring.
-        Use prefix="passage: " for documents, prefix="" for none."""
+        Use prefix="passage: " for documents, prefix="" for none. max_tokens: cut the input to
+        this many tokens, EOS included (as the retriever trainer's query/passage_max_len),
+        instead of refusing it; self.truncated counts the inputs cut either way."""
         adapter = self._check_adapter(adapter)
         if pooling not in POOL_MODES:
             raise ValueError(f"pooling must be one of {POOL_MODES}, got {pooling!r}")
@@ -260,13 +266,17 @@ class SharedRuntime:
                 raise ValueError(f"text {text!r} tokenizes to nothing")
         else:
             eos = None
-        if len(ids) > self.max_embed_tokens:
-            if not truncate:
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+            raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
+        limit = self.max_embed_tokens if max_tokens is None else min(max_tokens, self.max_embed_tokens)
+        if len(ids) > limit:
+            if not truncate and max_tokens is None:
                 raise ValueError(
                     f"embedding input has {len(ids)} tokens, more than max_embed_tokens={self.max_embed_tokens} "
                     f"(min of max_length and max_batch_tokens); pass truncate=True to cut it"
                 )
-            ids = ids[: self.max_embed_tokens - 1] + [ids[-1]] if eos is not None else ids[: self.max_embed_tokens]
+            ids = ids[: limit - 1] + [ids[-1]] if eos is not None else ids[:limit]
+            self.truncated += 1
         return self._add("embed", _EmbedSpec(ids, adapter, pooling, bool(normalize)))
 
     def submit_generate(self, prompt, adapter="generation", max_new_tokens: int = 64, temperature: float = 0.0,
@@ -305,14 +315,14 @@ class SharedRuntime:
     # -- blocking convenience API ------------------------------------------------------
 
     def embed(self, texts, adapter="retrieval", pooling: str = "last", normalize: bool = True,
-              prefix: str = "query: ", truncate: bool = False) -> torch.Tensor:
-        """float32 [n, d] embeddings of texts (strings or token-id lists), in order."""
+              prefix: str = "query: ", truncate: bool = False, max_tokens: Optional[int] = None) -> torch.Tensor:
+        """float32 [n, d] embeddings of texts (strings or token-id lists), in order (see submit_embed)."""
         if isinstance(texts, str):
             texts = [texts]
         hs = []
         with self._submitting(hs):
             for t in texts:
-                hs.append(self.submit_embed(t, adapter, pooling, normalize, prefix, truncate))
+                hs.append(self.submit_embed(t, adapter, pooling, normalize, prefix, truncate, max_tokens))
         if not hs:
             return torch.empty(0, self.model.config.hidden_size, dtype=torch.float32)
         return torch.stack([h.result() for h in hs])

@@ -63,7 +63,9 @@ class LoopConfig:
     keep_checkpoints: int = option("newest checkpoints kept on disk", default=2)
     resume: bool = option("continue from the newest checkpoint in out/checkpoints if there is one", default=True)
     device: str = option("cpu or cuda (with torchrun: each rank takes cuda:LOCAL_RANK)", default="cpu")
-    bf16: bool = option("bf16 autocast (CUDA only; weights and optimizer stay fp32)", default=True)
+    bf16: bool = option("bf16 autocast on CUDA (trainable weights and optimizer stay fp32)", default=True)
+    cpu_bf16: bool = option("bf16 autocast on CPU too (with bf16: about 3x faster matmuls on CPUs with "
+                            "AVX512-BF16 or AMX, e.g. Zen 4, Sapphire Rapids)", default=False)
 
     def check(self) -> None:
         if not self.out:
@@ -178,12 +180,16 @@ def setup_distributed(device: str) -> tuple[Dist, torch.device]:
     return Dist(dist.get_rank(), dist.get_world_size()), dev
 
 
+def uses_bf16(cfg: LoopConfig, device: torch.device) -> bool:
+    return cfg.bf16 and (device.type == "cuda" or (device.type == "cpu" and cfg.cpu_bf16))
+
+
 def build_model(cfg: LoopConfig, model_dir: str, dist: Dist, device: torch.device, lora=None,
                 init_adapter: Optional[str] = None) -> TrainModel:
     """The TrainModel every rank starts from (same seed: same LoRA init), then per-rank
     seeds for dropout. A frozen base under bf16 autocast is stored in bf16 (the trainable
     weights stay fp32)."""
-    bf16_base = lora is not None and cfg.bf16 and device.type == "cuda"
+    bf16_base = lora is not None and uses_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
     model = TrainModel.from_pretrained(model_dir, lora, torch.bfloat16 if bf16_base else torch.float32, device,
                                        cfg.activation_checkpointing)
@@ -293,7 +299,7 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
         _set_rng_state(torch.load(os.path.join(path, f"rng-{dist.rank}.pt"), weights_only=False))
         history = state["history"]
     dev = model.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, dev))
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not dist.main, dynamic_ncols=True)
     run_tokens, run_time = 0, 0.0
