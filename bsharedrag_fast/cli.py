@@ -69,7 +69,16 @@ def embedder_fingerprint(args, adapter_path: str) -> dict:
     }
 
 
+def _add_max_length(p) -> None:
+    from .evaluation import DEFAULT_MAX_LENGTH
+
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="longest embedded input in tokens, prefix and EOS included; longer ones are cut and "
+                        f"counted, never refused (as `train retriever --passage-max-len`; default {DEFAULT_MAX_LENGTH})")
+
+
 def _add_embedder_args(p: argparse.ArgumentParser) -> None:
+    _add_max_length(p)
     p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
     p.add_argument("--query-prefix", default="query: ", help='text put before each query (default "query: ")')
     p.add_argument("--passage-prefix", default="passage: ", help='text put before each document (default "passage: ")')
@@ -96,7 +105,8 @@ def load_rag(args, k: int):
     return RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
                        "generation" if args.generation_adapter else None, k=k, template=template,
                        context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
-                       query_prefix=args.query_prefix, pooling=args.pooling, chat=chat)
+                       query_prefix=args.query_prefix, pooling=args.pooling, chat=chat,
+                       query_max_length=args.max_length)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -105,6 +115,7 @@ def load_rag(args, k: int):
 def cmd_index(args) -> int:
     from tqdm import tqdm
 
+    from .evaluation import report_truncated
     from .index import HNSWIndex
 
     rt = _load_runtime(args, {"retrieval": args.retrieval_adapter})
@@ -121,7 +132,8 @@ def cmd_index(args) -> int:
     for s in range(0, len(todo), args.batch_size):
         batch = todo[s : s + args.batch_size]
         texts = [passage_text(d) for d in batch]
-        vecs = rt.embed(texts, adapter=adapter, pooling=args.pooling, prefix=args.passage_prefix)
+        vecs = rt.embed(texts, adapter=adapter, pooling=args.pooling, prefix=args.passage_prefix,
+                        max_tokens=args.max_length)
         idx.upsert([d["id"] for d in batch], vecs, batch)
         bar.update(len(batch))
         since_save += len(batch)
@@ -130,6 +142,7 @@ def cmd_index(args) -> int:
             since_save = 0
     bar.close()
     idx.save(args.out)
+    report_truncated(rt, args.max_length)
     print(f"indexed {len(docs)} documents ({len(todo)} new) into {args.out}")
     return 0
 
@@ -144,7 +157,9 @@ def cmd_embed(args) -> int:
     if not texts:
         raise ValueError("nothing to embed: give --text or --input")
     rt = _load_runtime(args, {"retrieval": args.adapter})
-    vecs = rt.embed(texts, adapter="retrieval" if args.adapter else None, pooling=args.pooling, prefix=args.prefix)
+    vecs = rt.embed(texts, adapter="retrieval" if args.adapter else None, pooling=args.pooling, prefix=args.prefix,
+                    max_tokens=args.max_length)
+    report_truncated(rt, args.max_length)
     if args.out:
         np.save(args.out, vecs.float().cpu().numpy())
         print(f"wrote {len(texts)} x {vecs.shape[1]} embeddings to {args.out}")
@@ -205,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, help="a file with one text per line")
     p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
     p.add_argument("--prefix", default="query: ", help='text put before each input (default "query: ")')
+    _add_max_length(p)
     p.add_argument("--out", default=None, help="write a float32 .npy instead of printing JSON lines")
     p.set_defaults(func=cmd_embed)
 

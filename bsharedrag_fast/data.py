@@ -72,14 +72,17 @@ def passage_text(doc: dict) -> str:
 
 def read_corpus(path: str) -> Iterator[dict]:
     """Documents of a JSONL corpus (BEIR corpus.jsonl): {"id", "title", "text", "metadata"} per line,
-    in file order; "text" is required and non-empty, "title" and "metadata" are optional."""
+    in file order; "title", "text" and "metadata" are optional, but a document needs a non-empty
+    title or text (BEIR has documents that are a title alone)."""
     for n, rec in enumerate_jsonl(path, "corpus"):
         doc_id = _record_id(rec, path, n)
         meta = rec.get("metadata") or {}
         if not isinstance(meta, dict):
             raise ValueError(f'{path}:{n}: "metadata" must be a JSON object, got {type(meta).__name__}')
-        yield {"id": doc_id, "title": _text(rec, "title", path, n, required=False),
-               "text": _text(rec, "text", path, n, required=True), "metadata": meta}
+        title, text = _text(rec, "title", path, n, required=False), _text(rec, "text", path, n, required=False)
+        if not title.strip() and not text.strip():
+            raise ValueError(f'{path}:{n}: document {doc_id!r} has neither a "title" nor a "text"')
+        yield {"id": doc_id, "title": title, "text": text, "metadata": meta}
 
 
 def load_corpus(path: str) -> dict[str, dict]:

@@ -34,6 +34,7 @@ import math
 import re
 import string
 import unicodedata
+import sys
 import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -138,9 +139,13 @@ def write_trec_run(run: Run, path: str, tag: str = "bsharedrag") -> None:
                 f.write(f"{qid} Q0 {doc_id} {rank} {float(scores[doc_id])!r} {tag}\n")
 
 
+DEFAULT_MAX_LENGTH = 512  # longest embedded input in tokens (prefix and EOS included), everywhere
+
+
 def _embedded_batches(runtime, texts: Sequence[str], adapter, pooling: str, prefix: str, batch_size: int,
-                      desc: str, progress: bool) -> Iterator[tuple[int, Any]]:
-    """(start, float32 [n, d] embeddings) per batch of texts, with a progress bar."""
+                      desc: str, progress: bool, max_length: int) -> Iterator[tuple[int, Any]]:
+    """(start, float32 [n, d] embeddings) per batch of texts, with a progress bar; texts longer
+    than max_length tokens are cut (runtime.truncated counts them)."""
     from tqdm import tqdm
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -148,15 +153,22 @@ def _embedded_batches(runtime, texts: Sequence[str], adapter, pooling: str, pref
     with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]
-            yield s, runtime.embed(chunk, adapter=adapter, pooling=pooling, prefix=prefix, truncate=True)
+            yield s, runtime.embed(chunk, adapter=adapter, pooling=pooling, prefix=prefix, max_tokens=max_length)
             bar.update(len(chunk))
+
+
+def report_truncated(runtime, max_length: int) -> None:
+    """One line on stderr when embedding inputs were cut to max_length (never an error)."""
+    if runtime.truncated:
+        print(f"note: {runtime.truncated} inputs were longer than --max-length {max_length} tokens and were cut",
+              file=sys.stderr)
 
 
 def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", pooling: str = "last",
                  passage_prefix: str = "passage: ", space: str = "ip", batch_size: int = 64,
-                 embedder: Any = None, progress: bool = True) -> "HNSWIndex":
+                 embedder: Any = None, progress: bool = True, max_length: int = DEFAULT_MAX_LENGTH) -> "HNSWIndex":
     """An HNSWIndex of a {doc_id: {"title", "text", "metadata"}} corpus, each document embedded as
-    `passage_prefix + "title text"` (what `bsharedrag index` embeds); over-long ones are truncated.
+    `passage_prefix + "title text"` (what `bsharedrag index` embeds), cut to max_length tokens.
     Batches go into the index as they are embedded, so only the index holds every vector."""
     from .index import HNSWIndex
 
@@ -169,7 +181,7 @@ def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", po
     texts = [passage_text(corpus[d]) for d in ids]
     index = HNSWIndex(runtime.model.config.hidden_size, space=space, embedder=embedder)
     for s, vecs in _embedded_batches(runtime, texts, adapter, pooling, passage_prefix, batch_size,
-                                     "embedding corpus", progress):
+                                     "embedding corpus", progress, max_length):
         batch = ids[s : s + len(vecs)]
         index.upsert(batch, vecs, [dict(corpus[d]) for d in batch])
     return index
@@ -178,7 +190,8 @@ def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", po
 def evaluate_retrieval(runtime, index_or_corpus, queries: Mapping[str, str], qrels: Qrels,
                        adapter="retrieval", ks: Any = (3, 5, 10), *, depth: int | None = None,
                        pooling: str = "last", query_prefix: str = "query: ", passage_prefix: str = "passage: ",
-                       batch_size: int = 64, progress: bool = True) -> tuple[dict[str, float], dict]:
+                       batch_size: int = 64, progress: bool = True,
+                       max_length: int = DEFAULT_MAX_LENGTH) -> tuple[dict[str, float], dict]:
     """Embed each judged query with the shared engine, search the index (an HNSWIndex, or one built
     here from a {doc_id: doc} corpus) for the top `depth` (default max(ks)) documents and score the
     run; returns (metrics, run)."""
@@ -202,13 +215,14 @@ def evaluate_retrieval(runtime, index_or_corpus, queries: Mapping[str, str], qre
             warnings.warn(f"{len(unindexed)} judged documents are not in the index; they can never be retrieved")
     elif isinstance(index_or_corpus, Mapping):
         index = index_corpus(runtime, index_or_corpus, adapter, pooling, passage_prefix, batch_size=batch_size,
-                             progress=progress)
+                             progress=progress, max_length=max_length)
     else:
         raise ValueError(f"index_or_corpus must be an HNSWIndex or a {{doc_id: doc}} dict, "
                          f"got {type(index_or_corpus).__name__}")
     qids = list(qrels)
     vecs = torch.cat([v for _, v in _embedded_batches(runtime, [queries[q] for q in qids], adapter, pooling,
-                                                       query_prefix, batch_size, "embedding queries", progress)])
+                                                       query_prefix, batch_size, "embedding queries", progress,
+                                                       max_length)])
     hits = index.search(vecs, depth)
     run = {qid: dict(h) for qid, h in zip(qids, hits)}
     return retrieval_metrics(run, qrels, ks), run
@@ -401,7 +415,9 @@ def cmd_eval_retrieval(args) -> int:
         index_or_corpus = data.corpus
     metrics, run = evaluate_retrieval(rt, index_or_corpus, data.queries, data.qrels, adapter, ks, depth=args.depth,
                                       pooling=args.pooling, query_prefix=args.query_prefix,
-                                      passage_prefix=args.passage_prefix, batch_size=args.batch_size)
+                                      passage_prefix=args.passage_prefix, batch_size=args.batch_size,
+                                      max_length=args.max_length)
+    report_truncated(rt, args.max_length)
     if args.run_file:
         write_trec_run(run, args.run_file, args.run_tag)
         print(f"wrote {args.run_file}")
@@ -411,8 +427,12 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
-def _optional_id(rec: dict) -> str | None:
-    rid = rec.get("id", rec.get("_id"))
+ID_FIELDS = ("id", "_id", "query_id", "query-id", "qid")  # what BEIR-style QA files name a question's id
+
+
+def record_id(rec: dict) -> str | None:
+    """A QA or prediction record's id under whichever BEIR-style name it has (ID_FIELDS)."""
+    rid = next((rec[k] for k in ID_FIELDS if rec.get(k) is not None), None)
     return None if rid is None else str(rid)
 
 
@@ -437,7 +457,7 @@ def read_predictions(path: str, prediction_field: str = "prediction", references
     if len(preds) != len(refs):
         raise ValueError(f"{path} has {len(preds)} records but {references} has {len(refs)}")
     for (n, p), (m, r) in zip(preds, refs):
-        pid, rid = _optional_id(p), _optional_id(r)
+        pid, rid = record_id(p), record_id(r)
         if pid is not None and rid is not None and pid != rid:
             raise ValueError(f"{path}:{n} is id {pid!r} but {references}:{m} is id {rid!r}")
     return ([_field(r, prediction_field, path, n) for n, r in preds],
@@ -467,7 +487,7 @@ def _rag_predictions(args) -> tuple[list[str], list[str]]:
     if args.save_predictions:
         with open(args.save_predictions, "w", encoding="utf-8") as f:
             for (_, rec, q, ref), ans in zip(records, answers):
-                out = {"id": _optional_id(rec), "question": q, args.prediction_field: ans.text,
+                out = {"id": record_id(rec), "question": q, args.prediction_field: ans.text,
                        args.reference_field: ref, "sources": [[d, s] for d, s in ans.sources]}
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
         print(f"wrote {args.save_predictions}")

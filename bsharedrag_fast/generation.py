@@ -218,5 +218,5 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
     if tokenizer is not None:
         for r in results:
             if r.text is None:
-                r.text = tokenizer.decode(r.token_ids)
+                r.text = tokenizer.decode_cut(r.token_ids)
     return results

@@ -105,11 +105,12 @@ class RAGPipeline:
                  generation_adapter: str = "generation", k: int = 3, template: str = "en",
                  context_tokens: int = 768, max_new_tokens: int = 128, temperature: float = 0.0,
                  query_prefix: str = "query: ", pooling: str = "last", retrieval_runtime=None,
-                 chat: Optional[bool] = None):
+                 chat: Optional[bool] = None, query_max_length: Optional[int] = None):
         """retrieval_runtime: the engine that embeds questions when it is not `runtime`
         (Separate RAG: an embedder model beside the generator); default `runtime`.
         chat: put the filled template in the tokenizer's chat template as the user turn;
-        None: when the tokenizer has one."""
+        None: when the tokenizer has one. query_max_length: cut longer questions to this many
+        tokens when embedding them (None: refuse what the engine cannot take)."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if context_tokens < 1:
@@ -119,7 +120,7 @@ class RAGPipeline:
         self.retrieval_adapter, self.generation_adapter = retrieval_adapter, generation_adapter
         self.k, self.template = k, _check_template(template)
         self.context_tokens, self.max_new_tokens, self.temperature = context_tokens, max_new_tokens, temperature
-        self.query_prefix, self.pooling = query_prefix, pooling
+        self.query_prefix, self.pooling, self.query_max_length = query_prefix, pooling, query_max_length
         tok = runtime.tokenizer
         self.chat = bool(tok.chat_template) if chat is None else chat
         if self.chat and not tok.chat_template:
@@ -143,7 +144,7 @@ class RAGPipeline:
             ids = tok.encode(body, add_special_tokens=False)
             share = left // (len(doc_ids) - i)
             if len(ids) > share:
-                body = tok.decode(ids[:share])
+                body = tok.decode_cut(ids[:share])
                 ids = ids[:share]
             left -= len(ids)
             parts.append(f"[{i + 1}] {body}")
@@ -165,7 +166,7 @@ class RAGPipeline:
 
     def retrieve(self, questions: Sequence[str]) -> list:
         vecs = self.retrieval_runtime.embed(list(questions), adapter=self.retrieval_adapter, pooling=self.pooling,
-                                  prefix=self.query_prefix)
+                                            prefix=self.query_prefix, max_tokens=self.query_max_length)
         return self.index.search(vecs, self.k)
 
     def ask_many(self, questions: Sequence[str]) -> list[Answer]:

@@ -576,7 +576,7 @@ class SharedRuntime:
             if done is not None:
                 r.finish_reason = done
                 if r.text is None and self.tokenizer is not None:
-                    r.text = self.tokenizer.decode(r.token_ids)
+                    r.text = self.tokenizer.decode_cut(r.token_ids)
                 self.cache.free(s.seq_id)
                 s.seq_id = None
                 self._running.remove(h)

@@ -97,6 +97,12 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_cut(self, ids) -> str:
+        """decode() of ids cut at some token (a context budget, max_new_tokens): a byte-level
+        BPE splits characters such as CJK or emoji across tokens, and the cut-off bytes would
+        show as U+FFFD at the end; they are dropped."""
+        return self.decode(ids).rstrip("\ufffd")
+
     # -- chat --------------------------------------------------------------------------
 
     def _template(self):

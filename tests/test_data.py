@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from bsharedrag_fast.data import (BeirData, load_beir, load_corpus, load_qrels, load_queries, read_corpus,
-                                  read_jsonl)
+from bsharedrag_fast.data import (BeirData, load_beir, load_corpus, load_qrels, load_queries, passage_text,
+                                  read_corpus, read_jsonl)
 
 CORPUS = {
     "d1": {"title": "Fox", "text": "a quick brown fox", "metadata": {"url": "x"}},
@@ -113,12 +113,22 @@ def test_qrels_errors(tmp_path, content, msg):
 
 @pytest.mark.parametrize("record,msg", [
     ({"title": "t", "text": "x"}, r'c.jsonl:2: missing "_id" \(or "id"\)'),
-    ({"_id": "a", "title": "t"}, 'c.jsonl:2: "text" must be a non-empty string, got None'),
-    ({"_id": "a", "text": "  "}, 'c.jsonl:2: "text" must be a non-empty string'),
+    ({"_id": "a", "title": ""}, """c.jsonl:2: document 'a' has neither a "title" nor a "text""""),
+    ({"_id": "a", "text": "  "}, """c.jsonl:2: document 'a' has neither a "title" nor a "text""""),
+    ({"_id": "a", "text": 3}, 'c.jsonl:2: "text" must be a string, got 3'),
     ({"_id": "a", "text": "x", "title": 3}, 'c.jsonl:2: "title" must be a string, got 3'),
     ({"_id": "a", "text": "x", "metadata": [1]}, 'c.jsonl:2: "metadata" must be a JSON object'),
     ({"_id": "d0", "text": "again"}, "c.jsonl: duplicate document id 'd0'"),
 ])
+def test_title_only_documents_are_read_and_embedded_as_their_title(tmp_path):
+    """BEIR allows an empty text when the title says it all; the passage is then the title."""
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"_id": "d0", "title": "Only a title", "text": ""},
+                                               {"_id": "d1", "title": "Title two"}])
+    corpus = load_corpus(str(path))
+    assert corpus["d0"]["text"] == "" and corpus["d1"]["text"] == ""
+    assert [passage_text(corpus[d]) for d in ("d0", "d1")] == ["Only a title", "Title two"]
+
+
 def test_corpus_errors(tmp_path, record, msg):
     path = _write_jsonl(tmp_path / "c.jsonl", [{"_id": "d0", "text": "first"}, record])
     with pytest.raises(ValueError, match=msg):

@@ -394,8 +394,8 @@ def test_cli_eval_generation_with_rag(tiny, tmp_path, capsys):
 
     base = ["--model", str(tiny / "model"), "--retrieval-adapter", str(tiny / "retrieval")]
     assert main(["index", *base, "--corpus", str(tiny / "beir" / "corpus.jsonl"), "--out", str(tmp_path / "idx")]) == 0
-    qa = [{"id": "a", "question": "what does the fox do?", "answer": "it jumps"},
-          {"id": "b", "question": "which model?", "answer": "one model"},
+    qa = [{"query_id": "a", "question": "what does the fox do?", "answer": "it jumps"},  # each BEIR-style id name
+          {"_id": "b", "question": "which model?", "answer": "one model"},
           {"id": "c", "question": "who sleeps?", "answer": "the lazy dog"}]
     data = _write_jsonl(tmp_path / "qa.jsonl", qa)
     saved = tmp_path / "preds.jsonl"

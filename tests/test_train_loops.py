@@ -1,6 +1,7 @@
 """The three training loops on tiny models: the loss falls on a learnable task, resume is exact,
 outputs load, hard negatives are right, bad data is a ValueError naming it, the CLI runs."""
 import json
+import re
 import shutil
 
 import pytest
@@ -162,7 +163,8 @@ def _stage(name, tiny, out, **kw):
 def test_resume_is_exact(tiny, tmp_path, name):
     """Stop after step 3 (copy its checkpoint elsewhere) and resume: steps 4-6 give the same
     losses as the uninterrupted run (dropout on: the RNG states are restored too)."""
-    full = _stage(name, tiny, str(tmp_path / "full"), steps=6, save_every=3, grad_accum=2)
+    full = _stage(name, tiny, str(tmp_path / "full"), steps=6, save_every=3, grad_accum=2,
+                  keep_finished_checkpoints=True)
     ckpt = tmp_path / "full" / "checkpoints" / "step-3"
     assert ckpt.is_dir()
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step-3")
@@ -179,15 +181,22 @@ def test_resume_is_exact(tiny, tmp_path, name):
 
 def test_no_resume_starts_over(tiny, tmp_path):
     out = str(tmp_path / "r")
-    first = _stage("retriever", tiny, out, steps=4, save_every=2)
-    again = _stage("retriever", tiny, out, steps=4, save_every=2, resume=False)
+    first = _stage("retriever", tiny, out, steps=4, save_every=2, keep_finished_checkpoints=True)
+    again = _stage("retriever", tiny, out, steps=4, save_every=2, resume=False, keep_finished_checkpoints=True)
     assert again.losses == pytest.approx(first.losses, abs=1e-6)
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step-2"]
 
 
+def test_a_finished_run_keeps_no_optimizer_state(tiny, tmp_path, capsys):
+    _stage("retriever", tiny, str(tmp_path / "r"), steps=4, save_every=2)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert (tmp_path / "r" / "adapter_model.safetensors").is_file()
+    assert "removed" in capsys.readouterr().out
+
+
 def test_resume_from_another_config_is_an_error(tiny, tmp_path):
     out = str(tmp_path / "r")
-    _stage("retriever", tiny, out, steps=4, save_every=2)
+    _stage("retriever", tiny, out, steps=4, save_every=2, keep_finished_checkpoints=True)
     with pytest.raises(ValueError, match="other trainable weights"):
         train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=out, batch_size=4, r=2, alpha=4,
                                         steps=4, save_every=2))
@@ -267,6 +276,19 @@ def test_bad_qa(tiny, tmp_path, row, match):
     assert "qa.jsonl:2" in str(e.value)
 
 
+def test_every_over_long_answer_is_listed(tiny, tmp_path):
+    rows = [qa_rows(1)[0]] + [{"question": "q", "answer": "fox " * n, "contexts": []} for n in (30, 40, 50)]
+    src = write_jsonl(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(ValueError, match="3 answers have more than max_answer_tokens=16") as e:
+        train_generator(GeneratorConfig(model=tiny["model"], data=src, out=str(tmp_path / "o"), steps=1,
+                                        max_answer_tokens=16, **FAST))
+    msg = str(e.value)
+    assert all(f"qa.jsonl:{n} (" in msg for n in (2, 3, 4)) and "\n" not in msg
+    counts = [int(c) for c in re.findall(r"\((\d+)\)", msg)]
+    assert len(counts) == 3 and counts == sorted(counts) and min(counts) > 16
+    assert msg.endswith(f"--max-answer-tokens {max(counts)}")
+
+
 def test_qa_doc_ids_and_unknown_ids(tiny, tmp_path):
     corpus = tiny["beir"] + "/corpus.jsonl"
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "fox", "doc_ids": ["d0", "d1"]}])
@@ -286,6 +308,13 @@ def test_prompt_too_long_for_max_length(tiny, tmp_path):
                                         max_length=64, **FAST))
 
 
+@pytest.mark.parametrize("kind, ratio", [("domain", 1.0), ("general", 0.0)])
+def test_pretrain_infers_the_ratio_from_the_corpora_given(tiny, tmp_path, kind, ratio):
+    cfg = PretrainConfig(model=tiny["model"], out=str(tmp_path / "o"), steps=1, **{kind: [tiny[kind]]}, **FAST)
+    pretrain(cfg)
+    assert cfg.domain_ratio == ratio
+
+
 def test_bad_pretrain_text(tiny, tmp_path):
     src = write_jsonl(tmp_path / "t.jsonl", [{"text": "fine"}, {"body": "no text field"}])
     with pytest.raises(ValueError, match=r't.jsonl:2: "text" must be a non-empty string'):
@@ -298,7 +327,7 @@ def test_bad_pretrain_text(tiny, tmp_path):
     (dict(lr=0.0), "lr must be > 0"),
     (dict(grad_accum=0), "grad_accum must be >= 1"),
     (dict(domain_ratio=1.5), r"domain_ratio must be in \[0, 1\]"),
-    (dict(general=[]), "draws from the general corpora"),
+    (dict(general=[], domain_ratio=0.5), "draws from the general corpora"),
     (dict(seq_len=1), "seq_len must be >= 2"),
     (dict(keep_checkpoints=0), "keep_checkpoints must be >= 1"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "nope"), "cuda|device"),

@@ -225,20 +225,22 @@ def _holds(answer: str, gold: str) -> bool:
 def _goals(retrieval: dict, generation: dict, updates: list) -> dict:
     """The demo's goals, each {"goal", "met", ...}: the paper's retrieval order, answer accuracy,
     and the update stream reaching the answers."""
-    order = ["BSharedRAG", "w/o hard negatives", "w/o continual pre-training", "Fully-shared"]
+    order = [n for n in ("BSharedRAG", "w/o hard negatives", "w/o continual pre-training", "Fully-shared")
+             if n in retrieval]
     nd = [retrieval[n]["ndcg@5"] for n in order]
-    acc = {n: m["contains"] for n, m in generation.items()}
-    best_other = max(v for n, v in acc.items() if n != "BSharedRAG")
-    return {
-        "retrieval_order": {"goal": " > ".join(order) + " on nDCG@5", "met": all(a > b for a, b in zip(nd, nd[1:])),
-                            "ndcg@5": dict(zip(order, nd))},
-        "answer_accuracy": {"goal": "BSharedRAG answers >= 60% (gold contained) and more than every other system",
-                            "met": acc["BSharedRAG"] >= 0.6 and acc["BSharedRAG"] > best_other,
-                            "bsharedrag": acc["BSharedRAG"], "best_other": best_other},
-        "updates": {"goal": "after the upsert every updated question is answered with its new value",
-                    "met": all(u["after_is_new"] for u in updates),
-                    "updated": sum(u["after_is_new"] for u in updates), "of": len(updates)},
-    }
+    goals = {"retrieval_order": {"goal": " > ".join(order) + " on nDCG@5",
+                                 "met": all(a > b for a, b in zip(nd, nd[1:])), "ndcg@5": dict(zip(order, nd))}}
+    if generation:
+        acc = {n: m["contains"] for n, m in generation.items()}
+        best_other = max(v for n, v in acc.items() if n != "BSharedRAG")
+        goals["answer_accuracy"] = {"goal": "BSharedRAG answers >= 60% (gold contained) and more than every other "
+                                            "system", "met": acc["BSharedRAG"] >= 0.6 and acc["BSharedRAG"] > best_other,
+                                    "bsharedrag": acc["BSharedRAG"], "best_other": best_other}
+    if updates:
+        goals["updates"] = {"goal": "after the upsert every updated question is answered with its new value",
+                            "met": all(u["after_is_new"] for u in updates),
+                            "updated": sum(u["after_is_new"] for u in updates), "of": len(updates)}
+    return goals
 
 
 def _markdown(results: dict) -> str:
@@ -294,10 +296,11 @@ def _print_table(results: dict) -> None:
 
 
 def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 0,
-             plan: Optional[DemoPlan] = None, base: str = DEFAULT_BASE) -> dict:
+             plan: Optional[DemoPlan] = None, base: str = DEFAULT_BASE, data: Optional[str] = None) -> dict:
     """Run every stage (see the module docstring) into out_dir; returns the results dict that
     is also written to out_dir/report/results.json. base: a pretrained model (name, GGUF file
-    or HF directory) or "tiny" (trained from nothing here); plan overrides plan_for(base, quick)."""
+    or HF directory) or "tiny" (trained from nothing here); data: a BEIR directory of the
+    user's (see user_data.py) instead of WorthBuying-mini; plan overrides plan_for(base, quick)."""
     from ..cli import embedder_fingerprint
     from ..data import load_beir, read_jsonl
     from ..evaluation import generation_metrics, retrieval_metrics
@@ -306,6 +309,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     from ..train import (GeneratorConfig, PretrainConfig, RetrieverConfig, init_checkpoint, mine_negatives,
                          pretrain, train_generator, train_retriever)
     from .tokenizer_train import SPECIAL_TOKEN_IDS, train_bpe_tokenizer
+    from .user_data import prepare
     from .worthbuying import generate_worthbuying
 
     plan = plan or plan_for(base, quick)
@@ -326,10 +330,14 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     losses: dict = {}
     lora = dict(r=plan.lora_r, alpha=plan.lora_alpha, dropout=plan.lora_dropout)
 
-    with _stage(secs, "data", f"generating WorthBuying-mini ({plan.data_size})"):
-        paths = generate_worthbuying(d["data"], seed=seed, size=plan.data_size)
+    if data is not None and base == TINY:
+        raise ValueError("--data needs a pretrained --base: the tiny model learns its tokenizer from WorthBuying-mini")
+    with _stage(secs, "data", f"reading {data}" if data else f"generating WorthBuying-mini ({plan.data_size})"):
+        paths = prepare(data, d["work"]) if data else generate_worthbuying(d["data"], seed=seed, size=plan.data_size)
         test = load_beir(paths.root, split="test")
-        print(f"  {len(test.corpus)} documents, {len(test.queries)} test queries")
+        print(f"  {len(test.corpus)} documents, {len(test.queries)} test queries"
+              + ("" if paths.qa_train else "; no answers.jsonl: retrieval only"))
+    general_text = [paths.general] if paths.general else []
 
     def pre(name, model, domain, general, ratio, steps, lr):
         r = pretrain(PretrainConfig(model=model, out=os.path.join(d["models"], name), domain=domain,
@@ -353,7 +361,8 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
             general = resolve_model(base)
 
     with _stage(secs, "cpt", "continual pre-training on domain + general text (BSharedRAG backbone)"):
-        cpt = pre("cpt", general, [paths.domain], [paths.general], 0.8, plan.cpt_steps, plan.pretrain_lr)
+        cpt = pre("cpt", general, [paths.domain], general_text, 0.8 if general_text else 1.0, plan.cpt_steps,
+                  plan.pretrain_lr)
 
     def retr(name, model, negatives=None, lr=plan.retriever_lr, steps=plan.retriever_steps, **over):
         r = train_retriever(RetrieverConfig(model=model, data=paths.root, out=os.path.join(d["adapters"], name),
@@ -374,14 +383,15 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
 
     with _stage(secs, "ablations", "no-CPT, Fully-shared and Separate RAG retrievers"):
         r_nocpt = retr("retrieval_no_cpt", general, negatives=negs)
-        r_full = retr("fully_shared", cpt, negatives=negs, fully_shared=True, gen_data=paths.qa_train,
-                      gen_corpus=paths.corpus, gen_batch_size=plan.generator_batch)
+        r_full = (retr("fully_shared", cpt, negatives=negs, fully_shared=True, gen_data=paths.qa_train,
+                       gen_corpus=paths.corpus, gen_batch_size=plan.generator_batch) if paths.qa_train else None)
         # Separate RAG's embedder: a whole second copy of the CPT backbone, fully fine-tuned
         sep_dir = retr("separate_retriever", cpt, negatives=negs, full_finetune=True, lr=plan.separate_lr,
                        steps=plan.separate_steps)
 
     with _stage(secs, "index", "embedding the corpus with every retriever"):
-        rt_cpt = _runtime(cpt, {"retrieval": ret, "round1": r1, "fully_shared": r_full}, dtype)
+        rt_cpt = _runtime(cpt, {"retrieval": ret, "round1": r1, **({"fully_shared": r_full} if r_full else {})},
+                          dtype)
         rt_general = _runtime(general, {"no_cpt": r_nocpt}, dtype)
         rt_sep = _runtime(sep_dir, {}, dtype)
         systems = {  # name -> (runtime, adapter)
@@ -392,77 +402,75 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
             "base model (no LoRA, no CPT)": (rt_general, None),
             "Separate RAG retriever (full copy)": (rt_sep, None),
         }
+        if not r_full:
+            del systems["Fully-shared"]
         vectors = {n: _embed_corpus(rt, test.corpus, a, plan.passage_max_len) for n, (rt, a) in systems.items()}
         # the saved index records its embedder as `bsharedrag index` does, so `bsharedrag ask` can use it
         fingerprint = embedder_fingerprint(argparse.Namespace(model=cpt, pooling="last", query_prefix="query: ",
                                                               passage_prefix="passage: "), ret)
         indexes = {n: _build_index(test.corpus, *vectors[n], embedder=fingerprint if n == "BSharedRAG" else None)
                    for n in ("BSharedRAG", "w/o hard negatives", "Fully-shared", "base model (no LoRA, no CPT)",
-                             "Separate RAG retriever (full copy)")}
+                             "Separate RAG retriever (full copy)") if n in systems}
         index = indexes["BSharedRAG"]
 
-    with _stage(secs, "generation", "generation LoRA on retrieved contexts"):
-        gen_data = _contexts_file(rt_cpt, "retrieval", index, paths.qa_train,
-                                  os.path.join(d["work"], "qa_train_contexts.jsonl"), k=3,
-                                  max_tokens=plan.query_max_len)
-        g = train_generator(GeneratorConfig(model=cpt, data=gen_data, out=os.path.join(d["adapters"], "generation"),
-                                            steps=plan.generator_steps, batch_size=plan.generator_batch,
-                                            lr=plan.generator_lr, warmup_steps=_warmup(plan.generator_steps),
-                                            save_every=0, seed=seed, cpu_bf16=bf16,
-                                            context_tokens=plan.context_tokens, **lora))
-        losses["generation"] = g.losses
-        rt_cpt.model.load_adapter(g.out_dir, "generation")
+    g_dir = None
+    if paths.qa_train:
+        with _stage(secs, "generation", "generation LoRA on retrieved contexts"):
+            gen_data = _contexts_file(rt_cpt, "retrieval", index, paths.qa_train,
+                                      os.path.join(d["work"], "qa_train_contexts.jsonl"), k=3,
+                                      max_tokens=plan.query_max_len)
+            g = train_generator(GeneratorConfig(
+                model=cpt, data=gen_data, out=os.path.join(d["adapters"], "generation"), steps=plan.generator_steps,
+                batch_size=plan.generator_batch, lr=plan.generator_lr, warmup_steps=_warmup(plan.generator_steps),
+                save_every=0, seed=seed, cpu_bf16=bf16, context_tokens=plan.context_tokens, **lora))
+            g_dir, losses["generation"] = g.out_dir, g.losses
+            rt_cpt.model.load_adapter(g_dir, "generation")
 
     with _stage(secs, "evaluate", "retrieval metrics, RAG answers, memory"):
         retrieval = {}
         for name, (rt, a) in systems.items():
             run = _exact_run(rt, a, *vectors[name], test.queries, max(RETRIEVAL_KS), plan.query_max_len)
             retrieval[name] = retrieval_metrics(run, test.qrels, ks=RETRIEVAL_KS)
-        qa_test = list(read_jsonl(paths.qa_test))[: plan.eval_questions]
-        questions, gold = [r["question"] for r in qa_test], [r["answer"] for r in qa_test]
-        kw = dict(k=3, max_new_tokens=plan.max_new_tokens, context_tokens=plan.context_tokens)
-        rags = {
-            "BSharedRAG": RAGPipeline(rt_cpt, index, "retrieval", "generation", **kw),
-            "w/o hard negatives": RAGPipeline(rt_cpt, indexes["w/o hard negatives"], "round1", "generation", **kw),
-            "Fully-shared": RAGPipeline(rt_cpt, indexes["Fully-shared"], "fully_shared", "fully_shared", **kw),
-            "Separate RAG": RAGPipeline(rt_cpt, indexes["Separate RAG retriever (full copy)"], None, "generation",
-                                        retrieval_runtime=rt_sep, **kw),
-            "base model (no LoRA, no CPT)": RAGPipeline(rt_general, indexes["base model (no LoRA, no CPT)"],
-                                                        None, None, **kw),
-        }
-        answers = {n: r.ask_many(questions) for n, r in rags.items()}
-        generation = {n: generation_metrics([a.text for a in ans], gold) for n, ans in answers.items()}
+        generation, samples, rags = {}, [], {}
+        if g_dir:
+            qa_test = list(read_jsonl(paths.qa_test))[: plan.eval_questions]
+            questions, gold = [r["question"] for r in qa_test], [r["answer"] for r in qa_test]
+            kw = dict(k=3, max_new_tokens=plan.max_new_tokens, context_tokens=plan.context_tokens,
+                      query_max_length=plan.query_max_len)
+            rags = {
+                "BSharedRAG": RAGPipeline(rt_cpt, index, "retrieval", "generation", **kw),
+                "w/o hard negatives": RAGPipeline(rt_cpt, indexes["w/o hard negatives"], "round1", "generation",
+                                                  **kw),
+                "Fully-shared": RAGPipeline(rt_cpt, indexes["Fully-shared"], "fully_shared", "fully_shared", **kw),
+                "Separate RAG": RAGPipeline(rt_cpt, indexes["Separate RAG retriever (full copy)"], None, "generation",
+                                            retrieval_runtime=rt_sep, **kw),
+                "base model (no LoRA, no CPT)": RAGPipeline(rt_general, indexes["base model (no LoRA, no CPT)"],
+                                                            None, None, **kw),
+            }
+            answers = {n: r.ask_many(questions) for n, r in rags.items()}
+            generation = {n: generation_metrics([a.text for a in ans], gold) for n, ans in answers.items()}
+            samples = [{"question": q, "answer": a.text, "gold": gd, "sources": [s for s, _ in a.sources]}
+                       for q, a, gd in zip(questions[:5], answers["BSharedRAG"][:5], gold[:5])]
         shared = rt_cpt.model.memory_report()
-        shared_bytes = shared["backbone"] + shared["adapters"]["retrieval"] + shared["adapters"]["generation"]
-        gen_side = shared["backbone"] + shared["adapters"]["generation"]
-        separate_bytes = rt_sep.model.memory_report()["backbone"] + gen_side
+        gen_bytes = shared["adapters"].get("generation", 0)
+        shared_bytes = shared["backbone"] + shared["adapters"]["retrieval"] + gen_bytes
+        separate_bytes = rt_sep.model.memory_report()["backbone"] + shared["backbone"] + gen_bytes
         memory = {"shared_bytes": shared_bytes, "separate_bytes": separate_bytes,
                   "ratio": shared_bytes / separate_bytes}
 
-    with _stage(secs, "updates", "applying the update stream to the index"):
-        rag = rags["BSharedRAG"]
-        updates = list(read_jsonl(paths.updates))[:3]
-        before = rag.ask_many([u["question"] for u in updates])
-        ids = [u["doc_id"] for u in updates]
-        docs = [{"title": u["title"], "text": u["text"], "metadata": u["metadata"]} for u in updates]
-        vecs = rt_cpt.embed([passage_text(x) for x in docs], adapter="retrieval", prefix="passage: ")
-        index.upsert(ids, vecs, docs)
-        after = rag.ask_many([u["question"] for u in updates])
-        update_rows = [{"doc_id": u["doc_id"], "question": u["question"], "old_answer": u["old_answer"],
-                        "new_answer": u["new_answer"], "before": b.text, "after": a.text,
-                        "changed": b.text != a.text, "after_is_new": _holds(a.text, u["new_answer"])}
-                       for u, b, a in zip(updates, before, after)]
-        index.save(os.path.join(out_dir, "index"))
+    update_rows = []
+    if paths.updates and g_dir:
+        with _stage(secs, "updates", "applying the update stream to the index"):
+            update_rows = _apply_updates(rt_cpt, rags["BSharedRAG"], paths.updates, plan.passage_max_len)
+    index.save(os.path.join(out_dir, "index"))
 
     secs["total"] = round(time.perf_counter() - t_all, 2)
     results = {
-        "mode": "quick" if quick else "full", "base": base, "seed": seed, "plan": asdict(plan),
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "mode": "quick" if quick else "full", "base": base, "data": data or "WorthBuying-mini", "seed": seed,
+        "plan": asdict(plan), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "retrieval": retrieval, "generation": generation, "memory": memory,
         "goals": _goals(retrieval, generation, update_rows),
-        "samples": [{"question": q, "answer": a.text, "gold": gd, "sources": [s for s, _ in a.sources]}
-                    for q, a, gd in zip(questions[:5], answers["BSharedRAG"][:5], gold[:5])],
-        "updates": update_rows, "loss_curves": losses, "seconds": secs,
+        "samples": samples, "updates": update_rows, "loss_curves": losses, "seconds": secs,
     }
     with open(os.path.join(d["report"], "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -472,11 +480,28 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     _print_table(results)
     print(f"\nreport: {d['report']}/report.md (results.json, {len(results['plots'])} plots); "
           f"total {secs['total']:.0f} s")
-    print(f"ask it yourself: bsharedrag ask --model {cpt} --retrieval-adapter {ret} "
-          f"--generation-adapter {g.out_dir} --index {os.path.join(out_dir, 'index')} "
-          f"--context-tokens {plan.context_tokens} --max-new-tokens {plan.max_new_tokens} "
-          f"\"{update_rows[0]['question'] if update_rows else questions[0]}\"")
+    if g_dir:
+        question = update_rows[0]["question"] if update_rows else samples[0]["question"]
+        print(f"ask it yourself: bsharedrag ask --model {cpt} --retrieval-adapter {ret} "
+              f"--generation-adapter {g_dir} --index {os.path.join(out_dir, 'index')} "
+              f"--context-tokens {plan.context_tokens} --max-new-tokens {plan.max_new_tokens} \"{question}\"")
     return results
+
+
+def _apply_updates(rt, rag, updates_path: str, max_tokens: int) -> list[dict]:
+    """Ask the update stream's questions, upsert the changed documents into the RAG index, ask again."""
+    from ..data import read_jsonl
+
+    updates = list(read_jsonl(updates_path))[:3]
+    before = rag.ask_many([u["question"] for u in updates])
+    docs = [{"title": u["title"], "text": u["text"], "metadata": u["metadata"]} for u in updates]
+    vecs = rt.embed([passage_text(x) for x in docs], adapter="retrieval", prefix="passage: ", max_tokens=max_tokens)
+    rag.index.upsert([u["doc_id"] for u in updates], vecs, docs)
+    after = rag.ask_many([u["question"] for u in updates])
+    return [{"doc_id": u["doc_id"], "question": u["question"], "old_answer": u["old_answer"],
+             "new_answer": u["new_answer"], "before": b.text, "after": a.text, "changed": b.text != a.text,
+             "after_is_new": _holds(a.text, u["new_answer"])}
+            for u, b, a in zip(updates, before, after)]
 
 
 def add_commands(sub) -> None:
@@ -491,4 +516,7 @@ def add_commands(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer steps and test questions per stage: checks every stage runs in a few minutes")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda args: (run_demo(args.out, args.quick, args.seed, base=args.base), 0)[1])
+    p.add_argument("--data", default=None,
+                   help="your own BEIR directory (corpus.jsonl, queries.jsonl, qrels/train.tsv, qrels/test.tsv, "
+                        "optional answers.jsonl) instead of the generated WorthBuying-mini")
+    p.set_defaults(func=lambda args: (run_demo(args.out, args.quick, args.seed, base=args.base, data=args.data), 0)[1])

@@ -76,7 +76,7 @@ def cmd_mine(args) -> int:
     path = mine_negatives(args.model, args.adapter, args.data, args.out, k=args.k, split=args.split, skip=args.skip,
                           query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                           batch_size=args.batch_size, dtype=getattr(torch, args.dtype), device=args.device,
-                          max_batch_tokens=args.max_batch_tokens)
+                          max_batch_tokens=args.max_batch_tokens, max_length=args.max_length)
     print(f"wrote hard negatives to {path}")
     return 0
 
@@ -85,6 +85,7 @@ def add_commands(sub) -> None:
     """Register `train {pretrain,retriever,generator}` and `mine-negatives` on a subparsers object."""
     from .generator import GeneratorConfig
     from .pretrain import PretrainConfig
+    from ..cli import _add_max_length
     from .retriever import RetrieverConfig
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -115,4 +116,5 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens packed into one engine step")
+    _add_max_length(p)
     p.set_defaults(func=cmd_mine)

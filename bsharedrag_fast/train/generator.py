@@ -32,7 +32,8 @@ class PromptOptions:
     context_tokens: int = option("token budget of the contexts", default=768)
     max_length: Optional[int] = option("longest prompt + answer (default: the model's max_position_embeddings)",
                                       default=None)
-    max_answer_tokens: int = option("longest answer incl. EOS; a longer one is an error", default=256)
+    max_answer_tokens: int = option("longest answer incl. EOS; longer ones are an error that lists them all",
+                                    default=1024)
     chat: Optional[bool] = option("prompts as the user turn of the model's chat template "
                                   "(default: when the tokenizer has one)", default=None)
 
@@ -78,6 +79,21 @@ def _str_field(rec: dict, name: str, where: str) -> str:
     return v
 
 
+class AnswerTooLong(ValueError):
+    def __init__(self, where: str, tokens: int):
+        super().__init__(f"{where}: answer has {tokens} tokens (EOS included)")
+        self.where, self.tokens = where, tokens
+
+
+def too_long_error(path: str, errors: list, limit: int) -> ValueError:
+    """One error for every over-long answer of a file: how many, which lines, the limit they need."""
+    shown = ", ".join(f"{e.where} ({e.tokens})" for e in errors[:10])
+    more = f" and {len(errors) - 10} more" if len(errors) > 10 else ""
+    return ValueError(f"{path}: {len(errors)} answers have more than max_answer_tokens={limit} tokens "
+                      f"(EOS included): {shown}{more}; the longest needs --max-answer-tokens "
+                      f"{max(e.tokens for e in errors)}")
+
+
 class PromptBuilder:
     """(prompt, answer) -> (token ids, index of the first answer token)."""
 
@@ -96,8 +112,7 @@ class PromptBuilder:
         text = answer.strip() if self.chat else " " + answer.strip()
         ids = self.tok.encode(text, add_special_tokens=False) + [self.eos]
         if len(ids) > self.opts.max_answer_tokens:
-            raise ValueError(f"{where}: answer has {len(ids)} tokens (EOS included), more than "
-                             f"max_answer_tokens={self.opts.max_answer_tokens}")
+            raise AnswerTooLong(where, len(ids))
         return ids
 
     def rag(self, question: str, docs: list[dict], answer: str, where: str) -> tuple[list[int], int]:
@@ -134,7 +149,7 @@ def read_qa(path: str, builder: PromptBuilder, corpus: Optional[dict]) -> list[t
     """Tokenized RAG examples of a QA JSONL; bad records are a ValueError naming file:line."""
     from tqdm import tqdm
 
-    out = []
+    out, too_long = [], []
     for n, rec in tqdm(enumerate_jsonl(path, "QA data"), desc=f"reading {path}", unit="ex", leave=False):
         where = f"{path}:{n}"
         q, a = _str_field(rec, "question", where), _str_field(rec, "answer", where)
@@ -151,20 +166,30 @@ def read_qa(path: str, builder: PromptBuilder, corpus: Optional[dict]) -> list[t
             docs = [corpus[str(d)] for d in rec["doc_ids"]]
         else:
             raise ValueError(f'{where}: needs "contexts" or "doc_ids"')
-        out.append(builder.rag(q, docs, a, where))
+        try:
+            out.append(builder.rag(q, docs, a, where))
+        except AnswerTooLong as e:  # collected: the error lists every one of them
+            too_long.append(e)
+    if too_long:
+        raise too_long_error(path, too_long, builder.opts.max_answer_tokens)
     if not out:
         raise ValueError(f"{path}: no QA records")
     return out
 
 
 def read_general(path: str, builder: PromptBuilder) -> list[tuple[list[int], int]]:
-    out = []
+    out, too_long = [], []
     for n, rec in enumerate_jsonl(path, "instruction data"):
         where = f"{path}:{n}"
         inst, ans = _str_field(rec, "instruction", where), _str_field(rec, "output", where)
         extra = rec.get("input") or ""
         prompt = GENERAL_PROMPT.format(instruction=inst, input=f"Input: {extra}\n" if extra else "")
-        out.append(builder.plain(prompt, ans, where))
+        try:
+            out.append(builder.plain(prompt, ans, where))
+        except AnswerTooLong as e:
+            too_long.append(e)
+    if too_long:
+        raise too_long_error(path, too_long, builder.opts.max_answer_tokens)
     if not out:
         raise ValueError(f"{path}: no instruction records")
     return out

@@ -61,6 +61,8 @@ class LoopConfig:
     seed: int = option("seed of the data order, sampling, init and dropout", default=0)
     save_every: int = option("steps between resumable checkpoints (0 = none)", default=500)
     keep_checkpoints: int = option("newest checkpoints kept on disk", default=2)
+    keep_finished_checkpoints: bool = option("keep the checkpoints (optimizer state included) once the run has "
+                                             "finished; by default only an unfinished run keeps them", default=False)
     resume: bool = option("continue from the newest checkpoint in out/checkpoints if there is one", default=True)
     device: str = option("cpu or cuda (with torchrun: each rank takes cuda:LOCAL_RANK)", default="cpu")
     bf16: bool = option("bf16 autocast on CUDA (trainable weights and optimizer stay fp32)", default=True)
@@ -259,7 +261,8 @@ def plot_losses(losses: list, path: str, title: str) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-StepLoss = Callable[[TrainModel, object, Dist], tuple[torch.Tensor, torch.Tensor, int]]
+# (loss to backpropagate, its global value, tokens), and optionally {task: value} of its terms
+StepLoss = Callable[[TrainModel, object, Dist], tuple]
 """(model, global micro-batch, dist) -> (this rank's objective: its gradients summed over the
 ranks are the gradient of the global loss; this rank's share of the loss value: the shares
 add up to the global loss; tokens this rank processed)."""
@@ -306,35 +309,41 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        parts: dict = {}  # a multi-task loss's terms, e.g. Fully-shared's retrieval and generation
         tokens = 0
         for _ in range(cfg.grad_accum):
             batch = source.next_batch()
             with autocast:
-                loss, value, n = step_loss(model, batch, dist)
+                loss, value, n, *extra = step_loss(model, batch, dist)
             (loss / cfg.grad_accum).backward()
             loss_sum += value.detach().double()
+            for k, v in (extra[0] if extra else {}).items():
+                parts[k] = parts.get(k, 0.0) + v.detach().double() / cfg.grad_accum
             tokens += n
         if dist.world > 1:  # one SUM all-reduce of every gradient (see the module docstring)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = dist.sum_(torch.cat([g.reshape(-1) for g in grads]))
             for p, g in zip(params, flat.split([g.numel() for g in grads])):
                 p.grad = g.view_as(p)
-        stats = dist.sum_(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(tokens), device=dev).double()]))
+        stats = dist.sum_(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(tokens), device=dev).double(),
+                                       *parts.values()]))
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss_v, tok_v = stats.tolist()
+        loss_v, tok_v, *part_v = stats.tolist()
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"{name}: loss is {loss_v} at step {step + 1}")
         dt = time.perf_counter() - t0
         run_tokens += int(tok_v)
         run_time += dt
-        history.append({"step": step + 1, "loss": loss_v, "lr": lr, "grad_norm": float(gnorm),
+        history.append({"step": step + 1, "loss": loss_v, **{f"{k}_loss": v for k, v in zip(parts, part_v)},
+                        "lr": lr, "grad_norm": float(gnorm),
                         "tokens": int(tok_v), "tokens_per_s": tok_v / dt, "time_s": dt})  # fmt: skip
         if dist.main:
-            bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tok_v / dt:.0f}")
+            bar.set_postfix(loss=f"{loss_v:.4f}", **{k: f"{v:.4f}" for k, v in zip(parts, part_v)},
+                            tok_s=f"{tok_v / dt:.0f}")
             bar.update(1)
             if step == start:  # a fresh or resumed run rewrites the log up to here
                 _write_metrics(metrics_path, history)
@@ -349,6 +358,12 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
     plot_path = None
     if dist.main:
         save_final(cfg.out)
+        # checkpoints exist to resume an unfinished run; a finished one keeps its result, not
+        # the optimizer state (2x the trainable weights per checkpoint)
+        ckpts = os.path.join(cfg.out, CKPT_DIR)
+        if os.path.isdir(ckpts) and not cfg.keep_finished_checkpoints:
+            shutil.rmtree(ckpts, ignore_errors=True)
+            print(f"{name}: finished; removed {ckpts} (resumable checkpoints with optimizer state)", flush=True)
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2, sort_keys=True, default=str)
         plot_path = plot_losses([h["loss"] for h in history], os.path.join(cfg.out, PLOT), name)

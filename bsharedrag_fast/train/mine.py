@@ -7,11 +7,13 @@ from typing import Optional
 
 import torch
 
+from ..evaluation import DEFAULT_MAX_LENGTH, index_corpus, report_truncated
+
 
 def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: int = 30, split: str = "train",
                    skip: int = 0, query_prefix: str = "query: ", passage_prefix: str = "passage: ",
                    batch_size: int = 64, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   max_batch_tokens: int = 4096) -> str:
+                   max_batch_tokens: int = 4096, max_length: int = DEFAULT_MAX_LENGTH) -> str:
     """Embed the corpus of a BEIR directory with model (+ PEFT retrieval adapter), index it
     (HNSW, inner product over L2-normalised vectors) and write, per judged query of
     `split`, {"qid", "negatives": [doc ids]}: its top (skip + k) documents minus its
@@ -20,7 +22,6 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
     from tqdm import tqdm
 
     from ..data import load_beir
-    from ..evaluation import index_corpus
     from ..model import Backbone
     from ..runtime import SharedRuntime
     from ..tokenizer import Tokenizer
@@ -37,14 +38,15 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
         backbone.load_adapter(adapter, "retrieval")
     rt = SharedRuntime(backbone, Tokenizer.from_pretrained(model), max_batch_tokens=max_batch_tokens)
     name = "retrieval" if adapter else None
-    index = index_corpus(rt, beir.corpus, adapter=name, passage_prefix=passage_prefix, batch_size=batch_size)
+    index = index_corpus(rt, beir.corpus, adapter=name, passage_prefix=passage_prefix, batch_size=batch_size,
+                         max_length=max_length)
     qids = list(beir.qrels)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for s in tqdm(range(0, len(qids), batch_size), desc="mining", unit="batch"):
             chunk = qids[s : s + batch_size]
-            vecs = rt.embed([beir.queries[q] for q in chunk], adapter=name, prefix=query_prefix, truncate=True)
+            vecs = rt.embed([beir.queries[q] for q in chunk], adapter=name, prefix=query_prefix, max_tokens=max_length)
             depth = skip + k + max(len(beir.qrels[q]) for q in chunk)  # room for the positives removed
             for qid, hits in zip(chunk, index.search(vecs, depth)):
                 judged = beir.qrels[qid]
@@ -53,4 +55,5 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
                 f.write(json.dumps({"qid": qid, "negatives": negs}, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     index.close()
+    report_truncated(rt, max_length)
     return out

@@ -271,9 +271,9 @@ class TrainModel(nn.Module):
         logits = self.logits(h, rows).float()
         return F.cross_entropy(logits, labels.index_select(0, rows), reduction="sum"), int(rows.numel())
 
-    def embed_sequences(self, h: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """L2-normalised last-token embeddings [B, d] (final RMSNorm fused into ops.pool)."""
-        return ops.pool(h, cu_seqlens.to(h.device), mode="last", normalize=True,
+    def embed_sequences(self, h: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+        """L2-normalised pooled embeddings [B, d] (final RMSNorm fused into ops.pool)."""
+        return ops.pool(h, cu_seqlens.to(h.device), mode=pooling, normalize=True,
                         norm_weight=self.norm.to(h.dtype), eps=self.config.rms_norm_eps)
 
     # -- adapters and checkpoints ---------------------------------------------------------

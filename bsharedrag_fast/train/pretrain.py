@@ -9,6 +9,7 @@ documents), and a document that does not fit continues in the stream's next row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,7 +26,8 @@ class PretrainConfig(LoopConfig):
     model: str = option("HF model directory to start from (config.json, *.safetensors, tokenizer.json)")
     domain: list = option("JSONL file(s) of domain text, {\"text\": ...} per line", default_factory=list)
     general: list = option("JSONL file(s) of general text, {\"text\": ...} per line", default_factory=list)
-    domain_ratio: float = option("fraction of rows drawn from the domain corpora", default=0.5)
+    domain_ratio: Optional[float] = option("fraction of rows drawn from the domain corpora (default: 0.5 with "
+                                           "both kinds of corpora, else all from the kind given)", default=None)
     seq_len: int = option("tokens per row (documents packed, never attending across each other)", default=512)
     batch_size: int = option("rows per micro-batch, all processes together", default=8)
     lr: float = option("peak learning rate of AdamW", default=2e-5)
@@ -36,6 +38,8 @@ class PretrainConfig(LoopConfig):
             raise ValueError("model (the HF model directory) is required")
         if not self.domain and not self.general:
             raise ValueError("give at least one domain or general JSONL corpus")
+        if self.domain_ratio is None:  # only one kind given: every row comes from it
+            self.domain_ratio = 0.5 if self.domain and self.general else float(bool(self.domain))
         if not 0.0 <= self.domain_ratio <= 1.0:
             raise ValueError(f"domain_ratio must be in [0, 1], got {self.domain_ratio}")
         if (self.domain_ratio > 0 and not self.domain) or (self.domain_ratio < 1 and not self.general):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..data import enumerate_jsonl, load_beir, passage_text
 from ..generation import primary_eos
+from ..runtime import POOL_MODES
 from ..tokenizer import Tokenizer
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
@@ -45,10 +46,13 @@ class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
                                      default=None)
     num_negatives: int = option("hard negatives per query", default=7)
     temperature: float = option("InfoNCE temperature", default=0.01)
+    pooling: str = option("how a sequence becomes its embedding: last (the EOS token), mean or cls; "
+                          "give index / eval the same --pooling", default="last")
     query_prefix: str = option("text put before each query", default="query: ")
     passage_prefix: str = option("text put before each passage", default="passage: ")
     query_max_len: int = option("longest query in tokens (EOS included; longer ones are cut)", default=64)
-    passage_max_len: int = option("longest passage in tokens (EOS included; longer ones are cut)", default=256)
+    passage_max_len: int = option("longest passage in tokens (EOS included; longer ones are cut): what "
+                                  "--max-length is to index, eval and mine-negatives", default=512)
     batch_size: int = option("queries per micro-batch, all processes together", default=8)
     fully_shared: bool = option("Fully-shared RAG baseline: one LoRA on retrieval + generation losses",
                                default=False)
@@ -67,6 +71,8 @@ class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
             raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.pooling not in POOL_MODES:
+            raise ValueError(f"pooling must be one of {POOL_MODES}, got {self.pooling!r}")
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (a token and EOS), got {getattr(self, name)}")
@@ -247,16 +253,18 @@ def _make_loss(cfg: RetrieverConfig):
         ids, cu = pack(seqs + [g for g, _ in gen_mine])
         h = model.hidden(ids, cu)
         n_ret = int(cu[len(seqs)])
-        emb = model.embed_sequences(h[:n_ret], cu[: len(seqs) + 1])
+        emb = model.embed_sequences(h[:n_ret], cu[: len(seqs) + 1], cfg.pooling)
         b = len(mine)
         loss = info_nce(dist.all_gather(emb[:b]), dist.all_gather(emb[b:]), group, cfg.temperature)
         value = loss.detach() / dist.world  # every rank holds the global loss
-        if gen:
-            labels = causal_labels([g for g, _ in gen_mine], [s for _, s in gen_mine]).to(h.device)
-            g_loss, _ = model.lm_loss(h[n_ret:], labels)
-            g_loss = g_loss * (cfg.gen_weight / answer_count(gen))
-            loss, value = loss + g_loss, value + g_loss.detach()
-        return loss, value, int(ids.numel())
+        if not gen:
+            return loss, value, int(ids.numel())
+        labels = causal_labels([g for g, _ in gen_mine], [s for _, s in gen_mine]).to(h.device)
+        g_loss, _ = model.lm_loss(h[n_ret:], labels)
+        g_loss = g_loss * (cfg.gen_weight / answer_count(gen))  # this rank's share of the global mean
+        # each task's term, logged beside the total (metrics.jsonl: retrieval_loss, generation_loss)
+        parts = {"retrieval": value, "generation": g_loss.detach()}
+        return loss + g_loss, value + g_loss.detach(), int(ids.numel()), parts
 
     return loss_fn
 
