@@ -173,6 +173,10 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     if max_batch_tokens < 64:
         raise ValueError(f"max_batch_tokens must be >= 64 (the longest document), got {max_batch_tokens}")
 
+    if model is not None:
+        from .model_store import resolve_model
+
+        model = resolve_model(model)
     cfg = PRESETS[preset] if model is None else _model_config(model)
     _check_room(cfg, dtype, setups, writes_checkpoint=model is None, device=device)
     load_before = os.getloadavg()  # other jobs on the machine skew timings: recorded with them
@@ -210,7 +214,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
 
     doc_tokens = sum(map(len, doc_ids))
     res = {
-        "preset": preset, "model": model, "dtype": dtype, "device": device,
+        "preset": preset, "model": model, "dtype": dtype, "device": device, "threads": threads,
         "memory_measure": "torch.cuda allocations" if device == "cuda" else "process RSS",
         "machine": dict(machine_info(device), load_average_before=load_before[0], load_average_after=os.getloadavg()[0]),
         "shape": {k: cfg[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -285,7 +289,10 @@ def _agreement(outputs: dict) -> dict:
 
 def format_table(res: dict) -> str:
     mb = 2**20
-    lines = [f"{'setup':>28} | {'weights MB':>10} {'resident MB':>11} {'peak MB':>8} | {'embed docs/s':>12} "
+    m = res["machine"]
+    lines = [f"model {res['preset'] or res['model']} ({res['dtype']}, {res['device']}, {res['threads']} threads per "
+             f"setup; {m.get('cpu') or m.get('gpu') or 'unknown machine'}, load {m['load_average_before']:.1f})",
+             f"{'setup':>28} | {'weights MB':>10} {'resident MB':>11} {'peak MB':>8} | {'embed docs/s':>12} "
              f"{'gen tok/s':>9} {'mixed req/s':>11}"]
     for row in res["setups"].values():
         m, t = row["memory"], row["throughput"]
@@ -337,13 +344,20 @@ def write_plots(res: dict, out_dir: str) -> list:
 
 
 def cmd_bench(args) -> int:
+    import time
+
+    from .model_store import DEFAULT_MODEL
+    from .threads import available_cores
+
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    res = run_bench(preset=args.preset, model=args.model, adapters=args.adapters, quick=args.quick,
+    base = args.base if args.base or args.preset else DEFAULT_MODEL
+    res = run_bench(preset=args.preset, model=base, adapters=args.adapters, quick=args.quick,
                     docs=args.docs, answers=args.answers, new_tokens=args.new_tokens, rounds=args.rounds,
                     max_batch_tokens=args.max_batch_tokens, dtype=args.dtype, setups=setups,
-                    threads=args.threads, rank=args.rank, device=args.device)
-    name = res["preset"] or os.path.basename(os.path.normpath(args.model))
-    out = args.out or os.path.join("benchmarks", "results", f"bench_{name}")
+                    threads=args.threads or available_cores(), rank=args.rank, device=args.device)
+    name = res["preset"] or os.path.basename(os.path.normpath(base))
+    # a fresh directory: a run never overwrites another, nor the committed benchmarks/results
+    out = args.out or f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -356,8 +370,10 @@ def cmd_bench(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="memory and throughput: Shared vs Separate RAG vs transformers+peft",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="random-weight shape (default tiny)")
-    p.add_argument("--model", help="a HF checkpoint directory instead of a preset")
+    p.add_argument("--base", "--model", dest="base", default=None,
+                   help="the model: a name (smollm2-135m), a .gguf file or a HF directory (default smollm2-135m)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="random weights of this shape instead of --base")
     p.add_argument("--adapters", nargs=2, metavar=("RETRIEVAL", "GENERATION"),
                    help="PEFT adapter directories (default: random r=--rank adapters)")
     p.add_argument("--quick", action="store_true", help="a smaller workload, one round")
@@ -370,7 +386,8 @@ def add_commands(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu (memory: process RSS) or cuda (memory: torch's device allocations)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {','.join(SETUPS)}")
-    p.add_argument("--threads", type=int, help="torch threads per setup process (default: torch's)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per setup process (default: the cores this process may use)")
     p.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
-    p.add_argument("--out", help="output directory (default benchmarks/results/bench_<preset>/)")
+    p.add_argument("--out", help="output directory (default: a new ./bench-<model>-<time>/)")
     p.set_defaults(func=cmd_bench)

@@ -21,7 +21,7 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["bench", "--quick", *WORK, "--out", str(out)]) == 0
+    assert main(["bench", "--preset", "tiny", "--quick", *WORK, "--out", str(out)]) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
@@ -105,7 +105,7 @@ def test_bench_rejects_bad_arguments(argv, match, capsys):
 
 
 def test_bench_rejects_adapters_without_config(tmp_path, capsys):
-    assert main(["bench", "--adapters", str(tmp_path), str(tmp_path)]) == 2
+    assert main(["bench", "--preset", "tiny", "--adapters", str(tmp_path), str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
 
 
