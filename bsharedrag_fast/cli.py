@@ -150,6 +150,8 @@ def cmd_index(args) -> int:
 def cmd_embed(args) -> int:
     import numpy as np
 
+    from .evaluation import report_truncated
+
     texts = list(args.text)
     if args.input:
         with open(args.input, encoding="utf-8") as f:

@@ -79,7 +79,7 @@ def test_embed_and_generate_commands(setup, capsys, tmp_path):
 def test_cli_errors_are_clear(setup, capsys, tmp_path):
     root = setup
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"_id": "x", "title": "no text"}\n')
+    bad.write_text('{"_id": "x", "title": "", "text": "  "}\n')
     assert main(["index", *_args(root), "--corpus", str(bad), "--out", str(tmp_path / "i")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert main(["ask", *_args(root), "--index", str(tmp_path / "missing"), "q"]) == 2

@@ -111,15 +111,6 @@ def test_qrels_errors(tmp_path, content, msg):
         load_qrels(str(tmp_path / "q.tsv"))
 
 
-@pytest.mark.parametrize("record,msg", [
-    ({"title": "t", "text": "x"}, r'c.jsonl:2: missing "_id" \(or "id"\)'),
-    ({"_id": "a", "title": ""}, """c.jsonl:2: document 'a' has neither a "title" nor a "text""""),
-    ({"_id": "a", "text": "  "}, """c.jsonl:2: document 'a' has neither a "title" nor a "text""""),
-    ({"_id": "a", "text": 3}, 'c.jsonl:2: "text" must be a string, got 3'),
-    ({"_id": "a", "text": "x", "title": 3}, 'c.jsonl:2: "title" must be a string, got 3'),
-    ({"_id": "a", "text": "x", "metadata": [1]}, 'c.jsonl:2: "metadata" must be a JSON object'),
-    ({"_id": "d0", "text": "again"}, "c.jsonl: duplicate document id 'd0'"),
-])
 def test_title_only_documents_are_read_and_embedded_as_their_title(tmp_path):
     """BEIR allows an empty text when the title says it all; the passage is then the title."""
     path = _write_jsonl(tmp_path / "c.jsonl", [{"_id": "d0", "title": "Only a title", "text": ""},
@@ -129,6 +120,15 @@ def test_title_only_documents_are_read_and_embedded_as_their_title(tmp_path):
     assert [passage_text(corpus[d]) for d in ("d0", "d1")] == ["Only a title", "Title two"]
 
 
+@pytest.mark.parametrize("record,msg", [
+    ({"title": "t", "text": "x"}, r'c.jsonl:2: missing "_id" \(or "id"\)'),
+    ({"_id": "a", "title": ""}, "c.jsonl:2: document 'a' has neither a \"title\" nor a \"text\""),
+    ({"_id": "a", "text": "  "}, "c.jsonl:2: document 'a' has neither a \"title\" nor a \"text\""),
+    ({"_id": "a", "text": 3}, 'c.jsonl:2: "text" must be a string, got 3'),
+    ({"_id": "a", "text": "x", "title": 3}, 'c.jsonl:2: "title" must be a string, got 3'),
+    ({"_id": "a", "text": "x", "metadata": [1]}, 'c.jsonl:2: "metadata" must be a JSON object'),
+    ({"_id": "d0", "text": "again"}, "c.jsonl: duplicate document id 'd0'"),
+])
 def test_corpus_errors(tmp_path, record, msg):
     path = _write_jsonl(tmp_path / "c.jsonl", [{"_id": "d0", "text": "first"}, record])
     with pytest.raises(ValueError, match=msg):
