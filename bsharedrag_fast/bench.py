@@ -173,6 +173,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     if max_batch_tokens < 64:
         raise ValueError(f"max_batch_tokens must be >= 64 (the longest document), got {max_batch_tokens}")
 
+    requested = model  # what the report names: smollm2-135m, not its cache directory
     if model is not None:
         from .model_store import resolve_model
 
@@ -214,7 +215,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
 
     doc_tokens = sum(map(len, doc_ids))
     res = {
-        "preset": preset, "model": model, "dtype": dtype, "device": device, "threads": threads,
+        "preset": preset, "model": requested, "dtype": dtype, "device": device, "threads": threads,
         "memory_measure": "torch.cuda allocations" if device == "cuda" else "process RSS",
         "machine": dict(machine_info(device), load_average_before=load_before[0], load_average_after=os.getloadavg()[0]),
         "shape": {k: cfg[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
