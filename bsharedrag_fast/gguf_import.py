@@ -120,6 +120,7 @@ def _convert(src: str, out: str, dtype: str, info: dict) -> None:
 
 
 def _convert_from(folder: str, name: str, src: str, out: str, dtype: str, info: dict) -> None:
+    """The conversion proper, of folder/name (a link to src, which the messages name)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
