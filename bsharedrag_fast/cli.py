@@ -182,11 +182,12 @@ def cmd_ask(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .rag import chat_wrap, encode_prompt
+
     rt = _load_runtime(args, {"generation": args.adapter})
     tok = rt.tokenizer
     chat = bool(tok.chat_template) and not args.raw
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True) if chat
-               else tok.encode(p) for p in args.prompt]
+    prompts = [encode_prompt(tok, chat_wrap(tok, p, chat), chat) for p in args.prompt]
     outs = rt.generate(prompts, adapter="generation" if args.adapter else None,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,

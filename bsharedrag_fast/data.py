@@ -48,6 +48,13 @@ def read_jsonl(path: str) -> Iterator[dict]:
         yield rec
 
 
+def write_jsonl(path: str, records) -> None:
+    """One JSON object per line (UTF-8, unescaped), the records in order."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
 def _record_id(rec: dict, path: str, n: int) -> str:
     rid = rec.get("_id", rec.get("id"))
     if rid is None or isinstance(rid, (dict, list, bool)) or not str(rid).strip():

@@ -33,8 +33,8 @@ import json
 import math
 import re
 import string
-import unicodedata
 import sys
+import unicodedata
 import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence

@@ -111,6 +111,7 @@ def primary_eos(model, tokenizer) -> Optional[int]:
     eos = eos_ids(model, None, None)
     return min(eos) if eos else None
 
+
 def stop_strings(stop: Union[None, str, Sequence[str]], tokenizer) -> list:
     """The non-empty stop strings as a list; they need a tokenizer to be found."""
     stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -180,15 +180,14 @@ def _build_index(corpus: dict, corpus_ids, corpus_vecs, embedder: Optional[dict]
 def _contexts_file(rt, adapter, index, qa_path: str, out_path: str, k: int, max_tokens: int) -> str:
     """qa records + the top-k contexts this retriever returns for their questions (RAG-aware
     training data for the generator, as in the paper)."""
-    from ..data import read_jsonl
+    from ..data import read_jsonl, write_jsonl
 
     recs = list(read_jsonl(qa_path))
     vecs = rt.embed([r["question"] for r in recs], adapter=adapter, prefix="query: ", max_tokens=max_tokens)
     hits = index.search(vecs, k)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for r, h in zip(recs, hits):
-            ctx = [{k: doc[k] for k in ("title", "text")} for doc in (index.get(d) for d, _ in h)]
-            f.write(json.dumps(dict(r, contexts=ctx), ensure_ascii=False) + "\n")
+    write_jsonl(out_path, (dict(r, contexts=[{f: doc[f] for f in ("title", "text")}
+                                             for doc in (index.get(d) for d, _ in h)])
+                           for r, h in zip(recs, hits)))
     return out_path
 
 

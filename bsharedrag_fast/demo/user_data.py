@@ -13,11 +13,10 @@ and returns the same fields generate_worthbuying() does (general and updates: No
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-from ..data import enumerate_jsonl, load_beir, load_corpus, passage_text
+from ..data import enumerate_jsonl, load_beir, load_corpus, passage_text, write_jsonl
 from ..evaluation import ID_FIELDS, record_id
 from .worthbuying import WorthBuyingPaths
 
@@ -40,15 +39,6 @@ def read_answers(path: str) -> dict[str, str]:
     return answers
 
 
-def _write_jsonl(path: str, rows) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
 def _qa(split, answers: dict) -> list[dict]:
     return [{"question": split.queries[q], "answer": answers[q], "query_id": q,
              "doc_ids": [d for d, rel in split.qrels[q].items() if rel > 0]}
@@ -62,7 +52,7 @@ def prepare(data_dir: str, work_dir: str) -> WorthBuyingPaths:
     os.makedirs(work_dir, exist_ok=True)
     corpus_path = os.path.join(data_dir, "corpus.jsonl")
     domain = os.path.join(work_dir, "domain.jsonl")
-    _write_jsonl(domain, ({"text": passage_text(d)} for d in load_corpus(corpus_path).values()))
+    write_jsonl(domain, ({"text": passage_text(d)} for d in load_corpus(corpus_path).values()))
     qa_train: Optional[str] = None
     qa_test: Optional[str] = None
     answers_path = os.path.join(data_dir, ANSWERS)
@@ -78,8 +68,8 @@ def prepare(data_dir: str, work_dir: str) -> WorthBuyingPaths:
             raise ValueError(f"{answers_path}: needs answers for train and test queries "
                              f"(has {len(rows_train)} train, {len(rows_test)} test)")
         qa_train, qa_test = os.path.join(work_dir, "qa_train.jsonl"), os.path.join(work_dir, "qa_test.jsonl")
-        _write_jsonl(qa_train, rows_train)
-        _write_jsonl(qa_test, rows_test)
+        write_jsonl(qa_train, rows_train)
+        write_jsonl(qa_test, rows_test)
     return WorthBuyingPaths(root=data_dir, corpus=corpus_path, queries=os.path.join(data_dir, "queries.jsonl"),
                             qrels_train=os.path.join(data_dir, "qrels", "train.tsv"),
                             qrels_test=os.path.join(data_dir, "qrels", "test.tsv"), qa_train=qa_train,

@@ -26,11 +26,12 @@ Files (same seed and size -> byte-identical files):
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 from typing import Union
+
+from ..data import write_jsonl
 
 # per size: products per category, single-product (long-tail) brands per category,
 # extra domain texts, general texts, updates
@@ -415,12 +416,6 @@ def _updates(rng: random.Random, products: list, n: int) -> list:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _write_jsonl(path: str, records: list) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
 def _write_qrels(path: str, records: list) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write("query-id\tcorpus-id\tscore\n")
@@ -462,13 +457,13 @@ def generate_worthbuying(out_dir: Union[str, os.PathLike], seed: int = 0, size: 
 
     paths = _paths(os.fspath(out_dir))
     os.makedirs(os.path.dirname(paths.qrels_train), exist_ok=True)
-    _write_jsonl(paths.corpus, corpus)
-    _write_jsonl(paths.queries, [{"_id": r["query_id"], "text": r["question"]} for r in qa])
+    write_jsonl(paths.corpus, corpus)
+    write_jsonl(paths.queries, [{"_id": r["query_id"], "text": r["question"]} for r in qa])
     _write_qrels(paths.qrels_train, qa_train)
     _write_qrels(paths.qrels_test, qa_test)
-    _write_jsonl(paths.qa_train, qa_train)
-    _write_jsonl(paths.qa_test, qa_test)
-    _write_jsonl(paths.domain, domain)
-    _write_jsonl(paths.general, general)
-    _write_jsonl(paths.updates, updates)
+    write_jsonl(paths.qa_train, qa_train)
+    write_jsonl(paths.qa_test, qa_test)
+    write_jsonl(paths.domain, domain)
+    write_jsonl(paths.general, general)
+    write_jsonl(paths.updates, updates)
     return paths

@@ -112,8 +112,8 @@ def cmd_serve(args) -> int:
         fp = embedder_fingerprint(args, adapters.get(args.rag_retrieval_model))
         index = pool.submit(HNSWIndex.load, args.index, embedder=fp).result()
         rag = RAGService(index, pool, args.rag_retrieval_model, args.rag_generation_model, k=args.k,
-                         template=template, chat=chat, context_tokens=args.context_tokens, max_new_tokens=args.rag_max_tokens,
-                         query_prefix=args.query_prefix, pooling=args.pooling)
+                         template=template, chat=chat, context_tokens=args.context_tokens,
+                         max_new_tokens=args.rag_max_tokens, query_prefix=args.query_prefix, pooling=args.pooling)
     limits = Limits(api_key=args.api_key, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_request_bytes=args.max_request_bytes)
     driver = EngineDriver(rt, base, args.max_queue, ServerMetrics(rt))

@@ -83,9 +83,9 @@ def cmd_mine(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `train {pretrain,retriever,generator}` and `mine-negatives` on a subparsers object."""
+    from ..cli import _add_max_length
     from .generator import GeneratorConfig
     from .pretrain import PretrainConfig
-    from ..cli import _add_max_length
     from .retriever import RetrieverConfig
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
