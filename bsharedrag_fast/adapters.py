@@ -45,6 +45,9 @@ import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# trained LoRA factors stay far below this; a larger value means a corrupt or tampered file
+# (its products would overflow bf16 / fp16 activations into NaN)
+MAX_LORA_ABS = 1e4
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -103,6 +106,23 @@ def _pattern_value(patterns: dict, key: str, default):
         if re.match(rf"(.*\.)?({p})$", key):
             return patterns[p]
     return default
+
+
+def _check_regex(pattern: str, what: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: {what} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _check_modules_option(value, opt: str, where: str) -> None:
+    """target_modules / exclude_modules: a regex string or a list of module-name strings (PEFT)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        _check_regex(value, opt, where)
+    elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: {opt} must be a regex string or a list of module names, got {value!r}")
 
 
 def _candidate_keys(num_layers: int) -> list[str]:
@@ -173,8 +193,13 @@ def parse_config(cfg: dict, num_layers: int, where: str) -> tuple[dict, bool]:
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise ValueError(f"{where}: rank_pattern / alpha_pattern must be objects")
     tm = cfg.get("target_modules")
-    if tm is None or (not isinstance(tm, str) and len(tm) == 0):
+    if tm is None or (isinstance(tm, (list, str)) and len(tm) == 0):
         raise ValueError(f"{where}: target_modules is missing or empty")
+    for opt in ("target_modules", "exclude_modules"):
+        _check_modules_option(cfg.get(opt), opt, where)
+    for opt in ("rank_pattern", "alpha_pattern"):
+        for p in cfg.get(opt) or {}:
+            _check_regex(p, f"{opt} key", where)
     if isinstance(tm, str) and tm.lower() == "all-linear":
         tm = list(TARGETS)  # every linear layer but the output embedding, as PEFT expands it
     elif not isinstance(tm, str):
@@ -196,8 +221,8 @@ def parse_config(cfg: dict, num_layers: int, where: str) -> tuple[dict, bool]:
         ma = _pattern_value(alpha_pattern, key, alpha)
         if not isinstance(mr, int) or isinstance(mr, bool) or mr < 1:
             raise ValueError(f"{where}: rank of {key} must be an int >= 1, got {mr!r}")
-        if not isinstance(ma, (int, float)) or isinstance(ma, bool):
-            raise ValueError(f"{where}: lora_alpha of {key} must be a number, got {ma!r}")
+        if not isinstance(ma, (int, float)) or isinstance(ma, bool) or not math.isfinite(ma):
+            raise ValueError(f"{where}: lora_alpha of {key} must be a finite number, got {ma!r}")
         modules[(int(m.group("layer")), m.group("name"))] = (mr, ma)
     if not modules:
         raise ValueError(f"{where}: target_modules {cfg['target_modules']!r} match no module of this model")
@@ -281,6 +306,14 @@ def read_adapter(model, peft_dir, name: str) -> tuple[AdapterInfo, dict]:
             )
         if not A.is_floating_point() or not B.is_floating_point():
             raise ValueError(f"{w_path}: {module_key(l, n)} weights must be floating point")
+        for kind, t in (("lora_A", A), ("lora_B", B)):
+            t32 = t.float()
+            if not torch.isfinite(t32).all():
+                raise ValueError(f"{w_path}: {module_key(l, n)}.{kind} holds NaN or infinite values")
+            peak = float(t32.abs().max()) if t32.numel() else 0.0
+            if peak > MAX_LORA_ABS:
+                raise ValueError(f"{w_path}: {module_key(l, n)}.{kind} holds a value of magnitude {peak:.3g}, "
+                                 f"beyond {MAX_LORA_ABS:g}: not a trained LoRA (corrupt or tampered?)")
         weights[(l, n)] = (A.to(model.device, model.dtype), B.to(model.device, model.dtype))
     info = AdapterInfo(name=name, modules=modules, use_rslora=rslora, config=cfg, source=peft_dir)
     return info, weights

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -78,11 +79,34 @@ def _add_max_length(p) -> None:
                         f"counted, never refused (as `train retriever --passage-max-len`; default {DEFAULT_MAX_LENGTH})")
 
 
+_AS_TRAINED = "default: as the retrieval adapter was trained (its embedding.json), else"
+
+
+def _add_pooling(p) -> None:
+    p.add_argument("--pooling", default=None, choices=["last", "mean", "cls"], help=f"{_AS_TRAINED} last")
+
+
 def _add_embedder_args(p: argparse.ArgumentParser) -> None:
     _add_max_length(p)
-    p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
-    p.add_argument("--query-prefix", default="query: ", help='text put before each query (default "query: ")')
-    p.add_argument("--passage-prefix", default="passage: ", help='text put before each document (default "passage: ")')
+    _add_embedding_format(p)
+
+
+def _add_embedding_format(p) -> None:
+    _add_pooling(p)
+    p.add_argument("--query-prefix", default=None, help=f'text put before each query ({_AS_TRAINED} "query: ")')
+    p.add_argument("--passage-prefix", default=None,
+                   help=f'text put before each document ({_AS_TRAINED} "passage: ")')
+
+
+def resolve_embedding_args(args, adapter_dir: Optional[str]) -> None:
+    """Fill the embedding options left unset (None) as the retrieval adapter was trained, or,
+    without one, as the model (a fully fine-tuned embedder) was; else the defaults."""
+    from .rag import embedding_settings
+
+    given = {k: getattr(args, k) for k in ("pooling", "query_prefix", "passage_prefix") if hasattr(args, k)}
+    settings = embedding_settings(adapter_dir or args.model, **given)
+    for k in given:
+        setattr(args, k, settings[k])
 
 
 def _add_prompt_args(p) -> None:
@@ -101,6 +125,7 @@ def load_rag(args, k: int):
     from .rag import RAGPipeline, prompt_settings
 
     template, chat = prompt_settings(args.template, args.raw, args.generation_adapter)
+    resolve_embedding_args(args, args.retrieval_adapter)
     rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
     idx = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
     return RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
@@ -119,6 +144,7 @@ def cmd_index(args) -> int:
     from .evaluation import report_truncated
     from .index import HNSWIndex
 
+    resolve_embedding_args(args, args.retrieval_adapter)
     rt = _load_runtime(args, {"retrieval": args.retrieval_adapter})
     fp = embedder_fingerprint(args, args.retrieval_adapter)
     adapter = "retrieval" if args.retrieval_adapter else None
@@ -159,6 +185,7 @@ def cmd_embed(args) -> int:
             texts += [line.rstrip("\n") for line in f if line.strip()]
     if not texts:
         raise ValueError("nothing to embed: give --text or --input")
+    resolve_embedding_args(args, args.adapter)
     rt = _load_runtime(args, {"retrieval": args.adapter})
     vecs = rt.embed(texts, adapter="retrieval" if args.adapter else None, pooling=args.pooling, prefix=args.prefix,
                     max_tokens=args.max_length)
@@ -222,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="PEFT retrieval LoRA directory (default: base model)")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     p.add_argument("--input", default=None, help="a file with one text per line")
-    p.add_argument("--pooling", default="last", choices=["last", "mean", "cls"])
+    _add_pooling(p)
     p.add_argument("--prefix", default="query: ", help='text put before each input (default "query: ")')
     _add_max_length(p)
     p.add_argument("--out", default=None, help="write a float32 .npy instead of printing JSON lines")

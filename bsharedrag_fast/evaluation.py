@@ -399,7 +399,7 @@ def _report(metrics: Mapping[str, float], out: str | None, extra: Mapping[str, A
 
 
 def cmd_eval_retrieval(args) -> int:
-    from .cli import _load_runtime, embedder_fingerprint
+    from .cli import _load_runtime, embedder_fingerprint, resolve_embedding_args
     from .data import load_beir
     from .index import HNSWIndex
 
@@ -407,6 +407,7 @@ def cmd_eval_retrieval(args) -> int:
     if args.run_file:  # fail before the work, not after it
         _check_trec_word(args.run_tag, "run tag")
     data = load_beir(args.data, args.split)
+    resolve_embedding_args(args, args.adapter)
     rt = _load_runtime(args, {"retrieval": args.adapter})
     adapter = "retrieval" if args.adapter else None
     if args.index:

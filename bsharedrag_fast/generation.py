@@ -30,6 +30,7 @@ measured faster than one padded batched SDPA; batched on GPU).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -47,6 +48,31 @@ class GenerationResult:
     text: Optional[str] = None
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM): dividing by them overflows
+_FMAX = torch.finfo(torch.float32).max
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> tuple[float, float, float]:
+    """(temperature, top_p, repetition_penalty) as floats, or a ValueError naming the bad one;
+    a temperature below SAMPLING_EPS becomes 0 (greedy)."""
+    def num(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+        return float(v)
+
+    temperature, top_p, penalty = num("temperature", temperature), num("top_p", top_p), \
+        num("repetition_penalty", repetition_penalty)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    return (0.0 if temperature < SAMPLING_EPS else temperature), top_p, penalty
+
+
 def apply_repetition_penalty(logits: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float) -> torch.Tensor:
     """In place on logits [B, V] (float), as HF's RepetitionPenaltyLogitsProcessor."""
     if penalty == 1.0:
@@ -56,7 +82,8 @@ def apply_repetition_penalty(logits: torch.Tensor, histories: Sequence[Sequence[
             continue
         idx = torch.tensor(hist, dtype=torch.long, device=logits.device)
         score = logits[i].gather(0, idx)
-        score = torch.where(score < 0, score * penalty, score / penalty)
+        # clamped: an extreme penalty must not turn a logit into inf (inf - inf is NaN in softmax)
+        score = torch.where(score < 0, score * penalty, score / penalty).clamp(-_FMAX, _FMAX)
         logits[i].scatter_(0, idx, score)
     return logits
 
@@ -72,7 +99,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 
 def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """HF's TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper (filtered = -inf)."""
-    scores = logits.float() / temperature
+    scores = (logits.float() / temperature).clamp(-_FMAX, _FMAX)  # finite, whatever the temperature
     V = scores.shape[-1]
     if top_k and top_k > 0:
         k = min(top_k, V)
@@ -157,8 +184,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or not (0 < top_p <= 1.0) or repetition_penalty <= 0:
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+    temperature, top_p, repetition_penalty = check_sampling(temperature, top_k, top_p, repetition_penalty)
     stop = stop_strings(stop, tokenizer)
     if adapters is None or isinstance(adapters, (str, int)):
         adapters = [adapters] * B
@@ -172,6 +198,11 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
             r.text = "" if tokenizer is not None else None
         return results
 
+    positions = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > positions:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"{positions} positions; ask for at most {max(0, positions - longest)} new tokens")
     need_tokens = [len(p) + max_new_tokens - 1 for p in prompts]  # the last token is never fed back
     need_blocks = sum(-(-n // block_size) for n in need_tokens)
     cfg = model.config

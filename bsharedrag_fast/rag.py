@@ -1,7 +1,7 @@
 """RAG pipeline: retrieve with the retrieval LoRA, answer with the generation LoRA, one backbone.
 
-ask() embeds the question with the retrieval adapter (query prefix, EOS appended, last-token
-pooling), takes the top-k documents from the index, fills the prompt template with their
+ask() embeds the question with the retrieval adapter (query prefix, EOS appended, pooled as
+the adapter was trained: last token by default), takes the top-k documents from the index, fills the prompt template with their
 `title: text` contexts cut to a token budget, and generates with the generation adapter.
 When the tokenizer has a chat template (and chat is not turned off), the filled template is
 the user turn of a chat, as an instruction-tuned model expects. ask_many() sends every
@@ -9,6 +9,9 @@ question's embedding, then every prompt, through the engine together.
 
 The generator trainer saves the template and the chat choice it trained with beside its
 adapter (PROMPT_FILE), and `ask`, `eval generation` and the server read them from there.
+Likewise the retriever trainer saves its pooling and prefixes beside the retrieval adapter
+(EMBEDDING_FILE), and `index`, `embed`, `ask`, `eval`, `mine-negatives` and the server
+embed as it was trained unless told otherwise.
 """
 from __future__ import annotations
 
@@ -77,6 +80,52 @@ def prompt_settings(template: Optional[str], raw: bool, adapter_dir: Optional[st
     saved = read_prompt_format(adapter_dir)
     chat = False if raw else saved.get("chat")
     return (read_template(template) if template is not None else saved.get("template", "en")), chat
+
+
+EMBEDDING_FILE = "embedding.json"  # beside a retrieval adapter: {"pooling", "query_prefix", "passage_prefix"}
+EMBEDDING_DEFAULTS = {"pooling": "last", "query_prefix": "query: ", "passage_prefix": "passage: "}
+
+
+def save_embedding_format(adapter_dir: str, pooling: str, query_prefix: str, passage_prefix: str) -> None:
+    """Record how the retrieval adapter in adapter_dir embeds (see embedding_settings)."""
+    path = os.path.join(adapter_dir, EMBEDDING_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"pooling": pooling, "query_prefix": query_prefix, "passage_prefix": passage_prefix}, f,
+                  ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+def read_embedding_format(adapter_dir: Optional[str]) -> dict:
+    """{"pooling", "query_prefix", "passage_prefix"} a retrieval adapter was trained with; {}
+    when it has no EMBEDDING_FILE."""
+    from .runtime import POOL_MODES
+
+    path = os.path.join(adapter_dir, EMBEDDING_FILE) if adapter_dir else None
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        fmt = {k: rec[k] for k in EMBEDDING_DEFAULTS}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not an embedding format file ({type(e).__name__}: {e})") from None
+    if fmt["pooling"] not in POOL_MODES:
+        raise ValueError(f'{path}: "pooling" must be one of {POOL_MODES}, got {fmt["pooling"]!r}')
+    for k in ("query_prefix", "passage_prefix"):
+        if not isinstance(fmt[k], str):
+            raise ValueError(f'{path}: "{k}" must be a string')
+    return fmt
+
+
+def embedding_settings(adapter_dir: Optional[str], **given: Optional[str]) -> dict:
+    """pooling, query_prefix and passage_prefix for a command: each as given when not None,
+    else as the retrieval adapter was trained (its EMBEDDING_FILE), else EMBEDDING_DEFAULTS."""
+    unknown = set(given) - set(EMBEDDING_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown embedding settings {sorted(unknown)}")
+    saved = read_embedding_format(adapter_dir)
+    return {k: given[k] if given.get(k) is not None else saved.get(k, d) for k, d in EMBEDDING_DEFAULTS.items()}
 
 
 def chat_wrap(tok, text: str, chat: bool) -> str:

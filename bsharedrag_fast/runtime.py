@@ -74,17 +74,29 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .generation import (GenerationResult, append_token, apply_repetition_penalty, eos_ids, primary_eos, sample,
-                         stop_strings)
+from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids,
+                         primary_eos, sample, stop_strings)
 from .kv_cache import KVCache
 
-__all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled"]
+__all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
 
 POOL_MODES = ("last", "mean", "cls")
 
 
 class RequestCancelled(Exception):
     """The error of a request withdrawn by SharedRuntime.cancel."""
+
+
+class RequestFailed(RuntimeError):
+    """The error of one request the engine stopped while it went on with the others: its
+    sampling, its adapter or its logits failed. status: 400 when the request's own values
+    caused it, 500 when the model did (e.g. non-finite logits)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
 
 
 @dataclass
@@ -148,6 +160,8 @@ class RequestHandle:
         while not self.done:
             if not self.runtime.step() and not self.done and not self.runtime.has_pending():
                 raise RuntimeError(f"request {self.id} is not pending in its runtime")
+        if isinstance(self.error, RequestFailed):  # a RuntimeError that already says which request and why
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"request {self.id} failed: {self.error!r}") from self.error
         return self.output
@@ -282,8 +296,11 @@ class SharedRuntime:
     def submit_generate(self, prompt, adapter="generation", max_new_tokens: int = 64, temperature: float = 0.0,
                         top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                         stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
-                        eos_token_id: Union[None, int, Sequence[int]] = None) -> RequestHandle:
-        """Queue one generation request (prompt text or token ids); see the module docstring."""
+                        eos_token_id: Union[None, int, Sequence[int]] = None,
+                        clip_to_context: bool = False) -> RequestHandle:
+        """Queue one generation request (prompt text or token ids); see the module docstring.
+        Prompt + max_new_tokens beyond the model's positions is a ValueError, or, with
+        clip_to_context, max_new_tokens shrinks to the room left (finish_reason "length" there)."""
         adapter = self._check_adapter(adapter)
         ids = self._as_ids(prompt, "prompt")
         if ids is None:
@@ -292,13 +309,18 @@ class SharedRuntime:
             ids = self._need_tokenizer("a text prompt").encode(prompt, add_special_tokens=True)
             if not ids:
                 raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0 or not (0 < top_p <= 1.0) or repetition_penalty <= 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        temperature, top_p, repetition_penalty = check_sampling(temperature, top_k, top_p, repetition_penalty)
         stop = stop_strings(stop, self.tokenizer)
         if len(ids) > self.max_length:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_length={self.max_length}")
+        positions = self.model.config.max_position_embeddings
+        if clip_to_context and len(ids) < positions:
+            max_new_tokens = min(max_new_tokens, positions - len(ids))
+        if len(ids) + max_new_tokens > positions:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"{positions} positions; ask for at most {max(0, positions - len(ids))} new tokens")
         need = len(ids) + max(max_new_tokens, 1) - 1
         blocks = self.cache.blocks_needed(need)
         if blocks > self.cache.num_blocks:
@@ -307,8 +329,7 @@ class SharedRuntime:
                 f"the whole cache has {self.cache.num_blocks}; raise cache_budget_bytes"
             )
         gen = None if seed is None else torch.Generator(device=self.model.device).manual_seed(int(seed))
-        spec = _GenSpec(ids, adapter, max_new_tokens, float(temperature), int(top_k or 0), float(top_p),
-                        float(repetition_penalty), stop, eos_ids(self.model, self.tokenizer, eos_token_id), gen)
+        spec = _GenSpec(ids, adapter, max_new_tokens, temperature, int(top_k or 0), top_p, repetition_penalty, stop, eos_ids(self.model, self.tokenizer, eos_token_id), gen)
         spec.reserved_blocks = blocks
         return self._add("generate", spec)
 
@@ -500,11 +521,16 @@ class SharedRuntime:
                 s = it[1]._spec
                 if s.prefilled < len(s.prompt):
                     s.prefilled += lens[i]
-        if emb_idx:
-            self._pool(out.hidden, cu, lens, [items[i][1] for i in emb_idx], emb_idx, finished)
-        gen_items = [it[1] for it in items if it[0] == "gen" and it[2]]
-        if gen_items:
-            self._sample(out.logits, gen_items, finished)
+        try:
+            if emb_idx:
+                self._pool(out.hidden, cu, lens, [items[i][1] for i in emb_idx], emb_idx, finished)
+            gen_items = [it[1] for it in items if it[0] == "gen" and it[2]]
+            if gen_items:
+                self._sample(out.logits, gen_items, finished)
+        except Exception as exc:  # a bug of ours: this step's unfinished requests fail, the engine goes on
+            for it in items:
+                self._fail(it[1], exc, finished)
+            raise
         st = self.stats
         st["steps"] += 1
         st["rows"] += cu[-1]
@@ -549,28 +575,46 @@ class SharedRuntime:
                 self._finish(handles[j], vecs[k].clone(), finished)
 
     def _sample(self, logits, handles, finished) -> None:
+        """Pick each row's next token. A row that fails (non-finite logits from its adapter, a
+        sampling error) fails its request alone: its KV blocks are freed, the others go on."""
         scores = logits.float()
+        finite = torch.isfinite(scores).all(dim=1).tolist()
+        live = []
+        for i, h in enumerate(handles):
+            if finite[i]:
+                live.append(i)
+                continue
+            s = h._spec
+            self._fail(h, RequestFailed(
+                f"request {h.id}: the model's logits are not finite (NaN or inf) at generated token "
+                f"{len(s.result.token_ids) + 1} with adapter {s.adapter!r}; the request was stopped"), finished)
         # repetition penalty: rows grouped by penalty value (generate's helper, in place)
         by_pen: dict[float, list[int]] = {}
-        for i, h in enumerate(handles):
-            by_pen.setdefault(h._spec.repetition_penalty, []).append(i)
+        for i in live:
+            by_pen.setdefault(handles[i]._spec.repetition_penalty, []).append(i)
         for pen, rows in by_pen.items():
             if pen != 1.0:
                 sub = scores[rows]
                 apply_repetition_penalty(sub, [handles[i]._spec.prompt + handles[i]._spec.result.token_ids
                                                for i in rows], pen)
                 scores[rows] = sub
-        toks = [0] * len(handles)
-        greedy = [i for i, h in enumerate(handles) if h._spec.temperature == 0.0]
+        toks: dict[int, int] = {}
+        greedy = [i for i in live if handles[i]._spec.temperature == 0.0]
         if greedy:
-            for i, t in zip(greedy, sample(scores[greedy], 0.0).tolist()):
-                toks[i] = t
-        for i, h in enumerate(handles):
-            s = h._spec
+            toks.update(zip(greedy, sample(scores[greedy], 0.0).tolist()))
+        for i in live:
+            s = handles[i]._spec
             if s.temperature != 0.0:  # per request: its own generator and parameters
-                toks[i] = sample(scores[i: i + 1], s.temperature, s.top_k, s.top_p, s.generator).item()
-        still = []
-        for h, t in zip(handles, toks):
+                try:
+                    toks[i] = sample(scores[i: i + 1], s.temperature, s.top_k, s.top_p, s.generator).item()
+                except RuntimeError as e:  # e.g. a distribution torch.multinomial refuses
+                    self._fail(handles[i], RequestFailed(
+                        f"request {handles[i].id}: sampling failed (temperature={s.temperature}, top_k={s.top_k}, "
+                        f"top_p={s.top_p}, repetition_penalty={s.repetition_penalty}): {e}", status=400), finished)
+        for i, t in toks.items():
+            h = handles[i]
+            if h.done:
+                continue
             s, r = h._spec, h._spec.result
             done = append_token(r, int(t), s.eos, s.stop, self.tokenizer, s.max_new_tokens)
             if done is not None:

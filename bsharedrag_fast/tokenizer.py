@@ -25,6 +25,19 @@ def _token_str(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+
+def _valid_text(text: str) -> str:
+    """text, or a ValueError when it cannot be UTF-8 (a lone surrogate such as JSON's "\\ud800"),
+    which the tokenizer library would fail on with an unclear error."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") \
+            from None
+    return text
+
 class Tokenizer:
     def __init__(self, tokenizer, special_tokens: Optional[dict] = None, chat_template: Optional[str] = None):
         self._tok = tokenizer
@@ -89,9 +102,10 @@ class Tokenizer:
     # -- encode / decode ---------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode(_valid_text(text), add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        texts = [_valid_text(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -14,7 +14,7 @@ pytest.importorskip("tokenizers")
 from bsharedrag_fast import Backbone, Tokenizer, ops  # noqa: E402
 from bsharedrag_fast.generation import generate  # noqa: E402
 from bsharedrag_fast.model import LoRAStack  # noqa: E402
-from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
+from bsharedrag_fast.runtime import RequestFailed, SharedRuntime  # noqa: E402
 from tiny_models import cu_seqlens, hf_model, write_tokenizer  # noqa: E402
 
 V = 320  # >= the byte-level BPE vocab below
@@ -267,6 +267,61 @@ def test_failed_step_fails_its_requests_only(model, tok, monkeypatch):
         h1.result()
     ref = generate(model, None, [[5, 6, 7]], adapters="generation", max_new_tokens=4, eos_token_id=tok.eos_token_id)
     assert rt.generate([[5, 6, 7]], max_new_tokens=4)[0].token_ids == ref[0].token_ids
+
+
+def test_a_row_with_non_finite_logits_fails_alone(model, tok):
+    """An adapter whose weights turned NaN breaks only its own request: it fails with a clear
+    error, its KV blocks are freed, and the other rows of the same steps are unchanged."""
+    prompts = _prompts([9, 5, 12])
+    ref = _standalone_generate(model, [prompts[0], prompts[2]], "generation", 6)
+    stack = model.layers[-1].lora["down_proj"]  # (NaN queries would not do: torch's CPU SDPA drops them)
+    saved = stack.lora_b[ADAPTERS["other"]].clone()
+    stack.lora_b[ADAPTERS["other"]].fill_(float("nan"))
+    try:
+        rt = SharedRuntime(model, tok, max_batch_tokens=64)
+        hs = [rt.submit_generate(p, a, 6, eos_token_id=[])
+              for p, a in zip(prompts, ("generation", "other", "generation"))]
+        emb = rt.submit_embed("the quick brown fox", adapter="retrieval")
+        rt.run_until_done()
+    finally:
+        stack.lora_b[ADAPTERS["other"]].copy_(saved)
+    with pytest.raises(RequestFailed, match="logits are not finite .* adapter 'other'") as err:
+        hs[1].result()
+    assert err.value.status == 500
+    assert [hs[0].result().token_ids, hs[2].result().token_ids] == [r.token_ids for r in ref]
+    assert torch.isfinite(emb.result()).all()
+    assert rt.cache.num_free_blocks == rt.cache.num_blocks and not rt.has_pending()
+
+
+def test_sampling_values_are_checked_and_extremes_stay_finite(model, tok):
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    for kw, what in ((dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+                     (dict(top_p=float("nan")), "top_p"), (dict(top_p=0.0), "top_p"),
+                     (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+                     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(top_k=-1), "top_k"),
+                     (dict(max_new_tokens=True), "max_new_tokens")):
+        with pytest.raises(ValueError, match=what):
+            rt.submit_generate([5, 6, 7], **kw)
+    assert not rt.has_pending()
+    greedy = rt.generate([[5, 6, 7]], max_new_tokens=6, eos_token_id=[])[0].token_ids
+    assert rt.generate([[5, 6, 7]], max_new_tokens=6, temperature=1e-40, eos_token_id=[])[0].token_ids == greedy
+    out = rt.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, temperature=0.5, repetition_penalty=1e-300, seed=0,
+                      eos_token_id=[])
+    assert [len(o.token_ids) for o in out] == [6, 6]
+    assert rt.cache.num_free_blocks == rt.cache.num_blocks
+
+
+def test_generation_never_passes_the_models_positions(model, tok):
+    positions = model.config.max_position_embeddings
+    rt = SharedRuntime(model, tok, max_batch_tokens=256)
+    prompt = _prompts([positions - 10])[0]
+    with pytest.raises(ValueError, match=f"exceeds the model's {positions} positions; ask for at most 10"):
+        rt.submit_generate(prompt, max_new_tokens=11)
+    with pytest.raises(ValueError, match="positions"):
+        generate(model, None, [prompt], max_new_tokens=11)
+    h = rt.submit_generate(prompt, max_new_tokens=500, eos_token_id=[], clip_to_context=True)
+    rt.run_until_done()
+    assert len(h.result().token_ids) == 10 and h.result().finish_reason == "length"
 
 
 def test_batch_submission_is_all_or_nothing(model, tok):

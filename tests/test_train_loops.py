@@ -197,9 +197,60 @@ def test_a_finished_run_keeps_no_optimizer_state(tiny, tmp_path, capsys):
 def test_resume_from_another_config_is_an_error(tiny, tmp_path):
     out = str(tmp_path / "r")
     _stage("retriever", tiny, out, steps=4, save_every=2, keep_finished_checkpoints=True)
-    with pytest.raises(ValueError, match="other trainable weights"):
+    with pytest.raises(ValueError, match=r"belongs to another run: alpha=8 there, 4 in this run \(and 4 more: lr, "):
         train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=out, batch_size=4, r=2, alpha=4,
                                         steps=4, save_every=2))
+    with pytest.raises(ValueError, match=r"seed=0 there, 1 in this run; use another out or resume=False$"):
+        _stage("retriever", tiny, out, steps=4, save_every=2, seed=1)
+    # where it is written and how often it saves may change; that resumes
+    assert _stage("retriever", tiny, out, steps=4, save_every=1, keep_checkpoints=5).steps == 4
+
+
+def test_checkpoints_are_safetensors_and_json_and_pickle_is_never_loaded(tiny, tmp_path):
+    import pickle
+
+    out = tmp_path / "r"
+    _stage("retriever", tiny, str(out), steps=4, save_every=2, keep_finished_checkpoints=True)
+    ckpt = out / "checkpoints" / "step-2"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rng-0.json", "rng-0.safetensors", "state.json",
+                                                      "state.safetensors"]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["lr"] == 1e-3 and len(state["history"]) == 2
+
+    # a checkpoint of the old format is a pickle that runs code when loaded: it is refused unread
+    planted = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(planted), "w"))
+
+    old = tmp_path / "old"
+    (old / "checkpoints" / "step-2").mkdir(parents=True)
+    (old / "checkpoints" / "step-2" / "state.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="old pickle format .* never loaded"):
+        _stage("retriever", tiny, str(old), steps=4, save_every=2)
+    assert not planted.exists()
+
+    (ckpt / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"step-2/state\.json: not valid JSON"):
+        _stage("retriever", tiny, str(out), steps=4, save_every=2)
+
+
+def test_the_package_unpickles_nothing():
+    """No torch.load without weights_only=True, no pickle / np.load(allow_pickle) in the package."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "bsharedrag_fast"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in m.group(1):
+                bad.append(f"{path.name}: {m.group(0)}")
+        for pattern in (r"\bpickle\.loads?\(", r"\bcloudpickle\b", r"allow_pickle\s*=\s*True", r"\bdill\b",
+                        r"\bjoblib\.load\("):
+            bad += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert not bad, bad
 
 
 # ----------------------------------------------------------------------------- mining
@@ -224,6 +275,50 @@ def test_mine_negatives_is_brute_force_top_k_minus_positives(tiny, tmp_path):
     r = train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], negatives=path, out=str(tmp_path / "o"),
                                         steps=2, batch_size=4, num_negatives=3, **LORA, **FAST))
     assert r.steps == 2
+
+
+def test_retriever_saves_how_it_embeds_and_the_tools_follow_it(tiny, tmp_path, capsys):
+    """pooling and prefixes are saved beside the adapter; mining and `index` embed that way
+    unless told otherwise; a bad format file is a one-line error naming it."""
+    from bsharedrag_fast.data import load_beir
+    from bsharedrag_fast.index import HNSWIndex
+    from bsharedrag_fast.rag import embedding_settings
+    from bsharedrag_fast.runtime import SharedRuntime
+
+    out = tmp_path / "ret"
+    train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=str(out), steps=2, batch_size=4,
+                                    num_negatives=1, pooling="mean", query_prefix="q: ", passage_prefix="p: ",
+                                    **LORA, **FAST))
+    fmt = {"pooling": "mean", "query_prefix": "q: ", "passage_prefix": "p: "}
+    assert json.loads((out / "embedding.json").read_text()) == fmt
+    assert embedding_settings(str(out), pooling="last") == dict(fmt, pooling="last")  # a given value wins
+    assert embedding_settings(None) == {"pooling": "last", "query_prefix": "query: ", "passage_prefix": "passage: "}
+
+    path = mine_negatives(tiny["model"], str(out), tiny["beir"], str(tmp_path / "neg.jsonl"), k=3)
+    beir = load_beir(tiny["beir"], "train")
+    bb = Backbone.from_pretrained(tiny["model"])
+    bb.load_adapter(str(out), "retrieval")
+    rt = SharedRuntime(bb, Tokenizer.from_pretrained(tiny["model"]))
+    ids = list(beir.corpus)
+    docs = rt.embed([f"{beir.corpus[d]['title']} {beir.corpus[d]['text']}" for d in ids], pooling="mean", prefix="p: ")
+    for rec in map(json.loads, open(path)):
+        q = rt.embed([beir.queries[rec["qid"]]], pooling="mean", prefix="q: ")[0]
+        ranked = [ids[i] for i in (docs @ q).argsort(descending=True).tolist() if ids[i] not in beir.qrels[rec["qid"]]]
+        assert rec["negatives"] == ranked[:3]
+
+    index = tmp_path / "index"
+    assert main(["index", "--model", tiny["model"], "--retrieval-adapter", str(out), "--corpus",
+                 f"{tiny['beir']}/corpus.jsonl", "--out", str(index)]) == 0
+    stored = HNSWIndex.load(str(index)).embedder
+    assert (stored["pooling"], stored["query_prefix"], stored["passage_prefix"]) == ("mean", "q: ", "p: ")
+
+    (out / "embedding.json").write_text('{"pooling": "max", "query_prefix": "", "passage_prefix": ""}')
+    capsys.readouterr()  # what the runs before printed
+    assert main(["index", "--model", tiny["model"], "--retrieval-adapter", str(out), "--corpus",
+                 f"{tiny['beir']}/corpus.jsonl", "--out", str(tmp_path / "index2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bsharedrag index: error: ") and "embedding.json" in err and "\n" not in err
+    assert '"pooling" must be one of' in err
 
 
 # ----------------------------------------------------------------------------- bad data and options

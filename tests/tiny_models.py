@@ -94,10 +94,12 @@ def write_tokenizer(path) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-def rag_checkpoint(root, model: str = "model", adapters=(("retrieval", 1, 4), ("generation", 2, 8))):
+def rag_checkpoint(root, model: str = "model", adapters=(("retrieval", 1, 4), ("generation", 2, 8)),
+                   positions: int = SMALL["max_position_embeddings"]):
     """A tiny qwen2 checkpoint with the test tokenizer in root/model and random PEFT adapters
     (name, seed, rank; alpha 8) in root/name, as the RAG, CLI, eval and server tests use."""
-    hf = hf_model("qwen2", embed_scale=3.0, vocab_size=320, tie_word_embeddings=False)
+    hf = hf_model("qwen2", embed_scale=3.0, vocab_size=320, tie_word_embeddings=False,
+                  max_position_embeddings=positions)
     hf.save_pretrained(root / model)
     write_tokenizer(root / model)
     for name, seed, r in adapters:

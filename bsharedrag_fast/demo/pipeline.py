@@ -76,6 +76,7 @@ class DemoPlan:
     query_max_len: int = 64
     passage_max_len: int = 256
     context_tokens: int = 768
+    pooling: str = "mean"  # how the retrieval LoRA pools (train, index, ask)
     bf16: bool = False  # bf16 matmuls on CPU (training under autocast, inference weights), where the CPU has them
 
 
@@ -89,21 +90,22 @@ TINY_PLANS = {
     "full": DemoPlan("quick", cpt_steps=150, pretrain_batch=16, seq_len=96, pretrain_lr=2e-3, retriever_steps=100,
                      retriever_batch=16, retriever_lr=1e-3, separate_steps=100, separate_lr=3e-4, num_negatives=2,
                      mine_k=10, generator_steps=150, generator_batch=16, generator_lr=1e-3, eval_questions=53,
-                     max_new_tokens=12, vocab_size=1024, model=_TINY, general_steps=80),
+                     max_new_tokens=12, vocab_size=1024, model=_TINY, general_steps=80, pooling="last"),
     "quick": DemoPlan("quick", cpt_steps=120, pretrain_batch=16, seq_len=96, pretrain_lr=2e-3, retriever_steps=60,
                       retriever_batch=12, retriever_lr=1e-3, separate_steps=60, separate_lr=3e-4, num_negatives=2,
                       mine_k=10, generator_steps=60, generator_batch=8, generator_lr=1e-3, eval_questions=40,
-                      max_new_tokens=12, vocab_size=1024, model=_TINY, general_steps=60),
+                      max_new_tokens=12, vocab_size=1024, model=_TINY, general_steps=60, pooling="last"),
 }
 # A pretrained backbone (smollm2-135m: 30 layers) learns in far fewer steps than a model
 # from scratch, and each step costs ~100x more: few, short steps, no LoRA dropout (on CPU its
-# random masks cost a fifth of a step), bf16 matmuls. Measured on WorthBuying-mini (nDCG@5 of
-# the hard-negative retriever after 30 steps): LoRA lr 3e-4 on 96-token passages stayed at
-# chance, 1e-3 on 48-token passages (title and model code come first) reached 0.68-0.88.
-# Continual pre-training made it worse the harder it went (no CPT 0.88; 12 steps at 1e-5
-# 0.80, 20 at 5e-5 0.76, 12 at 2e-4 0.52): the plan keeps CPT light.
+# random masks cost a fifth of a step), bf16 matmuls, mean pooling. Measured on
+# WorthBuying-mini (nDCG@5 of a retrieval LoRA, lr 1e-3, 48-token passages, seeds 0-2):
+# last-token pooling stayed at chance after 30 steps (0.02-0.10) in 4 of 4 runs; mean pooling
+# reached 0.72-0.75 after 12 steps and 0.82-0.85 after 30. Continual pre-training made
+# last-token retrieval worse the harder it went (12 steps at 1e-5 0.80 -> 12 at 2e-4 0.52):
+# the plan keeps CPT light.
 PRETRAINED_PLANS = {
-    "full": DemoPlan("quick", cpt_steps=12, pretrain_batch=8, seq_len=128, pretrain_lr=1e-5, retriever_steps=30,
+    "full": DemoPlan("quick", cpt_steps=12, pretrain_batch=8, seq_len=128, pretrain_lr=1e-5, retriever_steps=20,
                      retriever_batch=8, retriever_lr=1e-3, separate_steps=10, separate_lr=1e-4, num_negatives=1,
                      mine_k=10, generator_steps=20, generator_batch=4, generator_lr=1e-3, eval_questions=53,
                      max_new_tokens=12, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, query_max_len=32,
@@ -154,16 +156,16 @@ def _runtime(model_dir: str, adapters: dict, dtype: torch.dtype = torch.float32)
     return SharedRuntime(model, Tokenizer.from_pretrained(model_dir), max_batch_tokens=2048)
 
 
-def _embed_corpus(rt, corpus: dict, adapter: Optional[str], max_tokens: int) -> tuple[list, torch.Tensor]:
+def _embed_corpus(rt, corpus: dict, adapter: Optional[str], max_tokens: int, pooling: str) -> tuple[list, torch.Tensor]:
     ids = list(corpus)
     texts = [passage_text(corpus[d]) for d in ids]
-    return ids, rt.embed(texts, adapter=adapter, prefix="passage: ", max_tokens=max_tokens)
+    return ids, rt.embed(texts, adapter=adapter, pooling=pooling, prefix="passage: ", max_tokens=max_tokens)
 
 
-def _exact_run(rt, adapter, corpus_ids, corpus_vecs, queries: dict, k: int, max_tokens: int) -> dict:
+def _exact_run(rt, adapter, corpus_ids, corpus_vecs, queries: dict, k: int, max_tokens: int, pooling: str) -> dict:
     """{qid: {doc_id: score}}: top-k by exact inner product (the vectors are L2-normalised)."""
     qids = list(queries)
-    q = rt.embed([queries[i] for i in qids], adapter=adapter, prefix="query: ", max_tokens=max_tokens)
+    q = rt.embed([queries[i] for i in qids], adapter=adapter, pooling=pooling, prefix="query: ", max_tokens=max_tokens)
     scores, idx = (q @ corpus_vecs.T).topk(min(k, len(corpus_ids)), dim=1)
     return {qid: {corpus_ids[j]: float(s) for s, j in zip(srow.tolist(), irow.tolist())}
             for qid, srow, irow in zip(qids, scores, idx)}
@@ -177,13 +179,14 @@ def _build_index(corpus: dict, corpus_ids, corpus_vecs, embedder: Optional[dict]
     return idx
 
 
-def _contexts_file(rt, adapter, index, qa_path: str, out_path: str, k: int, max_tokens: int) -> str:
+def _contexts_file(rt, adapter, index, qa_path: str, out_path: str, k: int, max_tokens: int, pooling: str) -> str:
     """qa records + the top-k contexts this retriever returns for their questions (RAG-aware
     training data for the generator, as in the paper)."""
     from ..data import read_jsonl, write_jsonl
 
     recs = list(read_jsonl(qa_path))
-    vecs = rt.embed([r["question"] for r in recs], adapter=adapter, prefix="query: ", max_tokens=max_tokens)
+    vecs = rt.embed([r["question"] for r in recs], adapter=adapter, pooling=pooling, prefix="query: ",
+                    max_tokens=max_tokens)
     hits = index.search(vecs, k)
     write_jsonl(out_path, (dict(r, contexts=[{f: doc[f] for f in ("title", "text")}
                                              for doc in (index.get(d) for d, _ in h)])
@@ -380,7 +383,8 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
                                             warmup_steps=_warmup(steps), save_every=0, seed=seed, cpu_bf16=bf16,
                                             query_max_len=plan.query_max_len,
                                             passage_max_len=plan.passage_max_len,
-                                            context_tokens=plan.context_tokens, **lora, **over))
+                                            context_tokens=plan.context_tokens, pooling=plan.pooling, **lora,
+                                            **over))
         losses[name] = r.losses
         return r.out_dir
 
@@ -413,9 +417,10 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         }
         if not r_full:
             del systems["Fully-shared"]
-        vectors = {n: _embed_corpus(rt, test.corpus, a, plan.passage_max_len) for n, (rt, a) in systems.items()}
+        vectors = {n: _embed_corpus(rt, test.corpus, a, plan.passage_max_len, plan.pooling)
+                   for n, (rt, a) in systems.items()}
         # the saved index records its embedder as `bsharedrag index` does, so `bsharedrag ask` can use it
-        fingerprint = embedder_fingerprint(argparse.Namespace(model=cpt, pooling="last", query_prefix="query: ",
+        fingerprint = embedder_fingerprint(argparse.Namespace(model=cpt, pooling=plan.pooling, query_prefix="query: ",
                                                               passage_prefix="passage: "), ret)
         indexes = {n: _build_index(test.corpus, *vectors[n], embedder=fingerprint if n == "BSharedRAG" else None)
                    for n in ("BSharedRAG", "w/o hard negatives", "Fully-shared", "base model (no LoRA, no CPT)",
@@ -427,7 +432,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         with _stage(secs, "generation", "generation LoRA on retrieved contexts"):
             gen_data = _contexts_file(rt_cpt, "retrieval", index, paths.qa_train,
                                       os.path.join(d["work"], "qa_train_contexts.jsonl"), k=3,
-                                      max_tokens=plan.query_max_len)
+                                      max_tokens=plan.query_max_len, pooling=plan.pooling)
             g = train_generator(GeneratorConfig(
                 model=cpt, data=gen_data, out=os.path.join(d["adapters"], "generation"), steps=plan.generator_steps,
                 batch_size=plan.generator_batch, lr=plan.generator_lr, warmup_steps=_warmup(plan.generator_steps),
@@ -438,14 +443,15 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     with _stage(secs, "evaluate", "retrieval metrics, RAG answers, memory"):
         retrieval = {}
         for name, (rt, a) in systems.items():
-            run = _exact_run(rt, a, *vectors[name], test.queries, max(RETRIEVAL_KS), plan.query_max_len)
+            run = _exact_run(rt, a, *vectors[name], test.queries, max(RETRIEVAL_KS), plan.query_max_len,
+                             plan.pooling)
             retrieval[name] = retrieval_metrics(run, test.qrels, ks=RETRIEVAL_KS)
         generation, samples, rags = {}, [], {}
         if g_dir:
             qa_test = list(read_jsonl(paths.qa_test))[: plan.eval_questions]
             questions, gold = [r["question"] for r in qa_test], [r["answer"] for r in qa_test]
             kw = dict(k=3, max_new_tokens=plan.max_new_tokens, context_tokens=plan.context_tokens,
-                      query_max_length=plan.query_max_len)
+                      query_max_length=plan.query_max_len, pooling=plan.pooling)
             rags = {
                 "BSharedRAG": RAGPipeline(rt_cpt, index, "retrieval", "generation", **kw),
                 "w/o hard negatives": RAGPipeline(rt_cpt, indexes["w/o hard negatives"], "round1", "generation",
@@ -504,7 +510,8 @@ def _apply_updates(rt, rag, updates_path: str, max_tokens: int) -> list[dict]:
     updates = list(read_jsonl(updates_path))[:3]
     before = rag.ask_many([u["question"] for u in updates])
     docs = [{"title": u["title"], "text": u["text"], "metadata": u["metadata"]} for u in updates]
-    vecs = rt.embed([passage_text(x) for x in docs], adapter="retrieval", prefix="passage: ", max_tokens=max_tokens)
+    vecs = rt.embed([passage_text(x) for x in docs], adapter="retrieval", pooling=rag.pooling, prefix="passage: ",
+                    max_tokens=max_tokens)
     rag.index.upsert([u["doc_id"] for u in updates], vecs, docs)
     after = rag.ask_many([u["question"] for u in updates])
     return [{"doc_id": u["doc_id"], "question": u["question"], "old_answer": u["old_answer"],

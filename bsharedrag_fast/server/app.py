@@ -17,6 +17,7 @@ import base64
 import contextlib
 import hmac
 import json
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,9 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..rag import RAGPipeline
+from ..rag import RAGPipeline, embedding_settings
 from .engine import EngineDriver, Tracked
-from .errors import APIError, error_body, error_response, install_error_handlers
+from .errors import APIError, error_body, error_response, install_error_handlers, request_error
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RAGRequest
 
 DISCONNECT_POLL_S = 0.1
@@ -181,7 +182,8 @@ def _sampling(req, limits: Limits, default_max_tokens: int, n_prompts: int) -> d
     max_tokens = req.max_tokens
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         max_tokens = req.max_completion_tokens
-    if max_tokens is None:
+    asked = max_tokens is not None
+    if not asked:
         max_tokens = default_max_tokens
     if not 1 <= max_tokens <= limits.max_tokens:
         raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
@@ -190,7 +192,7 @@ def _sampling(req, limits: Limits, default_max_tokens: int, n_prompts: int) -> d
         (0.0 <= req.temperature <= 2.0, "temperature", "between 0 and 2"),
         (0.0 < req.top_p <= 1.0, "top_p", "in (0, 1]"),
         (req.top_k >= 0, "top_k", ">= 0"),
-        (req.repetition_penalty > 0, "repetition_penalty", "> 0"),
+        (0 < req.repetition_penalty < math.inf, "repetition_penalty", "finite and > 0"),
         (1 <= req.n and req.n * n_prompts <= limits.max_batch, "n",
          f"between 1 and {limits.max_batch} prompts x n in all"),
     ]
@@ -201,9 +203,10 @@ def _sampling(req, limits: Limits, default_max_tokens: int, n_prompts: int) -> d
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
+    # without a max_tokens of the client's, a long prompt gets what room the model's context has left
     return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                 repetition_penalty=req.repetition_penalty, stop=stop or None,
-                eos_token_id=[] if req.ignore_eos else None)
+                eos_token_id=[] if req.ignore_eos else None, clip_to_context=not asked)
 
 
 class _TextStream:
@@ -284,7 +287,7 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
         handles = waiter.result()
         failed = [h for h in handles if h.error is not None]
         if failed:
-            raise RuntimeError(f"engine step failed: {failed[0].error!r}")
+            raise request_error(failed[0])
         return handles
 
     def gen_submits(prompts: list, n: int, params: dict, seed: Optional[int]) -> list:
@@ -326,7 +329,10 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
             raise APIError(400, f"dimensions must be {d} (this model's size) or absent", param="dimensions",
                            code="invalid_value")
         items = _batch(req.input, "input", limits.max_batch)
-        subs = [lambda a, x=x: rt.submit_embed(x, a, req.pooling, req.normalize, req.prefix) for x in items]
+        fmt = embedding_settings(None, **driver.embedding_formats.get(req.model, {}))
+        pooling = req.pooling or fmt["pooling"]
+        prefix = fmt["query_prefix"] if req.prefix is None else req.prefix
+        subs = [lambda a, x=x: rt.submit_embed(x, a, pooling, req.normalize, prefix) for x in items]
         handles = await wait_all(request, await driver.submit(req.model, subs))
         data = []
         for i, h in enumerate(handles):
@@ -386,7 +392,8 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
                 left -= 1
                 h = t.handle
                 if h.error is not None:
-                    yield _sse(error_body(500, f"engine step failed: {h.error!r}", code="internal_error"))
+                    err = request_error(h)
+                    yield _sse(error_body(err.status, err.message, err.param, err.code))
                     return
                 delta = texts[i].finish(h.output.text)
                 if delta:

@@ -82,7 +82,8 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ..cli import _load_runtime, embedder_fingerprint
+    from ..cli import _load_runtime, embedder_fingerprint, resolve_embedding_args
+    from ..rag import read_embedding_format
     from .app import Limits, RAGService, create_app
     from .engine import EngineDriver
     from .metrics import ServerMetrics
@@ -109,6 +110,7 @@ def cmd_serve(args) -> int:
 
         template, chat = prompt_settings(args.template, args.raw, adapters.get(args.rag_generation_model))
         pool = ThreadPoolExecutor(1, thread_name_prefix="bsharedrag-index")
+        resolve_embedding_args(args, adapters.get(args.rag_retrieval_model))
         fp = embedder_fingerprint(args, adapters.get(args.rag_retrieval_model))
         index = pool.submit(HNSWIndex.load, args.index, embedder=fp).result()
         rag = RAGService(index, pool, args.rag_retrieval_model, args.rag_generation_model, k=args.k,
@@ -117,6 +119,7 @@ def cmd_serve(args) -> int:
     limits = Limits(api_key=args.api_key, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_request_bytes=args.max_request_bytes)
     driver = EngineDriver(rt, base, args.max_queue, ServerMetrics(rt))
+    driver.embedding_formats.update({name: read_embedding_format(path) for name, path in adapters.items()})
     app = create_app(driver, limits, rag)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)

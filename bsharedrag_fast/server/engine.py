@@ -64,6 +64,7 @@ class EngineDriver:
         self._inflight: dict[Optional[str], int] = {}  # adapter -> unfinished requests naming it
         self._retiring: dict[str, Future] = {}  # adapter being unloaded -> done when it is
         self._served: tuple = ()  # replaced whole on the engine thread, so any thread may read it
+        self.embedding_formats: dict[str, dict] = {}  # adapter -> how it was trained to embed (rag.EMBEDDING_FILE)
         self._refresh_served()
         self._thread = threading.Thread(target=self._loop, name="bsharedrag-engine", daemon=True)
 
@@ -157,6 +158,7 @@ class EngineDriver:
         """Read the adapter and build its stacks on a worker thread while the engine keeps
         stepping; only the swap runs on the engine thread, between two steps."""
         from ..adapters import commit_adapter, prepare_adapter
+        from ..rag import read_embedding_format
 
         def check():
             if name == self.base_name or name in self.rt.model.adapter_slots:
@@ -165,11 +167,13 @@ class EngineDriver:
         check()
         t0 = time.perf_counter()
         prepared = await asyncio.to_thread(prepare_adapter, self.rt.model, path, name)
+        fmt = await asyncio.to_thread(read_embedding_format, path)
 
         def cmd():
             check()
             t1 = time.perf_counter()
             commit_adapter(self.rt.model, prepared)
+            self.embedding_formats[name] = fmt
             self._refresh_served()
             log.info("loaded adapter %r from %s in %.1f ms (engine paused %.1f ms)", name, path,
                      1e3 * (time.perf_counter() - t0), 1e3 * (time.perf_counter() - t1))
@@ -228,6 +232,7 @@ class EngineDriver:
             if self._inflight.get(name, 0) == 0:
                 try:
                     self.rt.model.unload_adapter(name)
+                    self.embedding_formats.pop(name, None)
                     fut.set_result(None)
                     log.info("unloaded adapter %r", name)
                 except BaseException as e:

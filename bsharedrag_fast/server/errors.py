@@ -4,6 +4,7 @@ engine step, never bad input)."""
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime import RequestFailed
 from .engine import AdapterConflict, ModelNotFound, QueueFull
 
 log = logging.getLogger("bsharedrag.server")
@@ -55,6 +57,23 @@ def _validation_error(errors: list) -> APIError:
                     param=loc[0] if loc else None, code="invalid_value")
 
 
+def error_id() -> str:
+    """A short id that ties a 500 to its line in the server log."""
+    return uuid.uuid4().hex[:12]
+
+
+def request_error(handle) -> APIError:
+    """The API error of a request the engine failed alone (RequestFailed: 4xx when its own
+    values caused it), or a 500 with an id that its log line carries."""
+    err = handle.error
+    if isinstance(err, RequestFailed) and err.status < 500:
+        return APIError(err.status, str(err), code="invalid_value")
+    eid = error_id()
+    log.error("request %s failed in the engine (error id %s): %r", handle.id, eid, err)
+    what = str(err) if isinstance(err, RequestFailed) else f"{type(err).__name__}; the server log has the details"
+    return APIError(500, f"request failed in the engine (error id {eid}): {what}", code="internal_error")
+
+
 def install_error_handlers(app: FastAPI, served_models) -> None:
     """served_models(): the names a 404 for an unknown model lists."""
 
@@ -79,7 +98,9 @@ def install_error_handlers(app: FastAPI, served_models) -> None:
     handler(ValueError, lambda e: APIError(400, str(e), code="invalid_value"))
 
     async def internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
+        eid = error_id()
+        log.error("unhandled error on %s (error id %s)", request.url.path, eid, exc_info=exc)
+        return error_response(500, f"internal error {eid}: {type(exc).__name__}; the server log has the details",
+                              code="internal_error")
 
     app.add_exception_handler(Exception, internal)

@@ -36,8 +36,9 @@ class EmbeddingRequest(_Body):
     dimensions: Optional[int] = None
     user: Optional[str] = None
     # extensions (pass with extra_body): how the retrieval LoRA expects its inputs
-    prefix: str = "query: "
-    pooling: Literal["last", "mean", "cls"] = "last"
+    # (default: as the adapter was trained, rag.EMBEDDING_FILE; else "query: " and last)
+    prefix: Optional[str] = None
+    pooling: Optional[Literal["last", "mean", "cls"]] = None
     normalize: bool = True
 
 

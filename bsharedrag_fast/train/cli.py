@@ -74,7 +74,7 @@ def cmd_mine(args) -> int:
     from . import mine_negatives
 
     path = mine_negatives(args.model, args.adapter, args.data, args.out, k=args.k, split=args.split, skip=args.skip,
-                          query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+                          query_prefix=args.query_prefix, passage_prefix=args.passage_prefix, pooling=args.pooling,
                           batch_size=args.batch_size, dtype=getattr(torch, args.dtype), device=args.device,
                           max_batch_tokens=args.max_batch_tokens, max_length=args.max_length)
     print(f"wrote hard negatives to {path}")
@@ -83,7 +83,7 @@ def cmd_mine(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `train {pretrain,retriever,generator}` and `mine-negatives` on a subparsers object."""
-    from ..cli import _add_max_length
+    from ..cli import _add_embedding_format, _add_max_length
     from .generator import GeneratorConfig
     from .pretrain import PretrainConfig
     from .retriever import RetrieverConfig
@@ -110,8 +110,7 @@ def add_commands(sub) -> None:
     p.add_argument("--k", type=int, default=30, help="negatives per query")
     p.add_argument("--skip", type=int, default=0, help="top ranks left out (often unjudged positives)")
     p.add_argument("--split", default="train", help="qrels split")
-    p.add_argument("--query-prefix", default="query: ", help="text put before each query")
-    p.add_argument("--passage-prefix", default="passage: ", help="text put before each passage")
+    _add_embedding_format(p)
     p.add_argument("--batch-size", type=int, default=64, help="texts embedded per call")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

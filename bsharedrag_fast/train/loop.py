@@ -12,27 +12,27 @@ gives every rank exactly the gradient of the 1-process run on the same global ba
 This is what DistributedDataParallel computes, minus its per-bucket hooks, which break
 on a module run twice before one backward or with activation checkpointing.
 
-Checkpoints (every save_every steps, in out/checkpoints/step-N): trainable weights,
-optimizer, scheduler, data-source position and the torch / numpy / python (/ CUDA) RNG
-states of every rank, written to a temporary directory and renamed, so an interrupted
-save never leaves a half checkpoint. resume=True continues from the newest one.
+Checkpoints (every save_every steps, in out/checkpoints/step-N; see checkpoint.py):
+trainable weights, optimizer, scheduler, data-source position and the torch / numpy /
+python (/ CUDA) RNG states of every rank, as safetensors + JSON (no pickle), written to a
+temporary directory and renamed, so an interrupted save never leaves a half checkpoint.
+resume=True continues from the newest one, if it was written by the same config.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from .. import plots
 from ..model import TARGET_MODULES
+from .checkpoint import load_checkpoint, save_checkpoint
 from .module import LoRASpec, TrainModel
 
 CKPT_DIR = "checkpoints"
@@ -216,21 +216,6 @@ def lr_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
     return f
 
 
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _checkpoints(out: str) -> list[tuple[int, str]]:
     d = os.path.join(out, CKPT_DIR)
     if not os.path.isdir(d):
@@ -284,23 +269,7 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
     start = 0
     ckpts = _checkpoints(cfg.out) if cfg.resume else []
     if ckpts:
-        start, path = ckpts[-1]
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-        if state["world"] != dist.world:
-            raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run has {dist.world}")
-        named = dict(model.trainable_parameters())
-        shapes = {n: tuple(p.shape) for n, p in named.items()}
-        if {n: tuple(t.shape) for n, t in state["model"].items()} != shapes:
-            raise ValueError(f"checkpoint {path} holds other trainable weights than this run's model "
-                             f"(a different LoRA config or model?); use another out or resume=False")
-        with torch.no_grad():
-            for n, t in state["model"].items():
-                named[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        source.load_state_dict(state["data"])
-        _set_rng_state(torch.load(os.path.join(path, f"rng-{dist.rank}.pt"), weights_only=False))
-        history = state["history"]
+        start, history = load_checkpoint(ckpts[-1][1], cfg, model, opt, sched, source, dist)
     dev = model.device
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, dev))
     model.train()
@@ -375,25 +344,8 @@ def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, 
 
 
 def _save_checkpoint(cfg, model, opt, sched, source, history, step: int, dist: Dist) -> None:
-    root = os.path.join(cfg.out, CKPT_DIR)
-    final = os.path.join(root, f"step-{step}")
-    tmp = final + ".tmp"
+    save_checkpoint(os.path.join(cfg.out, CKPT_DIR), step, cfg, model, opt, sched, source, history, dist)
     if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng-{dist.rank}.pt"))
-    if dist.main:
-        torch.save({
-            "step": step, "world": dist.world,
-            "model": {n: p.detach().cpu().clone() for n, p in model.trainable_parameters()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "data": source.state_dict(), "history": history,
-        }, os.path.join(tmp, "state.pt"))  # fmt: skip
-    dist.barrier()
-    if dist.main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for _, old in _checkpoints(cfg.out)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
