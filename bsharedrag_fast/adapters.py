@@ -507,9 +507,15 @@ def write_adapter(out_dir, weights: dict, modules: dict, num_layers: int, use_rs
     )  # fmt: skip
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+    # each file is written beside and renamed into place: a crash or a full disk never
+    # leaves a truncated one (the weights first: a config never names weights not yet there)
+    weights_path = os.path.join(out_dir, WEIGHTS_NAME)
+    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+    os.replace(weights_path + ".tmp", weights_path)
+    cfg_path = os.path.join(out_dir, CONFIG_NAME)
+    with open(cfg_path + ".tmp", "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+    os.replace(cfg_path + ".tmp", cfg_path)
 
 
 # ----------------------------------------------------------------------------- memory

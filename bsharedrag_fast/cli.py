@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -34,6 +35,39 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ----------------------------------------------------------------------------- shared setup
 
 
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}")
+    return n
+
+
+def finite_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return x
+
+
+def device_arg(value: str) -> str:
+    """A torch device this machine has: cpu, cuda or cuda:N."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {value!r} (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: only cpu and cuda devices are supported")
+    return value
+
+
 def _add_model_args(p) -> None:
     from .model_store import DEFAULT_MODEL, NAMED_MODELS
 
@@ -41,8 +75,8 @@ def _add_model_args(p) -> None:
                    help=f"HF model directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or a "
                         f"model name: {', '.join(NAMED_MODELS)} (default {DEFAULT_MODEL}, converted once and cached)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens packed into one engine step")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=2048, help="tokens packed into one engine step")
 
 
 def _load_runtime(args, adapters: dict, **runtime_kw):
@@ -59,22 +93,37 @@ def _load_runtime(args, adapters: dict, **runtime_kw):
     return SharedRuntime(model, tok, max_batch_tokens=args.max_batch_tokens, **runtime_kw)
 
 
-def embedder_fingerprint(args, adapter_path: str) -> dict:
-    """What the index manifest records about the vectors' embedder (see index.HNSWIndex):
-    queries and passages must come from the same model, adapter, pooling and prefixes."""
-    return {
-        "model": os.path.abspath(args.model),
-        "adapter": os.path.abspath(adapter_path) if adapter_path else None,
-        "pooling": args.pooling,
-        "query_prefix": args.query_prefix,
-        "passage_prefix": args.passage_prefix,
-    }
+def embedder_fingerprint(args, adapter_path: Optional[str]) -> dict:
+    """What the index manifest records about the vectors' embedder (fingerprint.py): the
+    content of the model and adapter, pooling, prefixes and length limit."""
+    from .fingerprint import embedder_fingerprint as fingerprint
+    from .model_store import resolve_model
+
+    return fingerprint(resolve_model(args.model), adapter_path, args.pooling, args.query_prefix, args.passage_prefix,
+                       args.max_length)
+
+
+def load_index(args, path: str, adapter_path: Optional[str]):
+    """The saved index at path, checked (sha256 unless --no-verify) and matched against this
+    command's embedder (a mismatch is an error unless --allow-mismatch)."""
+    from .index import HNSWIndex
+
+    return HNSWIndex.load(path, embedder=embedder_fingerprint(args, adapter_path), verify=not args.no_verify,
+                          allow_mismatch=args.allow_mismatch)
+
+
+def _add_index_load_args(p) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the index files on load (for huge indexes)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use an index built by another embedder (model, adapter, pooling, prefixes or max length "
+                        "differ): logged, not refused; its results are then likely wrong")
 
 
 def _add_max_length(p) -> None:
     from .evaluation import DEFAULT_MAX_LENGTH
 
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+    p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
                    help="longest embedded input in tokens, prefix and EOS included; longer ones are cut and "
                         f"counted, never refused (as `train retriever --passage-max-len`; default {DEFAULT_MAX_LENGTH})")
 
@@ -121,13 +170,12 @@ def _add_prompt_args(p) -> None:
 def load_rag(args, k: int):
     """The RAG pipeline a command's arguments describe: model + retrieval / generation
     adapters, the index (checked against that embedder), template, budgets."""
-    from .index import HNSWIndex
     from .rag import RAGPipeline, prompt_settings
 
     template, chat = prompt_settings(args.template, args.raw, args.generation_adapter)
     resolve_embedding_args(args, args.retrieval_adapter)
+    idx = load_index(args, args.index, args.retrieval_adapter)  # before the model: a bad index costs nothing
     rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
-    idx = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.retrieval_adapter))
     return RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
                        "generation" if args.generation_adapter else None, k=k, template=template,
                        context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
@@ -145,15 +193,16 @@ def cmd_index(args) -> int:
     from .index import HNSWIndex
 
     resolve_embedding_args(args, args.retrieval_adapter)
-    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter})
+    docs = _corpus_once(args.corpus, args.upsert)
     fp = embedder_fingerprint(args, args.retrieval_adapter)
+    resumed = os.path.isdir(args.out)
+    # resume: documents already saved are skipped (with --upsert, re-embedded and replaced)
+    idx = load_index(args, args.out, args.retrieval_adapter) if resumed else None
+    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter})
     adapter = "retrieval" if args.retrieval_adapter else None
-    if os.path.isdir(args.out):  # resume: documents already saved are skipped
-        idx = HNSWIndex.load(args.out, embedder=fp)
-    else:
+    if idx is None:
         idx = HNSWIndex(rt.model.config.hidden_size, space=args.space, embedder=fp)
-    docs = list(read_corpus(args.corpus))
-    todo = [d for d in docs if d["id"] not in idx]
+    todo = docs if args.upsert else [d for d in docs if d["id"] not in idx]
     bar = tqdm(total=len(docs), initial=len(docs) - len(todo), unit="doc", desc="indexing")
     since_save = 0
     for s in range(0, len(todo), args.batch_size):
@@ -172,6 +221,19 @@ def cmd_index(args) -> int:
     report_truncated(rt, args.max_length)
     print(f"indexed {len(docs)} documents ({len(todo)} new) into {args.out}")
     return 0
+
+
+def _corpus_once(path: str, upsert: bool) -> list[dict]:
+    """The corpus documents; a repeated id is an error naming both lines, or, with upsert,
+    the later line replaces the earlier one."""
+    docs: dict[str, dict] = {}
+    line: dict[str, int] = {}
+    for n, doc in read_corpus(path, with_lines=True):
+        if doc["id"] in docs and not upsert:
+            raise ValueError(f"{path}:{n}: document id {doc['id']!r} is already on line {line[doc['id']]} "
+                             f"(give --upsert to let the later line replace the earlier)")
+        docs[doc["id"]], line[doc["id"]] = doc, n
+    return list(docs.values())
 
 
 def cmd_embed(args) -> int:
@@ -240,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index directory; an existing one is resumed")
     p.add_argument("--space", default="ip", choices=["ip", "cosine", "l2"])
     _add_embedder_args(p)
-    p.add_argument("--batch-size", type=int, default=32, help="documents embedded per call")
-    p.add_argument("--save-every", type=int, default=1000, help="documents between checkpoints of the index")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="documents embedded per call")
+    p.add_argument("--save-every", type=positive_int, default=1000, help="documents between checkpoints of the index")
+    p.add_argument("--upsert", action="store_true",
+                   help="replace documents already in the index, and let a repeated id's later line win "
+                        "(default: skip indexed documents, refuse repeated ids)")
+    _add_index_load_args(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("embed", help="print or save embeddings of texts")
@@ -261,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
     p.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
     p.add_argument("--index", required=True, help="index directory built by `bsharedrag index`")
-    p.add_argument("--k", type=int, default=3, help="documents retrieved per question")
+    _add_index_load_args(p)
+    p.add_argument("--k", type=positive_int, default=3, help="documents retrieved per question")
     _add_prompt_args(p)
-    p.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")
+    p.add_argument("--context-tokens", type=positive_int, default=768, help="token budget of the retrieved contexts")
     _add_embedder_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_ask)
@@ -273,10 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+")
     p.add_argument("--adapter", default=None, help="PEFT generation LoRA directory (default: base model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-p", type=finite_float, default=1.0)
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true",
@@ -296,16 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_threads(sub) -> None:
-    """--threads on every command (and on each of a group's commands) that has none of its own."""
+    """--threads and --debug on every command (and on each of a group's commands)."""
     from .threads import available_cores
 
     for p in sub.choices.values():
         nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
         if nested:
             _add_threads(nested[0])
-        elif "--threads" not in p._option_string_actions:
-            p.add_argument("--threads", type=int, default=None,
+            continue
+        if "--threads" not in p._option_string_actions:
+            p.add_argument("--threads", type=positive_int, default=None,
                            help=f"CPU threads (default: the cores this process may use, {available_cores()} here)")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
 
 
 def main(argv=None) -> int:
@@ -315,8 +384,17 @@ def main(argv=None) -> int:
     try:
         set_threads(args.threads)
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # what bad input raises: the message says it all
+        if args.debug:
+            raise
         print(f"bsharedrag {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else a file or library threw at us: one line, --debug for the rest
+        if args.debug:
+            raise
+        one_line = " ".join(str(e).split())
+        print(f"bsharedrag {args.command}: error: {type(e).__name__}: {one_line} (--debug shows the traceback)",
+              file=sys.stderr)
         return 2
 
 

@@ -77,10 +77,11 @@ def passage_text(doc: dict) -> str:
     return f"{doc.get('title') or ''} {doc['text']}".strip()
 
 
-def read_corpus(path: str) -> Iterator[dict]:
+def read_corpus(path: str, with_lines: bool = False) -> Iterator:
     """Documents of a JSONL corpus (BEIR corpus.jsonl): {"id", "title", "text", "metadata"} per line,
-    in file order; "title", "text" and "metadata" are optional, but a document needs a non-empty
-    title or text (BEIR has documents that are a title alone)."""
+    in file order (with_lines: (line number, document) pairs); "title", "text" and "metadata" are
+    optional, but a document needs a non-empty title or text (BEIR has documents that are a
+    title alone)."""
     for n, rec in enumerate_jsonl(path, "corpus"):
         doc_id = _record_id(rec, path, n)
         meta = rec.get("metadata") or {}
@@ -89,7 +90,8 @@ def read_corpus(path: str) -> Iterator[dict]:
         title, text = _text(rec, "title", path, n, required=False), _text(rec, "text", path, n, required=False)
         if not title.strip() and not text.strip():
             raise ValueError(f'{path}:{n}: document {doc_id!r} has neither a "title" nor a "text"')
-        yield {"id": doc_id, "title": title, "text": text, "metadata": meta}
+        doc = {"id": doc_id, "title": title, "text": text, "metadata": meta}
+        yield (n, doc) if with_lines else doc
 
 
 def load_corpus(path: str) -> dict[str, dict]:

@@ -399,21 +399,17 @@ def _report(metrics: Mapping[str, float], out: str | None, extra: Mapping[str, A
 
 
 def cmd_eval_retrieval(args) -> int:
-    from .cli import _load_runtime, embedder_fingerprint, resolve_embedding_args
+    from .cli import _load_runtime, load_index, resolve_embedding_args
     from .data import load_beir
-    from .index import HNSWIndex
 
     ks = parse_ks(args.k)
     if args.run_file:  # fail before the work, not after it
         _check_trec_word(args.run_tag, "run tag")
     data = load_beir(args.data, args.split)
     resolve_embedding_args(args, args.adapter)
+    index_or_corpus = load_index(args, args.index, args.adapter) if args.index else data.corpus
     rt = _load_runtime(args, {"retrieval": args.adapter})
     adapter = "retrieval" if args.adapter else None
-    if args.index:
-        index_or_corpus = HNSWIndex.load(args.index, embedder=embedder_fingerprint(args, args.adapter))
-    else:
-        index_or_corpus = data.corpus
     metrics, run = evaluate_retrieval(rt, index_or_corpus, data.queries, data.qrels, adapter, ks, depth=args.depth,
                                       pooling=args.pooling, query_prefix=args.query_prefix,
                                       passage_prefix=args.passage_prefix, batch_size=args.batch_size,
@@ -511,7 +507,7 @@ def cmd_eval_generation(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `bsharedrag eval retrieval|generation` on the CLI's subparsers."""
-    from .cli import _add_embedder_args, _add_model_args, _add_prompt_args
+    from .cli import _add_embedder_args, _add_index_load_args, _add_model_args, _add_prompt_args
 
     ev = sub.add_parser("eval", help="evaluate retrieval (BEIR data) or generation (predictions vs answers)")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -524,6 +520,7 @@ def add_commands(sub) -> None:
     p.add_argument("--data", required=True, help="BEIR directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
     p.add_argument("--split", default="test", help="qrels split (default test)")
     p.add_argument("--index", default=None, help="index built by `bsharedrag index` (default: index the corpus here)")
+    _add_index_load_args(p)
     p.add_argument("--k", default="3,5,10", help="cutoffs, comma separated (default 3,5,10)")
     p.add_argument("--depth", type=int, default=None, help="documents retrieved per query (default: the largest k)")
     _add_embedder_args(p)
@@ -550,6 +547,7 @@ def add_commands(sub) -> None:
     rag.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
     rag.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
     rag.add_argument("--index", default=None, help="index directory built by `bsharedrag index`")
+    _add_index_load_args(rag)
     rag.add_argument("--retrieve-k", type=int, default=3, help="documents retrieved per question (default 3)")
     _add_prompt_args(rag)
     rag.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -66,6 +67,8 @@ import numpy as np
 FORMAT_VERSION = 1
 SPACES = ("ip", "cosine", "l2")
 INDEX_FILE, DOCS_FILE, MANIFEST_FILE = "index.bin", "docs.sqlite", "manifest.json"
+
+log = logging.getLogger("bsharedrag.index")
 
 # Test hook: called as _SAVE_HOOK(stage, path) at each step of save(); tests use it to kill a save midway.
 _SAVE_HOOK = None
@@ -183,6 +186,13 @@ def _read_manifest(d: str) -> dict:
                          f"(this code reads {FORMAT_VERSION})")
     if m["space"] not in SPACES or not isinstance(m["dim"], int) or m["dim"] < 1:
         raise ValueError(f"corrupt index manifest {path}: bad space/dim {m['space']!r}/{m['dim']!r}")
+    for k, low in (("M", 2), ("ef_construction", 1), ("ef", 1), ("count", 0), ("next_label", 0), ("capacity", 0),
+                   ("generation", 0)):
+        v = m.get(k, low)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"corrupt index manifest {path}: {k} must be an int >= {low}, got {v!r}")
+    if m.get("embedder") is not None and not isinstance(m["embedder"], dict):
+        raise ValueError(f"corrupt index manifest {path}: embedder must be an object, got {m['embedder']!r}")
     for name in (INDEX_FILE, DOCS_FILE):
         fp = os.path.join(d, name)
         info = m["files"].get(name) if isinstance(m["files"], dict) else None
@@ -310,15 +320,19 @@ class HNSWIndex:
     def ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM docs ORDER BY label")]
 
-    def check_embedder(self, embedder: Any) -> None:
-        """ValueError naming what differs when `embedder` is given and differs from the index's.
-        An index saved without an embedder record accepts any embedder (nothing to compare)."""
+    def check_embedder(self, embedder: Any, allow_mismatch: bool = False) -> None:
+        """ValueError naming what differs when `embedder` is given and differs from the index's
+        (with allow_mismatch: a logged warning). An index saved without an embedder record
+        accepts any embedder (nothing to compare)."""
         if embedder is None or self.embedder is None:
             return
         given = _canon(embedder)
         if given != self.embedder:
-            raise ValueError("embedder mismatch: these vectors come from a different embedder than the index "
-                             f"({_embedder_diff(self.embedder, given)})")
+            why = f"embedder mismatch: these vectors come from a different embedder than the index " \
+                  f"({_embedder_diff(self.embedder, given)})"
+            if not allow_mismatch:
+                raise ValueError(why)
+            log.warning("%s; used anyway (allow_mismatch)", why)
 
     # ------------------------------------------------------------------ writes
 
@@ -550,8 +564,11 @@ class HNSWIndex:
         self.generation = m["generation"]
 
     @classmethod
-    def load(cls, path: str, embedder: Any = None, verify: bool = False, num_threads: int = -1) -> "HNSWIndex":
-        """Load a saved index.  `embedder` (if given) must match the saved one; `verify` also checks sha256."""
+    def load(cls, path: str, embedder: Any = None, verify: bool = True, num_threads: int = -1,
+             allow_mismatch: bool = False) -> "HNSWIndex":
+        """Load a saved index.  `embedder` (if given) must match the saved one (allow_mismatch:
+        logged instead); the files' sha256 are checked against the manifest unless verify=False
+        (for huge indexes: sizes are still checked)."""
         path = os.path.abspath(os.fspath(path))
         _recover(path)
         if not os.path.isdir(path):
@@ -569,7 +586,7 @@ class HNSWIndex:
         self.num_threads = num_threads
         self.generation = int(m.get("generation", 0))
         self._db = None
-        self.check_embedder(embedder)
+        self.check_embedder(embedder, allow_mismatch)
         self._hnsw = _hnswlib().Index(space=self.space, dim=self.dim)
         try:
             self._hnsw.load_index(ip, max_elements=max(int(m.get("capacity", 0)), 1))

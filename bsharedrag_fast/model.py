@@ -22,7 +22,6 @@ SDPA's enable_gqa (no copies of k/v).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .jsonfile import read_json
 from .model_store import resolve_model
 from .ops.lora_meta import LoRAMeta
 
@@ -81,7 +81,21 @@ class ModelConfig:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} (only 'silu')")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _config_int(cfg, key)
         heads = cfg["num_attention_heads"]
+        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if cfg.get(key) is not None:
+                _config_int(cfg, key)
+        if heads % (cfg.get("num_key_value_heads") or heads):
+            raise ValueError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                             f"({cfg['num_key_value_heads']})")
+        if not cfg.get("head_dim") and cfg["hidden_size"] % heads:
+            raise ValueError(f"config.json: hidden_size ({cfg['hidden_size']}) is not a multiple of "
+                             f"num_attention_heads ({heads}) and no head_dim is given")
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"config.json: rms_norm_eps must be a number in (0, 1), got {eps!r}")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -160,6 +174,13 @@ class ModelConfig:
         return s
 
 
+def _config_int(cfg: dict, key: str) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"config.json: {key} must be an int >= 1, got {v!r}")
+    return v
+
+
 # ----------------------------------------------------------------------------- checkpoint
 
 
@@ -167,8 +188,9 @@ def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" object")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
@@ -190,8 +212,11 @@ def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> 
     sd: dict[str, torch.Tensor] = {}
     unexpected = []
     for fname in _safetensors_files(path):
-        with safe_open(fname, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
+        try:
+            with safe_open(fname, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types on a corrupt header
+            raise ValueError(f"{fname}: not a readable safetensors file ({' '.join(str(e).split())})") from None
         for key in keys:
             if key in expected:
                 # One memory map per tensor, copied out: pages read through a map stay in the
@@ -420,8 +445,13 @@ class Backbone:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"no config.json in {path!r}: not a HF model directory")
-        with open(cfg_path) as f:
-            cfg = ModelConfig.from_hf(json.load(f))
+        raw = read_json(cfg_path, "model config")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object")
+        try:
+            cfg = ModelConfig.from_hf(raw)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json: ')}") from None
         return cls(cfg, load_state_dict(path, cfg, dtype, torch.device(device)))
 
     # -- LoRA stacks (filled by adapter loading; see LoRAStack) --------------------------

@@ -15,6 +15,8 @@ import os
 from datetime import datetime
 from typing import Optional
 
+from .jsonfile import read_json
+
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -58,8 +60,9 @@ class Tokenizer:
         cfg = {}
         cp = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cp):
-            with open(cp) as f:
-                cfg = json.load(f)
+            cfg = read_json(cp, "tokenizer config")
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cp}: expected a JSON object")
         special = {name: _token_str(cfg.get(name)) for name in SPECIAL_NAMES}
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
@@ -70,9 +73,13 @@ class Tokenizer:
             with open(jinja_path) as f:
                 template = f.read()
         elif template is None and os.path.isfile(json_path):
-            with open(json_path) as f:
-                template = json.load(f).get("chat_template")
-        return cls(HFTokenizer.from_file(tj), special, template)
+            rec = read_json(json_path, "chat template")
+            template = rec.get("chat_template") if isinstance(rec, dict) else None
+        try:
+            hf = HFTokenizer.from_file(tj)
+        except Exception as e:  # the tokenizers library raises a bare Exception on a broken file
+            raise ValueError(f"{tj}: not a readable tokenizer.json ({' '.join(str(e).split())})") from None
+        return cls(hf, special, template)
 
     # -- ids ---------------------------------------------------------------------------
 

@@ -23,3 +23,13 @@ def triton_device() -> str | None:
 
 
 requires_triton = pytest.mark.skipif(triton_device() is None, reason="triton is not installed")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="longer fuzzing runs (more hypothesis / schemathesis examples per test)")
+
+
+@pytest.fixture(scope="session")
+def slow(request) -> bool:
+    return request.config.getoption("--slow")

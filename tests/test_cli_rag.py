@@ -62,6 +62,121 @@ def test_index_is_resumable_and_ask_answers(setup, capsys):
     assert "embedder" in capsys.readouterr().err
 
 
+def _last_err(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_index_is_checked_by_content_on_every_load(setup, capsys, tmp_path):
+    """A different adapter under the same path, another max length, or a same-size corrupted
+    index file is refused with a one-line error naming what differs; flags opt out."""
+    import shutil
+
+    root = setup
+    out = tmp_path / "index"
+    assert main(["index", *_args(root), "--corpus", str(root / "corpus.jsonl"), "--out", str(out)]) == 0
+    ask = ["ask", "--model", str(root / "model"), "--retrieval-adapter", str(tmp_path / "ret"),
+           "--generation-adapter", str(root / "generation"), "--index", str(out), "--max-new-tokens", "2", "fox?"]
+    shutil.copytree(root / "retrieval", tmp_path / "ret")  # a copy: same content, another path
+    assert main(ask) == 0
+    capsys.readouterr()
+    assert main([*ask, "--max-length", "64"]) == 2
+    assert "max_length: index has 512, given 64" in _last_err(capsys)
+
+    shutil.rmtree(tmp_path / "ret")
+    shutil.copytree(root / "generation", tmp_path / "ret")  # another adapter under the same name
+    assert main(ask) == 2
+    err = _last_err(capsys)
+    assert err.startswith("bsharedrag ask: error: embedder mismatch") and "adapter_sha256: index has" in err
+    assert main([*ask, "--allow-mismatch"]) == 0
+    capsys.readouterr()
+
+    shutil.rmtree(tmp_path / "ret")
+    shutil.copytree(root / "retrieval", tmp_path / "ret")
+    bin_path = out / "index.bin"
+    data = bytearray(bin_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    bin_path.write_bytes(bytes(data))
+    assert main(ask) == 2
+    assert "does not match its sha256" in _last_err(capsys)
+    assert main(["index", *_args(root), "--corpus", str(root / "corpus.jsonl"), "--out", str(out)]) == 2
+    assert "does not match its sha256" in _last_err(capsys)
+
+
+def test_index_refuses_repeated_ids_and_bad_batches(setup, capsys, tmp_path):
+    root = setup
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [*DOCS, {"_id": "d9", "text": "first"}, {"_id": "d1", "text": "the same id again"}]
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in rows))
+    out = tmp_path / "index"
+    assert main(["index", *_args(root), "--corpus", str(corpus), "--out", str(out), "--batch-size", "4"]) == 2
+    assert f"{corpus}:10: document id 'd1' is already on line 2" in _last_err(capsys)
+    assert not out.exists()
+    assert main(["index", *_args(root), "--corpus", str(corpus), "--out", str(out), "--upsert"]) == 0
+    idx = HNSWIndex.load(str(out))
+    assert len(idx) == len(DOCS) + 1 and idx.get("d1")["text"] == "the same id again"
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            main(["index", *_args(root), "--corpus", str(corpus), "--out", str(out), "--batch-size", bad])
+        assert "--batch-size: expected an int >= 1" in capsys.readouterr().err
+    for args, what in ((["--device", "bogus"], "not a device"), (["--temperature", "nan"], "finite number"),
+                       (["--max-new-tokens", "5", "--top-p", "inf"], "finite number")):
+        with pytest.raises(SystemExit):
+            main(["generate", "--model", str(root / "model"), *args, "x"])
+        assert what in capsys.readouterr().err
+
+
+def test_broken_files_are_one_line_errors(setup, capsys, tmp_path):
+    """Every file a user hands us fails with one line naming it, without a traceback (--debug
+    shows one)."""
+    import shutil
+
+    root = setup
+
+    def model_with(name, edit):
+        d = tmp_path / name
+        shutil.copytree(root / "model", d)
+        edit(d)
+        return str(d)
+
+    def config_edit(**kw):
+        return lambda d: (d / "config.json").write_text(json.dumps(dict(json.loads((d / "config.json").read_text()),
+                                                                         **kw)))
+
+    cases = [
+        (model_with("garbage", lambda d: (d / "model.safetensors").write_bytes(b"\x07" * 64)),
+         "model.safetensors: not a readable safetensors file"),
+        (model_with("tok", lambda d: (d / "tokenizer.json").write_text("{ nope")), "tokenizer.json: not a readable"),
+        (model_with("tokcfg", lambda d: (d / "tokenizer_config.json").write_text("[1, ")),
+         "tokenizer_config.json: not valid JSON"),
+        (model_with("heads", config_edit(num_attention_heads=0)), "num_attention_heads must be an int >= 1, got 0"),
+        (model_with("kv", config_edit(num_key_value_heads=3)), "must be a multiple of num_key_value_heads"),
+        (model_with("cfg", lambda d: (d / "config.json").write_text("{")), "config.json: not valid JSON"),
+    ]
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 60)
+    cases.append((str(gguf), "broken.gguf"))
+    for model, what in cases:
+        assert main(["embed", "--model", model, "--text", "x"]) == 2, what
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and what in err.strip().splitlines()[-1], (what, err)
+        assert err.strip().splitlines()[-1].startswith("bsharedrag embed: error: ")
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        main(["embed", "--model", cases[3][0], "--text", "x", "--debug"])
+
+    index = tmp_path / "index"
+    assert main(["index", *_args(root), "--corpus", str(root / "corpus.jsonl"), "--out", str(index)]) == 0
+    manifest = json.loads((index / "manifest.json").read_text())
+    (index / "manifest.json").write_text(json.dumps(dict(manifest, ef="many")))
+    capsys.readouterr()
+    assert main(["ask", *_args(root), "--index", str(index), "fox?"]) == 2
+    assert "manifest.json: ef must be an int >= 1, got 'many'" in capsys.readouterr().err
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps(DOCS[0]) + "\n{oops\n")
+    assert main(["index", *_args(root), "--corpus", str(corpus), "--out", str(tmp_path / "i2")]) == 2
+    assert f"{corpus}:2: not valid JSON" in capsys.readouterr().err
+
+
 def test_embed_and_generate_commands(setup, capsys, tmp_path):
     root = setup
     assert main(["embed", *_args(root)[:2], "--adapter", str(root / "retrieval"), "--text", "a brown fox",

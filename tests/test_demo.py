@@ -95,6 +95,7 @@ def test_saved_index_answers_through_the_cli(demo, capsys):
     assert main(["ask", "--model", str(out / "models" / "cpt"),
                  "--retrieval-adapter", str(out / "adapters" / "retrieval"),
                  "--generation-adapter", str(out / "adapters" / "generation"), "--index", str(out / "index"),
-                 "--max-new-tokens", "4", question]) == 0  # the index records the demo's embedder
+                 "--max-length", str(res["plan"]["passage_max_len"]), "--max-new-tokens", "4",
+                 question]) == 0  # the index records the demo's embedder
     rec = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert len(rec["sources"]) == 3 and isinstance(rec["answer"], str)

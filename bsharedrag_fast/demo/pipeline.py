@@ -313,7 +313,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     is also written to out_dir/report/results.json. base: a pretrained model (name, GGUF file
     or HF directory) or "tiny" (trained from nothing here); data: a BEIR directory of the
     user's (see user_data.py) instead of WorthBuying-mini; plan overrides plan_for(base, quick)."""
-    from ..cli import embedder_fingerprint
+    from ..fingerprint import embedder_fingerprint
     from ..data import load_beir, read_jsonl
     from ..evaluation import generation_metrics, retrieval_metrics
     from ..model_store import resolve_model
@@ -420,8 +420,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         vectors = {n: _embed_corpus(rt, test.corpus, a, plan.passage_max_len, plan.pooling)
                    for n, (rt, a) in systems.items()}
         # the saved index records its embedder as `bsharedrag index` does, so `bsharedrag ask` can use it
-        fingerprint = embedder_fingerprint(argparse.Namespace(model=cpt, pooling=plan.pooling, query_prefix="query: ",
-                                                              passage_prefix="passage: "), ret)
+        fingerprint = embedder_fingerprint(cpt, ret, plan.pooling, "query: ", "passage: ", plan.passage_max_len)
         indexes = {n: _build_index(test.corpus, *vectors[n], embedder=fingerprint if n == "BSharedRAG" else None)
                    for n in ("BSharedRAG", "w/o hard negatives", "Fully-shared", "base model (no LoRA, no CPT)",
                              "Separate RAG retriever (full copy)") if n in systems}
@@ -499,7 +498,8 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         question = update_rows[0]["question"] if update_rows else samples[0]["question"]
         print(f"ask it yourself: bsharedrag ask --model {cpt} --retrieval-adapter {ret} "
               f"--generation-adapter {g_dir} --index {os.path.join(out_dir, 'index')} "
-              f"--context-tokens {plan.context_tokens} --max-new-tokens {plan.max_new_tokens} \"{question}\"")
+              f"--max-length {plan.passage_max_len} --context-tokens {plan.context_tokens} "
+              f"--max-new-tokens {plan.max_new_tokens} \"{question}\"")
     return results
 
 

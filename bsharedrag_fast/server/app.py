@@ -17,6 +17,7 @@ import base64
 import contextlib
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
@@ -27,6 +28,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..fingerprint import adapter_sha256
 from ..rag import RAGPipeline, embedding_settings
 from .engine import EngineDriver, Tracked
 from .errors import APIError, error_body, error_response, install_error_handlers, request_error
@@ -35,6 +37,8 @@ from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionReques
 DISCONNECT_POLL_S = 0.1
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # runtime -> OpenAI
 MAX_STOP_STRINGS = 4
+
+log = logging.getLogger("bsharedrag.server")
 
 
 @dataclass
@@ -62,12 +66,29 @@ class RAGService:
     max_new_tokens: int = 128
     query_prefix: str = "query: "
     pooling: str = "last"
+    allow_mismatch: bool = False  # serve an index whose recorded retrieval adapter differs (logged)
+
+    def check_retrieval_adapter(self, name: str, path: str) -> None:
+        """An adapter loaded as the RAG retrieval model must be the one the index was built
+        with (its content, fingerprint.adapter_sha256): else a ValueError, or with
+        allow_mismatch a logged warning."""
+        recorded = (self.index.embedder or {}).get("adapter_sha256", "<none>")
+        if name != self.retrieval_model or recorded == "<none>":
+            return
+        given = adapter_sha256(path)
+        if given != recorded:
+            why = (f"adapter {name!r} from {path} is not the retrieval adapter the RAG index was built with "
+                   f"(adapter_sha256: index has {recorded}, this one {given}); its queries would not match the "
+                   f"indexed vectors")
+            if not self.allow_mismatch:
+                raise ValueError(why)
+            log.warning("%s; loaded anyway (--allow-mismatch)", why)
 
 
 # ----------------------------------------------------------------------------- middleware
 
 _ROUTES = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/rag/ask", "/v1/models",
-           "/health", "/metrics", "/admin/adapters", "/admin/stats")
+           "/health", "/metrics", "/admin/adapters", "/admin/stats", "/openapi.json")
 
 
 def _route_label(path: str) -> str:
@@ -268,7 +289,8 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
                 rag.pool.submit(rag.index.close).result()
                 rag.pool.shutdown()
 
-    app = FastAPI(title="bsharedrag", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # the OpenAPI schema is served (clients, schemathesis), the interactive docs pages are not
+    app = FastAPI(title="bsharedrag", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     install_error_handlers(app, driver.served_models)
     app.add_middleware(Gate, limits=limits, metrics=metrics)
 
@@ -466,6 +488,8 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
 
     @app.post("/admin/adapters")
     async def load_adapter(req: AdapterLoadRequest):
+        if rag is not None and req.name not in driver.served_models():  # (a served name: the driver's 409)
+            await asyncio.to_thread(rag.check_retrieval_adapter, req.name, req.path)
         await driver.load_adapter(req.name, req.path)
         return {"loaded": req.name, "models": driver.served_models()}
 

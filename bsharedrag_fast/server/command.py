@@ -23,15 +23,8 @@ def _adapter_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}")
-    return n
-
-
 def add_commands(sub) -> None:
-    from ..cli import _add_embedder_args, _add_model_args, _add_prompt_args
+    from ..cli import _add_embedder_args, _add_index_load_args, _add_model_args, _add_prompt_args, positive_int
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat, RAG) "
                                      "on one shared engine")
@@ -45,26 +38,27 @@ def add_commands(sub) -> None:
                    help="require `Authorization: Bearer KEY` on /v1 and /admin (default: $BSHAREDRAG_API_KEY); "
                         "the admin endpoints are off without a key")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-tokens", type=_positive, default=512, help="largest max_tokens (and the chat default)")
-    g.add_argument("--max-batch", type=_positive, default=64,
+    g.add_argument("--max-tokens", type=positive_int, default=512, help="largest max_tokens (and the chat default)")
+    g.add_argument("--max-batch", type=positive_int, default=64,
                    help="inputs per embeddings request; prompts x n per completion request")
-    g.add_argument("--max-queue", type=_positive, default=256,
+    g.add_argument("--max-queue", type=positive_int, default=256,
                    help="requests in the engine (waiting + generating) before 429")
-    g.add_argument("--max-request-bytes", type=_positive, default=1 << 20, help="request body size before 413")
-    g.add_argument("--max-input-tokens", type=_positive, default=None,
+    g.add_argument("--max-request-bytes", type=positive_int, default=1 << 20, help="request body size before 413")
+    g.add_argument("--max-input-tokens", type=positive_int, default=None,
                    help="longest prompt / embedding input (default: the model's max_position_embeddings)")
-    g.add_argument("--max-running", type=_positive, default=None, help="generations decoding at once")
-    g.add_argument("--kv-cache-mb", type=_positive, default=None, help="KV cache size (default: the engine's)")
-    g.add_argument("--drain-timeout", type=_positive, default=30,
+    g.add_argument("--max-running", type=positive_int, default=None, help="generations decoding at once")
+    g.add_argument("--kv-cache-mb", type=positive_int, default=None, help="KV cache size (default: the engine's)")
+    g.add_argument("--drain-timeout", type=positive_int, default=30,
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     r = p.add_argument_group("RAG (/v1/rag/ask)")
     r.add_argument("--index", default=None, help="index directory built by `bsharedrag index`")
     r.add_argument("--rag-retrieval-model", default="retrieval", help="model (adapter) that embeds the question")
     r.add_argument("--rag-generation-model", default="generation", help="model (adapter) that answers")
-    r.add_argument("--k", type=_positive, default=3, help="documents retrieved per question")
+    r.add_argument("--k", type=positive_int, default=3, help="documents retrieved per question")
     _add_prompt_args(r)
-    r.add_argument("--context-tokens", type=_positive, default=768, help="token budget of the retrieved contexts")
-    r.add_argument("--rag-max-tokens", type=_positive, default=128, help="default answer length")
+    r.add_argument("--context-tokens", type=positive_int, default=768, help="token budget of the retrieved contexts")
+    r.add_argument("--rag-max-tokens", type=positive_int, default=128, help="default answer length")
+    _add_index_load_args(r)
     _add_embedder_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
@@ -82,7 +76,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ..cli import _load_runtime, embedder_fingerprint, resolve_embedding_args
+    from ..cli import _load_runtime, load_index, resolve_embedding_args
     from ..rag import read_embedding_format
     from .app import Limits, RAGService, create_app
     from .engine import EngineDriver
@@ -105,17 +99,16 @@ def cmd_serve(args) -> int:
     if args.index:
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..index import HNSWIndex
         from ..rag import prompt_settings
 
         template, chat = prompt_settings(args.template, args.raw, adapters.get(args.rag_generation_model))
         pool = ThreadPoolExecutor(1, thread_name_prefix="bsharedrag-index")
         resolve_embedding_args(args, adapters.get(args.rag_retrieval_model))
-        fp = embedder_fingerprint(args, adapters.get(args.rag_retrieval_model))
-        index = pool.submit(HNSWIndex.load, args.index, embedder=fp).result()
+        index = pool.submit(load_index, args, args.index, adapters.get(args.rag_retrieval_model)).result()
         rag = RAGService(index, pool, args.rag_retrieval_model, args.rag_generation_model, k=args.k,
                          template=template, chat=chat, context_tokens=args.context_tokens,
-                         max_new_tokens=args.rag_max_tokens, query_prefix=args.query_prefix, pooling=args.pooling)
+                         max_new_tokens=args.rag_max_tokens, query_prefix=args.query_prefix, pooling=args.pooling,
+                         allow_mismatch=args.allow_mismatch)
     limits = Limits(api_key=args.api_key, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_request_bytes=args.max_request_bytes)
     driver = EngineDriver(rt, base, args.max_queue, ServerMetrics(rt))

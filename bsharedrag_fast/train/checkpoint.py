@@ -28,6 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..jsonfile import read_json
+
 STATE = "state"
 # config fields a resumed run may change: where and how often it saves, the device; every
 # other field shapes the run (data, schedule, model), so a checkpoint of another config is refused
@@ -42,16 +44,6 @@ def _config_record(cfg) -> dict:
 def _write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing (an incomplete checkpoint?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -79,7 +71,7 @@ def _rng_save(tmp: str, rank: int) -> None:
 def _rng_load(path: str, rank: int) -> None:
     tensors = _read_tensors(os.path.join(path, f"rng-{rank}.safetensors"))
     where = os.path.join(path, f"rng-{rank}.json")
-    rec = _read_json(where)
+    rec = read_json(where, "checkpoint RNG states")
     try:
         n, p = rec["numpy"], rec["python"]
         np_state = (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
@@ -158,7 +150,7 @@ def load_checkpoint(path: str, cfg, model, opt, sched, source, dist) -> tuple[in
     if not os.path.isfile(os.path.join(path, STATE + ".json")) and os.path.isfile(os.path.join(path, "state.pt")):
         raise ValueError(f"{path}: a checkpoint in the old pickle format (state.pt), which is never loaded because "
                          f"unpickling can run code; remove it, use another out, or resume=False")
-    rec = _read_json(os.path.join(path, STATE + ".json"))
+    rec = read_json(os.path.join(path, STATE + ".json"), "checkpoint record")
     tensors = _read_tensors(os.path.join(path, STATE + ".safetensors"))
     try:
         step, world, saved_cfg = int(rec["step"]), rec["world"], rec["config"]

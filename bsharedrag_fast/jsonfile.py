@@ -1,0 +1,18 @@
+"""Reading the JSON files a user hands us: a missing or broken file is a one-line ValueError
+naming it, never a traceback from deep inside json or the OS."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def read_json(path: str, what: str = "JSON file") -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing ({what})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not valid JSON ({what}): {e}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({what}): {e.strerror or e}") from None
