@@ -52,7 +52,8 @@ SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM): dividi
 _FMAX = torch.finfo(torch.float32).max
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> tuple[float, float, float]:
+def check_sampling(temperature: float, top_k: int, top_p: float,
+                   repetition_penalty: float) -> tuple[float, float, float]:
     """(temperature, top_p, repetition_penalty) as floats, or a ValueError naming the bad one;
     a temperature below SAMPLING_EPS becomes 0 (greedy)."""
     def num(name, v):

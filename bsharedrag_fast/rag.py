@@ -1,8 +1,9 @@
 """RAG pipeline: retrieve with the retrieval LoRA, answer with the generation LoRA, one backbone.
 
 ask() embeds the question with the retrieval adapter (query prefix, EOS appended, pooled as
-the adapter was trained: last token by default), takes the top-k documents from the index, fills the prompt template with their
-`title: text` contexts cut to a token budget, and generates with the generation adapter.
+the adapter was trained), takes the top-k documents from the index, fills the prompt
+template with their `title: text` contexts cut to a token budget, and generates with the
+generation adapter.
 When the tokenizer has a chat template (and chat is not turned off), the filled template is
 the user turn of a chat, as an instruction-tuned model expects. ask_many() sends every
 question's embedding, then every prompt, through the engine together.

@@ -97,8 +97,6 @@ class RequestFailed(RuntimeError):
         self.status = status
 
 
-
-
 @dataclass
 class _EmbedSpec:
     ids: list
@@ -329,7 +327,8 @@ class SharedRuntime:
                 f"the whole cache has {self.cache.num_blocks}; raise cache_budget_bytes"
             )
         gen = None if seed is None else torch.Generator(device=self.model.device).manual_seed(int(seed))
-        spec = _GenSpec(ids, adapter, max_new_tokens, temperature, int(top_k or 0), top_p, repetition_penalty, stop, eos_ids(self.model, self.tokenizer, eos_token_id), gen)
+        spec = _GenSpec(ids, adapter, max_new_tokens, temperature, int(top_k or 0), top_p, repetition_penalty, stop,
+                        eos_ids(self.model, self.tokenizer, eos_token_id), gen)
         spec.reserved_blocks = blocks
         return self._add("generate", spec)
 

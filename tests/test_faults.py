@@ -82,7 +82,8 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny, tm
     assert kills == 3
     resumed = train_retriever(_config(tiny, str(out)))  # picks up from the newest complete checkpoint
     assert resumed.losses == ref.losses  # bit for bit, over all STEPS steps
-    a, b = load_file(str(tmp_path / "ref" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -13,7 +13,8 @@ from ..rag import embedding_settings
 
 def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: int = 30, split: str = "train",
                    skip: int = 0, query_prefix: Optional[str] = None, passage_prefix: Optional[str] = None,
-                   pooling: Optional[str] = None, batch_size: int = 64, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   pooling: Optional[str] = None, batch_size: int = 64, dtype: torch.dtype = torch.float32,
+                   device: str = "cpu",
                    max_batch_tokens: int = 4096, max_length: int = DEFAULT_MAX_LENGTH) -> str:
     """Embed the corpus of a BEIR directory with model (+ PEFT retrieval adapter), index it
     (HNSW, inner product over L2-normalised vectors) and write, per judged query of

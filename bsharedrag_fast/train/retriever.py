@@ -3,9 +3,10 @@
 Inputs are tokenized as SharedRuntime.embed does at inference: `query: {q}` /
 `passage: {title} {text}`, BOS as the tokenizer adds it, EOS appended; the embedding is
 the mean (or, --pooling last, the last token's) hidden state after the final norm,
-L2-normalised (ops.pool with the norm fused). The pooling and prefixes are saved beside the
-adapter (rag.EMBEDDING_FILE) so that index, ask, eval and serve embed the same way. Loss: InfoNCE at temperature 0.01, each query against its positive, its n
-hard negatives and every other passage of the global batch (under torchrun the
+L2-normalised (ops.pool with the norm fused). The pooling and prefixes are saved beside
+the adapter (rag.EMBEDDING_FILE) so that index, ask, eval and serve embed the same way.
+Loss: InfoNCE at temperature 0.01, each query against its positive, its n hard negatives
+and every other passage of the global batch (under torchrun the
 passages and queries of all ranks are gathered; each rank differentiates its own, so
 the summed gradient is exactly that of one process on the whole batch).
 
@@ -302,4 +303,5 @@ def train_retriever(cfg: RetrieverConfig) -> TrainResult:
         save_weights(out)
         save_embedding_format(out, cfg.pooling, cfg.query_prefix, cfg.passage_prefix)
 
-    return train_loop(cfg, model, source, _make_loss(cfg), save, dist, "retriever (full)" if cfg.full_finetune else name)
+    return train_loop(cfg, model, source, _make_loss(cfg), save, dist,
+                      "retriever (full)" if cfg.full_finetune else name)
