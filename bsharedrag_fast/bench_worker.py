@@ -39,6 +39,7 @@ class OursSetup:
     """shared (one backbone, both adapters) or separate (embedder + generator backbones)."""
 
     def __init__(self, spec: dict, separate: bool):
+        from .kv_cache import kv_bytes_per_token
         from .model import Backbone
         from .runtime import SharedRuntime
 
@@ -47,7 +48,7 @@ class OursSetup:
         mbt, block = spec["max_batch_tokens"], 16
         first = Backbone.from_pretrained(spec["model"], dtype=dtype, device=device)
         cfg = first.config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * first.dtype.itemsize
+        per_token = kv_bytes_per_token(cfg, first.dtype)
         # every answer admitted at once: its worst case (prompt + new tokens), in whole blocks
         gen_blocks = sum(-(-(len(p) + spec["new_tokens"]) // block) for p in spec["prompts"])
         gen_budget = gen_blocks * block * per_token

@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .kv_cache import CacheFullError, KVCache
+from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
 
 __all__ = ["GenerationResult", "generate", "sample", "warp_logits", "apply_repetition_penalty", "CacheFullError"]
 
@@ -207,8 +207,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
     need_tokens = [len(p) + max_new_tokens - 1 for p in prompts]  # the last token is never fed back
     need_blocks = sum(-(-n // block_size) for n in need_tokens)
     cfg = model.config
-    esize = torch.empty((), dtype=model.dtype).element_size()
-    block_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * esize * block_size
+    block_bytes = kv_bytes_per_token(cfg, model.dtype) * block_size
     if cache_budget_bytes is None:
         cache_budget_bytes = need_blocks * block_bytes
     if cache_budget_bytes // block_bytes < need_blocks:

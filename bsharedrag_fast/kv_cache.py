@@ -44,6 +44,12 @@ class CacheFullError(RuntimeError):
     """The KV cache budget cannot hold the requested tokens."""
 
 
+def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers (the one place this is computed)."""
+    cfg, esize = model_config, torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * esize
+
+
 class KVCache:
     def __init__(self, model_config, budget_bytes: int, dtype: torch.dtype = torch.float32, device="cpu",
                  block_size: int = 16):
@@ -58,8 +64,7 @@ class KVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
-        esize = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * esize
+        self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
         self.bytes_per_block = self.bytes_per_token * block_size
         self.num_blocks = budget_bytes // self.bytes_per_block
         if self.num_blocks < 1:

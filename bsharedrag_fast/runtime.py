@@ -76,7 +76,7 @@ import torch
 from . import ops
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids,
                          primary_eos, sample, stop_strings)
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_bytes_per_token
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
 
@@ -196,8 +196,7 @@ class SharedRuntime:
             raise ValueError(f"max_running must be >= 1 or None, got {max_running!r}")
         self.max_running = max_running
         if cache_budget_bytes is None:
-            esize = torch.empty((), dtype=model.dtype).element_size()
-            per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * esize
+            per_token = kv_bytes_per_token(cfg, model.dtype)
             # one longest sequence, or 4 full steps: 4 x max_length cost smollm2-135m (8192 positions)
             # 1.5 GB of zeroed cache and 2-5 s at every start
             tokens = max(4 * max_batch_tokens, self.max_length)
