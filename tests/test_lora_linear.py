@@ -27,7 +27,7 @@ def _device(backend: str) -> str:
 
 
 def _half_dtypes(backend: str) -> list:
-    # the Triton interpreter's bf16 tl.dot is broken (DESIGN.md): bf16 Triton runs on a GPU only
+    # the Triton interpreter's bf16 tl.dot gives wrong results on CPU tensors: bf16 Triton runs on a GPU only
     if backend == "triton" and TRITON_DEV == "cpu":
         return [torch.float16]
     return [torch.float16, torch.bfloat16]
