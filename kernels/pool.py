@@ -57,7 +57,7 @@ from .lora_shrink import num_sms
 
 __all__ = ["pool_forward", "pool_backward", "pool_config", "MODES"]
 
-MODES = {"last": 0, "cls": 1, "mean": 2}
+MODES = {"last": 0, "mean": 1, "cls": 2}  # the numbering of the C ABI's enum bsr_pool_mode (ops.pool.CPP_MODES)
 _FINALIZE = 3  # _pool_rows_kernel mode: finish mean pooling from the fp32 scratch
 
 # Widest row held in registers at once (next_pow2(d) above this loops over chunks).
@@ -117,7 +117,7 @@ def _pool_rows_kernel(
     end = tl.load(cu_ptr + offs_b + 1, mask=mask_b, other=1)
     if MODE == 0:  # last
         row = end - 1
-    elif MODE == 1:  # cls
+    elif MODE == 2:  # cls
         row = start
     else:  # finalize mean: scratch row b; only sequences that crossed a tile boundary
         row = offs_b
@@ -258,7 +258,7 @@ def _pool_bwd_rows_kernel(
     B, D,
     stride_s, stride_g, stride_dst, eps,
     MODE: tl.constexpr, HAS_W: tl.constexpr, NORMALIZE: tl.constexpr, GRAD_W: tl.constexpr,
-    RMS: tl.constexpr, LOAD_P: tl.constexpr,  # RMS: (MODE != 2) and HAS_W; LOAD_P: MODE != 2 or NORMALIZE or HAS_W
+    RMS: tl.constexpr, LOAD_P: tl.constexpr,  # RMS: (MODE != 1) and HAS_W; LOAD_P: MODE != 1 or NORMALIZE or HAS_W
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Per sequence: gradient through L2 and w. last/cls: src = hidden, and the pooled row's
@@ -270,7 +270,7 @@ def _pool_bwd_rows_kernel(
     end = tl.load(cu_ptr + offs_b + 1, mask=mask_b, other=1)
     if MODE == 0:
         row = end - 1
-    elif MODE == 1:
+    elif MODE == 2:
         row = start
     else:
         row = offs_b
@@ -320,7 +320,7 @@ def _pool_bwd_rows_kernel(
             g = tl.load(gy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             gv = (g - p * w * c[:, None]) * inv[:, None]
             sdot += tl.sum(gv * w * p, axis=1)
-    if MODE == 2:
+    if MODE == 1:
         out_scale = 1.0 / (end - start).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
@@ -342,7 +342,7 @@ def _pool_bwd_rows_kernel(
         gu = gv
         if HAS_W:
             gu = gv * w
-        if MODE == 2:
+        if MODE == 1:
             tl.store(dst_rows + cols[None, :], gu * out_scale[:, None], mask=mask)
         else:
             gh = gu
@@ -495,7 +495,7 @@ def _forward(hidden, cu_seqlens, mode_id, w, rms, eps, normalize, out, rows_per_
     w = w if has_w else hidden  # dummy pointer, never read
     cfg = pool_config(d, max_block_d)
     rc = cfg["rows"]
-    if mode_id != 2:
+    if mode_id != MODES["mean"]:
         _pool_rows_kernel[(triton.cdiv(B, rc["BLOCK_B"]),)](
             hidden, cu_seqlens, w, out, B, d, 1, hidden.stride(0), out.stride(0), eps,
             MODE=mode_id, RMS=rms, HAS_W=has_w, NORMALIZE=normalize, ALL=True, **rc,
@@ -579,7 +579,7 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, nor
     rc = dict(cfg["rows"])
     del rc["ONE_CHUNK"]  # the rows backward always loops over column chunks (one when it fits)
     grid_b = (triton.cdiv(B, rc["BLOCK_B"]),)
-    if mode_id != 2:
+    if mode_id != MODES["mean"]:
         grad_hidden.zero_()
         _pool_bwd_rows_kernel[grid_b](
             hidden, cu_seqlens, w, grad_out, grad_hidden, gw, B, d,
@@ -590,14 +590,14 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, nor
     # mean: p[b] = mean_t u_t (u_t = rms-scaled row, before w), then G[b] = dL/du_t (fp32)
     if normalize or has_w:
         p = torch.empty((B, d), dtype=torch.float32, device=hidden.device)
-        _forward(hidden, cu_seqlens, 2, None, has_w, eps, False, p, rows_per_program, max_block_d)
+        _forward(hidden, cu_seqlens, MODES["mean"], None, has_w, eps, False, p, rows_per_program, max_block_d)
     else:
         p = grad_out  # dummy, never read
     g = torch.empty((B, d), dtype=torch.float32, device=hidden.device)
     _pool_bwd_rows_kernel[grid_b](
         p, cu_seqlens, w, grad_out, g, gw, B, d,
         p.stride(0), grad_out.stride(0), g.stride(0), eps,
-        MODE=2, HAS_W=has_w, NORMALIZE=normalize, GRAD_W=grad_w, RMS=False, LOAD_P=normalize or has_w, **rc,
+        MODE=MODES["mean"], HAS_W=has_w, NORMALIZE=normalize, GRAD_W=grad_w, RMS=False, LOAD_P=normalize or has_w, **rc,
     )  # fmt: skip
     mc = cfg["mean"]
     rows = _mean_rows(T, mc, hidden.device, rows_per_program)

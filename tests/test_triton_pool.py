@@ -18,10 +18,12 @@ if DEVICE is None:
     pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 try:
+    from bsharedrag_fast.kernels.pool import MODES as KERNEL_MODES  # noqa: E402
     from bsharedrag_fast.kernels import pool_backward, pool_forward  # noqa: E402
 except ImportError:  # not installed: import the source tree's kernels/ directly
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kernels import pool_backward, pool_forward  # noqa: E402
+    from kernels.pool import MODES as KERNEL_MODES  # noqa: E402
 
 EPS = 1e-6
 # bf16 load/store (no tl.dot here) is right in the interpreter too
@@ -32,6 +34,12 @@ TOL = {
     torch.bfloat16: dict(atol=8e-3, rtol=1.6e-2),
 }
 MODES = ["last", "cls", "mean"]
+
+
+def test_modes_are_numbered_as_the_c_abi():
+    from bsharedrag_fast.ops.pool import CPP_MODES
+
+    assert KERNEL_MODES == CPP_MODES
 
 
 def reference(hidden, cu_seqlens, mode, norm_weight, eps, normalize):
