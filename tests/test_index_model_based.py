@@ -76,4 +76,4 @@ class IndexEqualsDict(RuleBasedStateMachine):
 
 
 TestIndexEqualsDict = IndexEqualsDict.TestCase
-TestIndexEqualsDict.settings = settings(max_examples=25, stateful_step_count=15, deadline=None)
+TestIndexEqualsDict.settings = settings(max_examples=25, stateful_step_count=15, deadline=None, database=None)
