@@ -16,15 +16,21 @@ from typing import Optional
 _memo: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256: each file is hashed once per process
 
 
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file's content (read in chunks): GGUF sources, converted models,
+    index files and the fingerprints below all use this one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-        _memo[key] = h.hexdigest()
+        _memo[key] = sha256_file(path)
     return _memo[key]
 
 

@@ -15,12 +15,13 @@ The directory appears whole or not at all (built beside OUT, then renamed).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from typing import Optional
+
+from .fingerprint import sha256_file
 
 MANIFEST = "gguf_source.json"
 # GGUF general.architecture, and the model_type transformers reads it as -> the HF class our
@@ -32,14 +33,6 @@ OUT_DTYPES = ("float32", "bfloat16", "float16")
 # PretrainedConfig.to_dict() fields of every model class that say nothing about this one
 _GENERIC_KEYS = ("id2label", "label2id", "output_hidden_states", "output_attentions", "return_dict",
                  "chunk_size_feed_forward", "is_encoder_decoder", "problem_type")
-
-
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _require_gguf():

@@ -50,7 +50,6 @@ Concurrent saves to the same directory from several processes are not supported.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -63,6 +62,8 @@ import weakref
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from .fingerprint import sha256_file
 
 FORMAT_VERSION = 1
 SPACES = ("ip", "cosine", "l2")
@@ -157,14 +158,6 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_manifest(d: str) -> dict:
@@ -539,7 +532,7 @@ class HNSWIndex:
             _hook("docs_written", tmp)
             m = self._manifest()
             m["generation"] = prev_gen + 1
-            m["files"] = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
+            m["files"] = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
                           for n in (INDEX_FILE, DOCS_FILE)}
             mp = os.path.join(tmp, MANIFEST_FILE)
             with open(mp, "w", encoding="utf-8") as f:
@@ -577,7 +570,7 @@ class HNSWIndex:
         ip, dp = os.path.join(path, INDEX_FILE), os.path.join(path, DOCS_FILE)
         if verify:
             for n, fp in ((INDEX_FILE, ip), (DOCS_FILE, dp)):
-                if _sha256(fp) != m["files"][n].get("sha256"):
+                if sha256_file(fp) != m["files"][n].get("sha256"):
                     raise ValueError(f"corrupt index directory: {fp} does not match its sha256 in the manifest")
         self = cls.__new__(cls)
         self.dim, self.space, self.M = m["dim"], m["space"], m["M"]

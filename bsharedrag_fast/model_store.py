@@ -23,7 +23,8 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .gguf_import import MANIFEST, import_gguf, sha256_file, verify_import
+from .fingerprint import sha256_file
+from .gguf_import import MANIFEST, import_gguf, verify_import
 
 
 @dataclass(frozen=True)
