@@ -43,6 +43,8 @@ from typing import Optional
 
 import torch
 
+from .jsonfile import write_json
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # trained LoRA factors stay far below this; a larger value means a corrupt or tampered file
@@ -512,10 +514,7 @@ def write_adapter(out_dir, weights: dict, modules: dict, num_layers: int, use_rs
     weights_path = os.path.join(out_dir, WEIGHTS_NAME)
     save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
     os.replace(weights_path + ".tmp", weights_path)
-    cfg_path = os.path.join(out_dir, CONFIG_NAME)
-    with open(cfg_path + ".tmp", "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(cfg_path + ".tmp", cfg_path)
+    write_json(os.path.join(out_dir, CONFIG_NAME), cfg, indent=2, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from .jsonfile import write_json
+
 # The paper's setting (WorthBuying, Chinese e-commerce QA) and an English equivalent.
 TEMPLATES = {
     "zh": "请根据以下参考资料回答问题。\n\n参考资料：\n{context}\n\n问题：{question}\n回答：",
@@ -49,27 +51,33 @@ def read_template(template: str) -> str:
 PROMPT_FILE = "rag_prompt.json"  # beside a generation adapter: {"template", "chat"}
 
 
+def _write_format(adapter_dir: str, name: str, rec: dict) -> None:
+    write_json(os.path.join(adapter_dir, name), rec, ensure_ascii=False, indent=1)
+
+
+def _read_format(adapter_dir: Optional[str], name: str, what: str, fields) -> tuple[Optional[str], dict]:
+    """(path, fields(record)) of the format file `name` beside an adapter; {} when there is
+    none; a file that is not JSON or lacks a field is a ValueError naming it."""
+    path = os.path.join(adapter_dir, name) if adapter_dir else None
+    if not path or not os.path.isfile(path):
+        return path, {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return path, fields(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not {what} file ({type(e).__name__}: {e})") from None
+
+
 def save_prompt_format(adapter_dir: str, template: str, chat: bool) -> None:
     """Record how the prompts of the adapter in adapter_dir were built (see read_prompt_format)."""
-    path = os.path.join(adapter_dir, PROMPT_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"template": _check_template(template), "chat": bool(chat)}, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    _write_format(adapter_dir, PROMPT_FILE, {"template": _check_template(template), "chat": bool(chat)})
 
 
 def read_prompt_format(adapter_dir: Optional[str]) -> dict:
     """{"template", "chat"} an adapter was trained with; {} when it has no PROMPT_FILE."""
-    path = os.path.join(adapter_dir, PROMPT_FILE) if adapter_dir else None
-    if not path or not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
-        fmt = {"template": _check_template(rec["template"]), "chat": rec["chat"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a prompt format file ({type(e).__name__}: {e})") from None
-    if not isinstance(fmt["chat"], bool):
+    path, fmt = _read_format(adapter_dir, PROMPT_FILE, "a prompt format",
+                             lambda rec: {"template": _check_template(rec["template"]), "chat": rec["chat"]})
+    if fmt and not isinstance(fmt["chat"], bool):
         raise ValueError(f'{path}: "chat" must be true or false')
     return fmt
 
@@ -89,12 +97,8 @@ EMBEDDING_DEFAULTS = {"pooling": "last", "query_prefix": "query: ", "passage_pre
 
 def save_embedding_format(adapter_dir: str, pooling: str, query_prefix: str, passage_prefix: str) -> None:
     """Record how the retrieval adapter in adapter_dir embeds (see embedding_settings)."""
-    path = os.path.join(adapter_dir, EMBEDDING_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"pooling": pooling, "query_prefix": query_prefix, "passage_prefix": passage_prefix}, f,
-                  ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    _write_format(adapter_dir, EMBEDDING_FILE,
+                  {"pooling": pooling, "query_prefix": query_prefix, "passage_prefix": passage_prefix})
 
 
 def read_embedding_format(adapter_dir: Optional[str]) -> dict:
@@ -102,15 +106,10 @@ def read_embedding_format(adapter_dir: Optional[str]) -> dict:
     when it has no EMBEDDING_FILE."""
     from .runtime import POOL_MODES
 
-    path = os.path.join(adapter_dir, EMBEDDING_FILE) if adapter_dir else None
-    if not path or not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
-        fmt = {k: rec[k] for k in EMBEDDING_DEFAULTS}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not an embedding format file ({type(e).__name__}: {e})") from None
+    path, fmt = _read_format(adapter_dir, EMBEDDING_FILE, "an embedding format",
+                             lambda rec: {k: rec[k] for k in EMBEDDING_DEFAULTS})
+    if not fmt:
+        return fmt
     if fmt["pooling"] not in POOL_MODES:
         raise ValueError(f'{path}: "pooling" must be one of {POOL_MODES}, got {fmt["pooling"]!r}')
     for k in ("query_prefix", "passage_prefix"):

@@ -21,14 +21,13 @@ import os
 import random
 import shutil
 from dataclasses import asdict
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..jsonfile import read_json
+from ..jsonfile import read_json, write_json
 
 STATE = "state"
 # config fields a resumed run may change: where and how often it saves, the device; every
@@ -39,11 +38,6 @@ RESUME_FREE = frozenset({"out", "save_every", "keep_checkpoints", "keep_finished
 
 def _config_record(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -62,7 +56,7 @@ def _rng_save(tmp: str, rank: int) -> None:
     save_file(tensors, os.path.join(tmp, f"rng-{rank}.safetensors"))
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    _write_json(os.path.join(tmp, f"rng-{rank}.json"), {
+    write_json(os.path.join(tmp, f"rng-{rank}.json"), {
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached_gaussian": float(gauss)},
         "python": {"version": version, "state": list(py_state), "gauss_next": py_gauss}})
@@ -124,7 +118,7 @@ def save_checkpoint(root: str, step: int, cfg, model, opt, sched, source, histor
         opt_tensors, opt_rec = _split_optimizer(opt.state_dict())
         tensors.update(opt_tensors)
         save_file(tensors, os.path.join(tmp, STATE + ".safetensors"))
-        _write_json(os.path.join(tmp, STATE + ".json"), {
+        write_json(os.path.join(tmp, STATE + ".json"), {
             "step": step, "world": dist.world, "config": _config_record(cfg), "optimizer": opt_rec,
             "scheduler": sched.state_dict(), "data": source.state_dict(), "history": history})
     dist.barrier()
