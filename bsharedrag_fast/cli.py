@@ -384,17 +384,14 @@ def main(argv=None) -> int:
     try:
         set_threads(args.threads)
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # what bad input raises: the message says it all
+    except Exception as e:  # one line; --debug for the traceback
         if args.debug:
             raise
-        print(f"bsharedrag {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # anything else a file or library threw at us: one line, --debug for the rest
-        if args.debug:
-            raise
-        one_line = " ".join(str(e).split())
-        print(f"bsharedrag {args.command}: error: {type(e).__name__}: {one_line} (--debug shows the traceback)",
-              file=sys.stderr)
+        if isinstance(e, (ValueError, FileNotFoundError, KeyError)):  # what bad input raises: its message says it all
+            msg = str(e)
+        else:  # anything else a file or library threw at us
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())} (--debug shows the traceback)"
+        print(f"bsharedrag {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

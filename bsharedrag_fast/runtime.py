@@ -609,10 +609,8 @@ class SharedRuntime:
                     self._fail(handles[i], RequestFailed(
                         f"request {handles[i].id}: sampling failed (temperature={s.temperature}, top_k={s.top_k}, "
                         f"top_p={s.top_p}, repetition_penalty={s.repetition_penalty}): {e}", status=400), finished)
-        for i, t in toks.items():
+        for i, t in toks.items():  # (failed rows have no token)
             h = handles[i]
-            if h.done:
-                continue
             s, r = h._spec, h._spec.result
             done = append_token(r, int(t), s.eos, s.stop, self.tokenizer, s.max_new_tokens)
             if done is not None:

@@ -123,14 +123,18 @@ class Server:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def server(assets):
+def _serve(assets):
     srv = Server(assets)
     yield srv
     if srv.proc.poll() is None:
         srv.proc.kill()
         srv.proc.wait()
     srv.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    yield from _serve(assets)
 
 
 def _chat_ids(offline, messages):
@@ -666,12 +670,7 @@ def test_fuzz_the_api_from_its_openapi_schema(server, slow):
 @pytest.fixture
 def own_server(assets):
     """A server of its own, for a test that ends it (the others share `server`, in any order)."""
-    srv = Server(assets)
-    yield srv
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait()
-    srv.log.close()
+    yield from _serve(assets)
 
 
 def test_sigterm_drains_in_flight_requests(own_server, offline):

@@ -72,10 +72,10 @@ class RAGService:
         """An adapter loaded as the RAG retrieval model must be the one the index was built
         with (its content, fingerprint.adapter_sha256): else a ValueError, or with
         allow_mismatch a logged warning."""
-        recorded = (self.index.embedder or {}).get("adapter_sha256", "<none>")
-        if name != self.retrieval_model or recorded == "<none>":
+        embedder = self.index.embedder or {}
+        if name != self.retrieval_model or "adapter_sha256" not in embedder:  # (an index of older records)
             return
-        given = adapter_sha256(path)
+        recorded, given = embedder["adapter_sha256"], adapter_sha256(path)
         if given != recorded:
             why = (f"adapter {name!r} from {path} is not the retrieval adapter the RAG index was built with "
                    f"(adapter_sha256: index has {recorded}, this one {given}); its queries would not match the "
