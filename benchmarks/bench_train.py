@@ -4,7 +4,7 @@ One training step = zero_grad, forward, loss, backward, AdamW step, for
   retriever  B queries + B x (1 + n) passages of mixed lengths, last-token embeddings
              (final norm + L2), InfoNCE at temperature 0.01 over all passages;
   generator  B RAG prompts + answers, cross-entropy on the answer tokens only.
-Ours: bsharedrag_fast.train.TrainModel (packed sequences, one ops.lora_linear per merged
+Ours: bsharedrag_fast.Backbone (packed sequences, one ops.lora_linear per merged
 projection, ops.pool, LM head on the answer rows only). Theirs: PeftModel over
 AutoModelForCausalLM on the right-padded batch with an attention mask (pooling gathers
 each sequence's last real token; labels -100 on prompt and padding). Both: LoRA r=32,
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast.synthetic import PRESETS, write_checkpoint
 from bsharedrag_fast.sysinfo import peak_rss_bytes, rss_bytes
-from bsharedrag_fast.train.module import LoRASpec, TrainModel, pack
+from bsharedrag_fast.model import Backbone, LoRASpec, pack
 from bsharedrag_fast.train.pretrain import causal_labels
 from bsharedrag_fast.train.retriever import info_nce
 
@@ -78,7 +78,7 @@ def padded(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ours(ckpt: str, w: dict, task: str):
-    model = TrainModel.from_pretrained(ckpt, lora=LoRASpec(**LORA)).train()
+    model = Backbone.from_pretrained(ckpt).add_lora(LoRASpec(**LORA)).train()
     opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
     if task == "retriever":
         seqs, b = w["queries"] + w["passages"], len(w["queries"])

@@ -50,9 +50,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # trained LoRA factors stay far below this; a larger value means a corrupt or tampered file
 # (its products would overflow bf16 / fp16 activations into NaN)
 MAX_LORA_ABS = 1e4
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+# The decoder's linear modules that take LoRA (the one list: model, training, synthetic
+# checkpoints and PEFT parsing all read it) and the HF sub-module each sits in.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
 
 # Config fields that do not change the inference forward pass (training / init only).
 _IGNORED = {
@@ -73,6 +75,18 @@ _MODULE_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|m
 
 
 @dataclass
+class LoRAStack:
+    """L adapters stacked for one target module of one layer (slot a = adapter a).
+    lora_a [L, r, in], lora_b [L, out, r] (x dtype), scaling float32 [L]. Ranks below r
+    are zero-padded; a slot whose adapter lacks this module holds zeros. The lora_a of a
+    merged projection's modules (q/k/v, gate/up) are views of one tensor (see _build_stacks)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: torch.Tensor
+
+
+@dataclass
 class AdapterInfo:
     """What one resident adapter holds. modules[(layer, name)] = (rank, alpha)."""
 
@@ -89,7 +103,7 @@ class AdapterInfo:
 
 def module_key(layer: int, name: str) -> str:
     """The HF module key (as PEFT names it, without the base_model.model. prefix)."""
-    return f"model.layers.{layer}.{_PARENT[name]}.{name}"
+    return f"model.layers.{layer}.{MODULE_PARENT[name]}.{name}"
 
 
 def _registry(model) -> dict:
@@ -133,7 +147,7 @@ def _candidate_keys(num_layers: int) -> list[str]:
     for l in range(num_layers):
         p = f"model.layers.{l}."
         keys += [p + "self_attn", p + "mlp", p + "input_layernorm", p + "post_attention_layernorm", p + "mlp.act_fn"]
-        keys += [module_key(l, n) for n in TARGETS]
+        keys += [module_key(l, n) for n in TARGET_MODULES]
     return keys
 
 
@@ -203,7 +217,7 @@ def parse_config(cfg: dict, num_layers: int, where: str) -> tuple[dict, bool]:
         for p in cfg.get(opt) or {}:
             _check_regex(p, f"{opt} key", where)
     if isinstance(tm, str) and tm.lower() == "all-linear":
-        tm = list(TARGETS)  # every linear layer but the output embedding, as PEFT expands it
+        tm = list(TARGET_MODULES)  # every linear layer but the output embedding, as PEFT expands it
     elif not isinstance(tm, str):
         tm = list(tm)
     cfg = dict(cfg, target_modules=tm)
@@ -214,9 +228,9 @@ def parse_config(cfg: dict, num_layers: int, where: str) -> tuple[dict, bool]:
         if not _targeted(cfg, key):
             continue
         m = _MODULE_RE.match(key)
-        if m is None or m.group("name") not in TARGETS:
+        if m is None or m.group("name") not in TARGET_MODULES:
             raise ValueError(
-                f"{where}: target_modules selects {key!r}; LoRA is supported only on {list(TARGETS)} "
+                f"{where}: target_modules selects {key!r}; LoRA is supported only on {list(TARGET_MODULES)} "
                 f"of the decoder layers (not on embed_tokens, lm_head or norms)"
             )
         mr = _pattern_value(rank_pattern, key, r)
@@ -268,10 +282,10 @@ def read_adapter(model, peft_dir, name: str) -> tuple[AdapterInfo, dict]:
                     unexpected.append(k)
                     continue
                 mm = _MODULE_RE.match(m.group("module"))
-                if mm is None or mm.group("name") not in TARGETS or _PARENT[mm.group("name")] != mm.group("parent"):
+                if mm is None or mm.group("name") not in TARGET_MODULES or MODULE_PARENT[mm.group("name")] != mm.group("parent"):
                     raise ValueError(
                         f"{w_path}: LoRA weights on unsupported module {m.group('module')!r}; "
-                        f"supported: {list(TARGETS)} of the decoder layers"
+                        f"supported: {list(TARGET_MODULES)} of the decoder layers"
                     )
                 mk = (int(mm.group("layer")), mm.group("name"))
                 if mk in raw and m.group("kind") in raw[mk]:
@@ -336,29 +350,37 @@ def _resident_weights(model, info: AdapterInfo) -> dict:
 
 def _build_stacks(model, entries: list) -> list[dict]:
     """entries: [(AdapterInfo, weights)] in slot order -> per-layer {name: LoRAStack}."""
-    from .model import LoRAStack
 
     L = len(entries)
     stacks = [dict() for _ in model.layers]
     for l in range(len(model.layers)):
-        for n in TARGETS:
-            ranks = [info.modules[(l, n)][0] for info, _ in entries if (l, n) in info.modules]
-            if not ranks:
+        for _, _, mods in model.groups.values():
+            # the A's of a merged projection's modules share one tensor [L, sum of r_max, in]
+            # (each module's stack a view of its rows), so the engine shrinks them in one call
+            r_max = {}
+            for n, _, _ in mods:
+                ranks = [info.modules[(l, n)][0] for info, _ in entries if (l, n) in info.modules]
+                if ranks:
+                    r_max[n] = max(ranks)
+            if not r_max:
                 continue
-            fin, fout = model.module_shapes[n]
-            r_max = max(ranks)
-            a = torch.zeros(L, r_max, fin, dtype=model.dtype, device=model.device)
-            b = torch.zeros(L, fout, r_max, dtype=model.dtype, device=model.device)
-            s = torch.zeros(L, dtype=torch.float32, device=model.device)
-            for slot, (info, w) in enumerate(entries):
-                if (l, n) not in info.modules:
-                    continue
-                A, B = w[(l, n)]
-                r = A.shape[0]
-                a[slot, :r].copy_(A)
-                b[slot, :, :r].copy_(B)
-                s[slot] = info.scaling((l, n))
-            stacks[l][n] = LoRAStack(a, b, s)
+            fin = model.module_shapes[next(iter(r_max))][0]
+            a_all = torch.zeros(L, sum(r_max.values()), fin, dtype=model.dtype, device=model.device)
+            off = 0
+            for n, r_n in r_max.items():
+                a = a_all[:, off : off + r_n]
+                off += r_n
+                b = torch.zeros(L, model.module_shapes[n][1], r_n, dtype=model.dtype, device=model.device)
+                s = torch.zeros(L, dtype=torch.float32, device=model.device)
+                for slot, (info, w) in enumerate(entries):
+                    if (l, n) not in info.modules:
+                        continue
+                    A, B = w[(l, n)]
+                    r = A.shape[0]
+                    a[slot, :r].copy_(A)
+                    b[slot, :, :r].copy_(B)
+                    s[slot] = info.scaling((l, n))
+                stacks[l][n] = LoRAStack(a, b, s)
     return stacks
 
 
@@ -451,7 +473,7 @@ def _patterns(values: dict, default) -> dict:
     """{(layer, name): v} -> PEFT pattern dict for the entries != default: the short module
     name when every layer of that module shares the value, else full module keys."""
     out = {}
-    for n in TARGETS:
+    for n in TARGET_MODULES:
         per = {k: v for k, v in values.items() if k[1] == n}
         if not per:
             continue
@@ -488,7 +510,7 @@ def write_adapter(out_dir, weights: dict, modules: dict, num_layers: int, use_rs
         tensors[p + "lora_B.weight"] = B.detach().to("cpu").contiguous().clone()
     keys = set(modules)
     layers = sorted({l for l, _ in keys})
-    names = [n for n in TARGETS if any(k[1] == n for k in keys)]
+    names = [n for n in TARGET_MODULES if any(k[1] == n for k in keys)]
     if keys == {(l, n) for l in layers for n in names}:
         target_modules = names
         layers_to_transform = None if len(layers) == num_layers else layers

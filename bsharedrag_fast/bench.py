@@ -34,6 +34,7 @@ import tempfile
 
 from . import plots
 from .bench_worker import REPLY, SETUPS
+from .cli_args import DTYPES
 from .synthetic import PRESETS, token_workload, write_adapter, write_checkpoint
 
 OPS = ("embed", "generate", "mixed")
@@ -47,7 +48,6 @@ GOALS = [  # (description, ratio key, bound, "<=" or ">=")
     ("mixed throughput Shared >= 1.5x transformers+peft (its faster of mixed batch and phases)",
      "mixed_shared_over_hf_peft_best", 1.5, ">="),
 ]
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Worker:

@@ -20,167 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-from typing import Optional
 
-import torch
-
+from .cli_args import (add_embedder_args, add_index_load_args, add_max_length, add_model_args, add_pooling,
+                       add_prompt_args, embedder_fingerprint, finite_float, index_from_args, positive_int,
+                       rag_from_args, resolve_embedding_args, runtime_from_args)
 from .data import passage_text, read_corpus
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- shared setup
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}")
-    return n
-
-
-def finite_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = math.nan
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return x
-
-
-def device_arg(value: str) -> str:
-    """A torch device this machine has: cpu, cuda or cuda:N."""
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a device: {value!r} (cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{value!r}: only cpu and cuda devices are supported")
-    return value
-
-
-def _add_model_args(p) -> None:
-    from .model_store import DEFAULT_MODEL, NAMED_MODELS
-
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or a "
-                        f"model name: {', '.join(NAMED_MODELS)} (default {DEFAULT_MODEL}, converted once and cached)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--max-batch-tokens", type=positive_int, default=2048, help="tokens packed into one engine step")
-
-
-def _load_runtime(args, adapters: dict, **runtime_kw):
-    """Backbone + tokenizer + the named PEFT adapters, wrapped in the shared engine
-    (runtime_kw: further SharedRuntime options)."""
-    from . import Backbone, Tokenizer
-    from .runtime import SharedRuntime
-
-    model = Backbone.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    for name, path in adapters.items():
-        if path:
-            model.load_adapter(path, name)
-    tok = Tokenizer.from_pretrained(args.model)
-    return SharedRuntime(model, tok, max_batch_tokens=args.max_batch_tokens, **runtime_kw)
-
-
-def embedder_fingerprint(args, adapter_path: Optional[str]) -> dict:
-    """What the index manifest records about the vectors' embedder (fingerprint.py): the
-    content of the model and adapter, pooling, prefixes and length limit."""
-    from .fingerprint import embedder_fingerprint as fingerprint
-    from .model_store import resolve_model
-
-    return fingerprint(resolve_model(args.model), adapter_path, args.pooling, args.query_prefix, args.passage_prefix,
-                       args.max_length)
-
-
-def load_index(args, path: str, adapter_path: Optional[str]):
-    """The saved index at path, checked (sha256 unless --no-verify) and matched against this
-    command's embedder (a mismatch is an error unless --allow-mismatch)."""
-    from .index import HNSWIndex
-
-    return HNSWIndex.load(path, embedder=embedder_fingerprint(args, adapter_path), verify=not args.no_verify,
-                          allow_mismatch=args.allow_mismatch)
-
-
-def _add_index_load_args(p) -> None:
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the sha256 check of the index files on load (for huge indexes)")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="use an index built by another embedder (model, adapter, pooling, prefixes or max length "
-                        "differ): logged, not refused; its results are then likely wrong")
-
-
-def _add_max_length(p) -> None:
-    from .evaluation import DEFAULT_MAX_LENGTH
-
-    p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
-                   help="longest embedded input in tokens, prefix and EOS included; longer ones are cut and "
-                        f"counted, never refused (as `train retriever --passage-max-len`; default {DEFAULT_MAX_LENGTH})")
-
-
-_AS_TRAINED = "default: as the retrieval adapter was trained (its embedding.json), else"
-
-
-def _add_pooling(p) -> None:
-    p.add_argument("--pooling", default=None, choices=["last", "mean", "cls"], help=f"{_AS_TRAINED} last")
-
-
-def _add_embedder_args(p: argparse.ArgumentParser) -> None:
-    _add_max_length(p)
-    _add_embedding_format(p)
-
-
-def _add_embedding_format(p) -> None:
-    _add_pooling(p)
-    p.add_argument("--query-prefix", default=None, help=f'text put before each query ({_AS_TRAINED} "query: ")')
-    p.add_argument("--passage-prefix", default=None,
-                   help=f'text put before each document ({_AS_TRAINED} "passage: ")')
-
-
-def resolve_embedding_args(args, adapter_dir: Optional[str]) -> None:
-    """Fill the embedding options left unset (None) as the retrieval adapter was trained, or,
-    without one, as the model (a fully fine-tuned embedder) was; else the defaults."""
-    from .rag import embedding_settings
-
-    given = {k: getattr(args, k) for k in ("pooling", "query_prefix", "passage_prefix") if hasattr(args, k)}
-    settings = embedding_settings(adapter_dir or args.model, **given)
-    for k in given:
-        setattr(args, k, settings[k])
-
-
-def _add_prompt_args(p) -> None:
-    p.add_argument("--template", default=None,
-                   help="en, zh, or a file with {context} and {question} (default: the one the generation "
-                        "adapter was trained with, else en)")
-    p.add_argument("--raw", action="store_true",
-                   help="do not put the prompt in the model's chat template (default: as the generation adapter "
-                        "was trained, else whenever the tokenizer has a chat template)")
-
-
-def load_rag(args, k: int):
-    """The RAG pipeline a command's arguments describe: model + retrieval / generation
-    adapters, the index (checked against that embedder), template, budgets."""
-    from .rag import RAGPipeline, prompt_settings
-
-    template, chat = prompt_settings(args.template, args.raw, args.generation_adapter)
-    resolve_embedding_args(args, args.retrieval_adapter)
-    idx = load_index(args, args.index, args.retrieval_adapter)  # before the model: a bad index costs nothing
-    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter, "generation": args.generation_adapter})
-    return RAGPipeline(rt, idx, "retrieval" if args.retrieval_adapter else None,
-                       "generation" if args.generation_adapter else None, k=k, template=template,
-                       context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
-                       query_prefix=args.query_prefix, pooling=args.pooling, chat=chat,
-                       query_max_length=args.max_length)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -189,16 +35,16 @@ def load_rag(args, k: int):
 def cmd_index(args) -> int:
     from tqdm import tqdm
 
-    from .evaluation import report_truncated
     from .index import HNSWIndex
+    from .rag import report_truncated
 
     resolve_embedding_args(args, args.retrieval_adapter)
     docs = _corpus_once(args.corpus, args.upsert)
     fp = embedder_fingerprint(args, args.retrieval_adapter)
     resumed = os.path.isdir(args.out)
     # resume: documents already saved are skipped (with --upsert, re-embedded and replaced)
-    idx = load_index(args, args.out, args.retrieval_adapter) if resumed else None
-    rt = _load_runtime(args, {"retrieval": args.retrieval_adapter})
+    idx = index_from_args(args, args.out, args.retrieval_adapter) if resumed else None
+    rt = runtime_from_args(args, {"retrieval": args.retrieval_adapter})
     adapter = "retrieval" if args.retrieval_adapter else None
     if idx is None:
         idx = HNSWIndex(rt.model.config.hidden_size, space=args.space, embedder=fp)
@@ -239,7 +85,7 @@ def _corpus_once(path: str, upsert: bool) -> list[dict]:
 def cmd_embed(args) -> int:
     import numpy as np
 
-    from .evaluation import report_truncated
+    from .rag import report_truncated
 
     texts = list(args.text)
     if args.input:
@@ -248,7 +94,7 @@ def cmd_embed(args) -> int:
     if not texts:
         raise ValueError("nothing to embed: give --text or --input")
     resolve_embedding_args(args, args.adapter)
-    rt = _load_runtime(args, {"retrieval": args.adapter})
+    rt = runtime_from_args(args, {"retrieval": args.adapter})
     vecs = rt.embed(texts, adapter="retrieval" if args.adapter else None, pooling=args.pooling, prefix=args.prefix,
                     max_tokens=args.max_length)
     report_truncated(rt, args.max_length)
@@ -262,7 +108,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    rag = load_rag(args, args.k)
+    rag = rag_from_args(args, args.k)
     for ans in rag.ask_many(args.question):
         print(json.dumps({"answer": ans.text, "finish_reason": ans.finish_reason,
                           "prompt_tokens": len(rag.encode(ans.prompt)), "completion_tokens": ans.completion_tokens,
@@ -273,7 +119,7 @@ def cmd_ask(args) -> int:
 def cmd_generate(args) -> int:
     from .rag import chat_wrap, encode_prompt
 
-    rt = _load_runtime(args, {"generation": args.adapter})
+    rt = runtime_from_args(args, {"generation": args.adapter})
     tok = rt.tokenizer
     chat = bool(tok.chat_template) and not args.raw
     prompts = [encode_prompt(tok, chat_wrap(tok, p, chat), chat) for p in args.prompt]
@@ -296,47 +142,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("index", help="embed a JSONL / BEIR corpus into an HNSW index directory (resumable)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory (default: base model)")
     p.add_argument("--corpus", required=True, help="JSONL with _id, title, text per line (BEIR corpus.jsonl)")
     p.add_argument("--out", required=True, help="index directory; an existing one is resumed")
     p.add_argument("--space", default="ip", choices=["ip", "cosine", "l2"])
-    _add_embedder_args(p)
+    add_embedder_args(p)
     p.add_argument("--batch-size", type=positive_int, default=32, help="documents embedded per call")
     p.add_argument("--save-every", type=positive_int, default=1000, help="documents between checkpoints of the index")
     p.add_argument("--upsert", action="store_true",
                    help="replace documents already in the index, and let a repeated id's later line win "
                         "(default: skip indexed documents, refuse repeated ids)")
-    _add_index_load_args(p)
+    add_index_load_args(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("embed", help="print or save embeddings of texts")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--adapter", default=None, help="PEFT retrieval LoRA directory (default: base model)")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
     p.add_argument("--input", default=None, help="a file with one text per line")
-    _add_pooling(p)
+    add_pooling(p)
     p.add_argument("--prefix", default="query: ", help='text put before each input (default "query: ")')
-    _add_max_length(p)
+    add_max_length(p)
     p.add_argument("--out", default=None, help="write a float32 .npy instead of printing JSON lines")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("ask", help="answer questions with retrieval + generation over one backbone")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("question", nargs="+", help="one or more questions (answered together)")
     p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
     p.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
     p.add_argument("--index", required=True, help="index directory built by `bsharedrag index`")
-    _add_index_load_args(p)
+    add_index_load_args(p)
     p.add_argument("--k", type=positive_int, default=3, help="documents retrieved per question")
-    _add_prompt_args(p)
+    add_prompt_args(p)
     p.add_argument("--context-tokens", type=positive_int, default=768, help="token budget of the retrieved contexts")
-    _add_embedder_args(p)
+    add_embedder_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("generate", help="generate from prompts (one backbone, optional LoRA)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("prompt", nargs="+")
     p.add_argument("--adapter", default=None, help="PEFT generation LoRA directory (default: base model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -352,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     # command groups registered by the modules that hold them (their heavy imports stay
     # inside the commands, so --help is fast)
-    from . import bench, evaluation, gguf_import, server
+    from . import bench, eval_command, gguf_import, server
     from .demo import pipeline
     from .train import cli as train_cli
 
-    for group in (train_cli, evaluation, pipeline, bench, server, gguf_import):
+    for group in (train_cli, eval_command, pipeline, bench, server, gguf_import):
         group.add_commands(sub)
     _add_threads(sub)
     return ap

@@ -59,7 +59,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -70,15 +70,6 @@ SPACES = ("ip", "cosine", "l2")
 INDEX_FILE, DOCS_FILE, MANIFEST_FILE = "index.bin", "docs.sqlite", "manifest.json"
 
 log = logging.getLogger("bsharedrag.index")
-
-# Test hook: called as _SAVE_HOOK(stage, path) at each step of save(); tests use it to kill a save midway.
-_SAVE_HOOK = None
-
-
-def _hook(stage: str, path: str) -> None:
-    if _SAVE_HOOK is not None:
-        _SAVE_HOOK(stage, path)
-
 
 def _hnswlib():
     try:
@@ -496,8 +487,13 @@ class HNSWIndex:
                 "next_label": self._next_label, "capacity": self.capacity, "embedder": self.embedder,
                 "generation": self.generation, "saved_at": time.time()}
 
-    def save(self, path: str) -> None:
-        """Atomically replace directory `path` with this index (see the module docstring's protocol)."""
+    def save(self, path: str, on_stage: Optional[Callable[[str, str], None]] = None) -> None:
+        """Atomically replace directory `path` with this index (see the module docstring's protocol).
+
+        on_stage(stage, dir) is called after each step: "tmp_created", "index_written",
+        "docs_written", "committed", "old_moved_aside", "new_in_place" (fault-injection
+        tests stop or fail a save there)."""
+        hook = on_stage or (lambda stage, where: None)
         path = os.path.abspath(os.fspath(path))
         parent, name = os.path.split(path)
         if not name:
@@ -517,11 +513,11 @@ class HNSWIndex:
         tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
         os.mkdir(tmp)
         try:
-            _hook("tmp_created", tmp)
+            hook("tmp_created", tmp)
             ip, dp = os.path.join(tmp, INDEX_FILE), os.path.join(tmp, DOCS_FILE)
             self._hnsw.save_index(ip)
             _fsync_file(ip)
-            _hook("index_written", tmp)
+            hook("index_written", tmp)
             self._db.commit()
             dst = sqlite3.connect(dp)
             try:
@@ -529,7 +525,7 @@ class HNSWIndex:
             finally:
                 dst.close()
             _fsync_file(dp)
-            _hook("docs_written", tmp)
+            hook("docs_written", tmp)
             m = self._manifest()
             m["generation"] = prev_gen + 1
             m["files"] = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
@@ -540,7 +536,7 @@ class HNSWIndex:
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
-            _hook("committed", tmp)  # the temp dir is complete; `path` still holds the previous version
+            hook("committed", tmp)  # the temp dir is complete; `path` still holds the previous version
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -548,10 +544,10 @@ class HNSWIndex:
         if os.path.exists(path):
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
             os.rename(path, old)
-            _hook("old_moved_aside", old)
+            hook("old_moved_aside", old)
         os.rename(tmp, path)
         _fsync_dir(parent)
-        _hook("new_in_place", path)
+        hook("new_in_place", path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.generation = m["generation"]

@@ -1,12 +1,16 @@
-"""The backbone: a Llama / Qwen2 / Mistral decoder over packed variable-length sequences.
+"""The backbone: a Llama / Qwen2 / Mistral decoder over packed variable-length sequences,
+one nn.Module for serving and training.
 
 gpt-fast / nanoGPT style, one file top to bottom: config, HF checkpoint loading, RoPE,
-attention, the decoder layer, the model. Weights are plain tensors (no nn.Module): the
-base is frozen and shared by every adapter, and the hot path is a handful of GEMMs.
+attention, the decoder layer, the model. The base is loaded frozen and shared by every
+adapter; training unfreezes it (continual pre-training) or adds one trainable LoRA, and
+autograd runs through the very layers and ops the engine runs.
 
 Batch layout (no padding anywhere): B sequences are packed into `input_ids [T]`, and
 `cu_seqlens int32 [B + 1]` holds their offsets (sequence b is rows cu[b]:cu[b+1]).
-Position ids restart at 0 for every sequence and are derived from cu_seqlens.
+Position ids restart at 0 for every sequence and are derived from cu_seqlens. What every
+layer of one forward shares (offsets, rotary tables, LoRA metadata, the KV plan of an
+engine step) is built once into a `Forward` and handed down.
 
 Per layer the projections are merged: q/k/v are one weight `[q; k; v]` (and one bias for
 Qwen2) and gate/up are one weight `[gate; up]`, so the base is one `ops.linear` each (on
@@ -24,19 +28,22 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from . import ops
-from .jsonfile import read_json
-from .model_store import resolve_model
+from . import adapters as peft_adapters, ops
+from .adapters import TARGET_MODULES, LoRAStack
+from .jsonfile import read_json, write_json
+from .model_store import copy_tokenizer, resolve_model
 from .ops.lora_meta import LoRAMeta
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE = -100  # label of rows that carry no loss (as torch's cross_entropy ignore_index)
 
 # ----------------------------------------------------------------------------- config
 
@@ -332,43 +339,226 @@ def _attention(q, k, v, cu: list[int], sliding_window: Optional[int]) -> torch.T
     return out.view(T, H * D)
 
 
+@dataclass(frozen=True)
+class LoRASpec:
+    """A trainable LoRA (Backbone.add_lora): rank, alpha, dropout (peft's: on the LoRA input
+    only) and target modules."""
+
+    r: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.1
+    targets: tuple = TARGET_MODULES
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA r must be an int >= 1, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [t for t in self.targets if t not in TARGET_MODULES]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA target modules must be a non-empty subset of {TARGET_MODULES}, got {self.targets}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
 @dataclass
-class LoRAStack:
-    """L adapters stacked for one target module of one layer (slot a = adapter a).
-    lora_a [L, r, in], lora_b [L, out, r] (x dtype), scaling float32 [L]. Ranks below r
-    are zero-padded; a slot whose adapter lacks this module holds zeros."""
+class TrainedLoRA:
+    """The trainable LoRA's per-forward state: every row -> adapter 0 of a one-slot stack."""
+
+    meta: LoRAMeta
+    scaling: torch.Tensor  # float32 [1]
+    spec: LoRASpec
+
+
+@dataclass
+class Forward:
+    """What every layer of one forward shares, built once per forward (not per layer)."""
+
+    cu: list  # packed sequence offsets [B + 1]
+    cos: torch.Tensor  # [T, head_dim] rotary tables at each row's position
+    sin: torch.Tensor
+    meta: Optional[LoRAMeta] = None  # the engine's multi-LoRA rows (Layer.lora stacks)
+    plan: Optional["_StepPlan"] = None  # paged-KV attention of an engine step; None: packed self-attention
+    trained: Optional[TrainedLoRA] = None  # the trainable LoRA (Layer.lora_A / lora_B)
+    autocast: Optional[torch.dtype] = None  # training under autocast: one dtype for the fused LoRA op
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def projection_groups(cfg: ModelConfig) -> dict:
+    """Merged projection -> (weight attr, bias attr, ((target module, first column, end), ...))."""
+    q, kv, i, d = cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.hidden_size
+    return {
+        "qkv": ("qkv_weight", "qkv_bias", (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv))),
+        "o": ("o_weight", "o_bias", (("o_proj", 0, d),)),
+        "gate_up": ("gate_up_weight", "gate_up_bias", (("gate_proj", 0, i), ("up_proj", i, 2 * i))),
+        "down": ("down_weight", "down_bias", (("down_proj", 0, d),)),
+    }
+
+
+@dataclass
+class MergedLoRA:
+    """The engine's adapters on one merged projection: the A's of its modules stacked along
+    the rank ([L, R, in]) and one slice per module (its B, scalings and output columns)."""
 
     lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scaling: torch.Tensor
+    slices: tuple  # of ops.LoRASlice
 
 
-@dataclass
-class Layer:
-    """One decoder layer's weights (plain tensors) and its optional LoRA stacks."""
-
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    qkv_weight: torch.Tensor  # [q_size + 2 kv_size, d] = [q; k; v]
-    qkv_bias: Optional[torch.Tensor]
-    o_weight: torch.Tensor
-    o_bias: Optional[torch.Tensor]
-    gate_up_weight: torch.Tensor  # [2 i, d] = [gate; up]
-    gate_up_bias: Optional[torch.Tensor]
-    down_weight: torch.Tensor
-    down_bias: Optional[torch.Tensor]
-    lora: dict = field(default_factory=dict)  # target module name -> LoRAStack
+def _stacked_rows(parts: list) -> Optional[torch.Tensor]:
+    """The [L, sum r, in] tensor that parts (lora_a [L, r_i, in] each) are consecutive row
+    blocks of, or None when they are not views of one such tensor."""
+    L, _, fin = parts[0].shape
+    R = sum(p.shape[1] for p in parts)
+    ptr, offset = parts[0].untyped_storage().data_ptr(), parts[0].storage_offset()
+    for p in parts:
+        if (p.untyped_storage().data_ptr() != ptr or p.storage_offset() != offset
+                or (L > 1 and p.stride(0) != R * fin) or p.stride(1) != fin or p.stride(2) != 1):
+            return None
+        offset += p.shape[1] * fin
+    return parts[0].as_strided((L, R, fin), (R * fin, fin, 1))
 
 
-def _add_lora(y: torch.Tensor, x: torch.Tensor, layer: Layer, slices, meta: Optional[LoRAMeta]) -> torch.Tensor:
-    """Add each target module's LoRA into its column slice of the merged output y, in place."""
-    if meta is None or meta.no_lora or not layer.lora:
+class Layer(nn.Module):
+    """One decoder layer: its merged base weights (frozen unless the whole model trains),
+    the engine's multi-LoRA stacks `lora` (target module -> LoRAStack, filled by adapter
+    loading) and an optional trainable LoRA `lora_A` / `lora_B` (Backbone.add_lora)."""
+
+    def __init__(self, cfg: ModelConfig, sd: dict, l: int, groups: dict):
+        super().__init__()
+        p = f"model.layers.{l}."
+        a, m = p + "self_attn.", p + "mlp."
+
+        def param(t):
+            return None if t is None else nn.Parameter(t, requires_grad=False)
+
+        def cat(*names):  # the sources leave state_dict, so each is freed once merged
+            ts = [sd.pop(n, None) for n in names]
+            return param(None if ts[0] is None else torch.cat(ts, 0).contiguous())
+
+        self.cfg, self.groups = cfg, groups
+        self.input_norm = param(sd[p + "input_layernorm.weight"])
+        self.post_norm = param(sd[p + "post_attention_layernorm.weight"])
+        self.qkv_weight = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")  # [q; k; v]
+        self.qkv_bias = cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+        self.o_weight = param(sd[a + "o_proj.weight"])
+        self.o_bias = param(sd.get(a + "o_proj.bias"))
+        self.gate_up_weight = cat(m + "gate_proj.weight", m + "up_proj.weight")  # [gate; up]
+        self.gate_up_bias = cat(m + "gate_proj.bias", m + "up_proj.bias")
+        self.down_weight = param(sd[m + "down_proj.weight"])
+        self.down_bias = param(sd.get(m + "down_proj.bias"))
+        self.lora: dict = {}  # target module -> LoRAStack
+        self.lora_groups: dict = {}  # merged projection -> MergedLoRA over the same stacks
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+
+    def add_lora(self, spec: LoRASpec, module_shapes: dict) -> None:
+        dev = self.o_weight.device
+        for _, _, mods in self.groups.values():
+            for name, _, _ in mods:
+                if name in spec.targets:
+                    fin, fout = module_shapes[name]
+                    A = torch.empty(spec.r, fin, device=dev, dtype=torch.float32)  # fp32 master weights
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's (nn.Linear's) init of lora_A
+                    self.lora_A[name] = nn.Parameter(A)
+                    self.lora_B[name] = nn.Parameter(torch.zeros(fout, spec.r, device=dev, dtype=torch.float32))
+
+    # -- projections ----------------------------------------------------------------------
+
+    def proj(self, group: str, x: torch.Tensor, ctx: Forward) -> torch.Tensor:
+        """The merged projection `group` of x: one base matmul, plus each LoRA in its slice."""
+        w_name, b_name, mods = self.groups[group]
+        w, b = getattr(self, w_name), getattr(self, b_name)
+        if ctx.autocast is not None:
+            dt = ctx.autocast
+            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
+        if ctx.trained is not None and any(n in self.lora_A for n, _, _ in mods):
+            return self._trained_proj(mods, x, w, b, ctx.trained)
+        y = ops.linear(x, w, b)
+        if ctx.meta is not None and not ctx.meta.no_lora:
+            merged = self.lora_groups.get(group)
+            if merged is not None:  # one shrink and one expand for the whole group, in place
+                ops.add_lora_slices_(y, x, merged.lora_a, merged.slices, ctx.meta)
         return y
-    for name, (s, e) in slices:
-        st = layer.lora.get(name)
-        if st is not None:
-            ops.add_lora_(y[:, s:e], x, st.lora_a, st.lora_b, st.scaling, meta)
-    return y
+
+    def set_lora(self, stacks: dict) -> None:
+        """The engine's stacks (module -> LoRAStack), merged per projection: where a group's
+        lora_a are views of one tensor (as adapters.py builds them) that tensor is used,
+        else they are copied into one and the stacks become views of it."""
+        lora, groups = dict(stacks), {}
+        for group, (_, _, mods) in self.groups.items():
+            present = [(n, s) for n, s, _ in mods if n in lora]
+            if not present:
+                continue
+            parts = [lora[n].lora_a for n, _ in present]
+            stacked = _stacked_rows(parts)
+            copied = stacked is None
+            if copied:
+                stacked = torch.cat(parts, 1)
+            slices, off = [], 0
+            for n, col in present:
+                st = lora[n]
+                r = st.lora_a.shape[1]
+                if copied:
+                    lora[n] = LoRAStack(stacked[:, off : off + r], st.lora_b, st.scaling)
+                slices.append(ops.LoRASlice(off, st.lora_b.contiguous(), st.scaling, col))
+                off += r
+            groups[group] = MergedLoRA(stacked, tuple(slices))
+        self.lora, self.lora_groups = lora, groups
+
+    def _trained_proj(self, mods, x, w, b, lora: TrainedLoRA) -> torch.Tensor:
+        """Base + trainable LoRA. Without dropout, ONE ops.lora_linear on the merged weight:
+        the group's A's are stacked along r and its B's form a block-diagonal [out, n r], so
+        x A^T B^T lands each module's update in its own slice (the off-diagonal blocks are
+        constant zeros: no gradient reaches them). Dropout (peft's: on the LoRA input only)
+        gives the LoRA another input than the base, which one fused call cannot take, so
+        then it is F.linear(x) + s (drop(x) A^T) B^T per module. Measured on this 2-core CPU
+        (bench_train's tiny preset, 1 thread, ms per step, generator / retriever):
+          dropout 0.1: fused + low-rank correction for the dropped input  562 / 1290
+                       this split path                                     452 /  947
+          dropout 0:   fused ops.lora_linear                               371 /  778
+                       the split path without dropout                      345 /  753
+        """
+        dt = x.dtype
+        names = [n for n, _, _ in mods if n in self.lora_A]
+        A = torch.cat([self.lora_A[n].to(dt) for n in names], 0)
+        if lora.spec.dropout > 0 and self.training:
+            u = F.dropout(x, lora.spec.dropout) @ A.t()
+            parts, i = [], 0
+            for n, s, e in mods:
+                if n in self.lora_A:
+                    r = self.lora_A[n].shape[0]
+                    parts.append(u[:, i : i + r] @ self.lora_B[n].to(dt).t())
+                    i += r
+                else:
+                    parts.append(x.new_zeros(x.shape[0], e - s))
+            upd = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            return F.linear(x, w, b) + upd * lora.spec.scaling
+        blocks = [self.lora_B[n].to(dt) if n in self.lora_B else w.new_zeros(e - s, 0, dtype=dt) for n, s, e in mods]
+        B = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
+        return ops.lora_linear(x, w, b, A[None], B[None], lora.scaling, lora.meta)
+
+    # -- the layer ------------------------------------------------------------------------
+
+    def forward(self, h: torch.Tensor, ctx: Forward, li: int) -> torch.Tensor:
+        cfg = self.cfg
+        T = h.shape[0]
+        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = self.proj("qkv", x, ctx).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=1)
+        q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), ctx.cos, ctx.sin)
+        k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), ctx.cos, ctx.sin)
+        v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        if ctx.plan is None:
+            attn = _attention(q, k, v, ctx.cu, cfg.sliding_window)
+        else:
+            attn = ctx.plan.attend(li, q, k, v)
+        h = h + self.proj("o", attn, ctx)
+        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
+        gate, up = self.proj("gate_up", x, ctx).split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
+        return h + self.proj("down", F.silu(gate) * up, ctx)
 
 
 def check_packed(input_ids, cu_seqlens) -> list[int]:
@@ -385,55 +575,56 @@ def check_packed(input_ids, cu_seqlens) -> list[int]:
     return cu
 
 
+def pack(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (input_ids int64 [T], cu_seqlens int32 [B + 1])."""
+    lens = [len(s) for s in seqs]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return torch.tensor([t for s in seqs for t in s], dtype=torch.long), cu
+
+
 # ----------------------------------------------------------------------------- the model
 
 
-class Backbone:
-    """A frozen decoder-only LM over packed sequences; see the module docstring."""
+class Backbone(nn.Module):
+    """The decoder over packed sequences, for serving and training alike; see the module docstring.
+
+    Loaded frozen. Training either unfreezes the base (`requires_grad_(True)`: continual
+    pre-training) or adds one trainable LoRA on the frozen base (`add_lora`); autograd runs
+    through the same layers and ops the engine runs (ops.linear falls back to F.linear in
+    a graph). The engine's adapters are stacked per target module (`Layer.lora`, filled by
+    adapters.py) and picked per row through a LoRAMeta."""
 
     def __init__(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]):
         """state_dict: HF names -> tensors (see load_state_dict); the q/k/v and gate/up
         tensors are taken out of it as they are merged."""
+        super().__init__()
         self.config = cfg
         sd = state_dict
-        self.embed = sd["model.embed_tokens.weight"]
-        self.norm = sd["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"]
-        self.dtype, self.device = self.embed.dtype, self.embed.device
-        self.inv_freq = rope_inv_freq(cfg).to(self.device)
-        self.layers: list[Layer] = []
-        for l in range(cfg.num_hidden_layers):
-            p = f"model.layers.{l}."
-            a, m = p + "self_attn.", p + "mlp."
-
-            def cat(*names):  # the sources leave state_dict, so each is freed once merged
-                ts = [sd.pop(n, None) for n in names]
-                return None if ts[0] is None else torch.cat(ts, 0).contiguous()
-
-            self.layers.append(Layer(
-                input_norm=sd[p + "input_layernorm.weight"],
-                post_norm=sd[p + "post_attention_layernorm.weight"],
-                qkv_weight=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                qkv_bias=cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
-                o_weight=sd[a + "o_proj.weight"],
-                o_bias=sd.get(a + "o_proj.bias"),
-                gate_up_weight=cat(m + "gate_proj.weight", m + "up_proj.weight"),
-                gate_up_bias=cat(m + "gate_proj.bias", m + "up_proj.bias"),
-                down_weight=sd[m + "down_proj.weight"],
-                down_bias=sd.get(m + "down_proj.bias"),
-            ))  # fmt: skip
+        self.embed = nn.Parameter(sd["model.embed_tokens.weight"], requires_grad=False)
+        self.norm = nn.Parameter(sd["model.norm.weight"], requires_grad=False)
+        # tied: the same Parameter under a second name (named_parameters lists it once)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(sd["lm_head.weight"], requires_grad=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(self.embed.device), persistent=False)
+        self.groups = projection_groups(cfg)
+        self.layers = nn.ModuleList(Layer(cfg, sd, l, self.groups) for l in range(cfg.num_hidden_layers))
         q, kv, i, d = cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.hidden_size
-        # column slices of each merged output, and the in/out sizes of every target module
-        self._qkv_slices = (("q_proj", (0, q)), ("k_proj", (q, q + kv)), ("v_proj", (q + kv, q + 2 * kv)))
-        self._gate_up_slices = (("gate_proj", (0, i)), ("up_proj", (i, 2 * i)))
-        self._o_slices = (("o_proj", (0, d)),)
-        self._down_slices = (("down_proj", (0, d)),)
         self.module_shapes = {
             "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d),
-        }  # fmt: skip  (in, out)
+        }  # fmt: skip  (in, out) of every target module
         self.num_lora_slots = 0
         self.adapter_slots: dict[str, int] = {}  # adapter name -> slot; filled by adapter loading
+        self.lora_spec: Optional[LoRASpec] = None  # the trainable LoRA, once add_lora is called
+        self.activation_checkpointing = False  # recompute each layer in backward (training memory)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
 
     # -- loading -----------------------------------------------------------------------
 
@@ -466,7 +657,7 @@ class Backbone:
             raise ValueError(f"adapter_slots must map names onto slots 0..{num_slots - 1}, got {adapter_slots}")
         if len(stacks) != len(self.layers):
             raise ValueError(f"stacks must have one dict per layer ({len(self.layers)}), got {len(stacks)}")
-        for l, (layer, st) in enumerate(zip(self.layers, stacks)):
+        for l, st in enumerate(stacks):
             for name, s in st.items():
                 if name not in self.module_shapes:
                     raise ValueError(f"layer {l}: unknown target module {name!r}; expected one of {TARGET_MODULES}")
@@ -482,7 +673,7 @@ class Backbone:
                 if s.lora_a.dtype != self.dtype or s.lora_b.dtype != self.dtype or s.scaling.dtype != torch.float32:
                     raise ValueError(f"layer {l} {name}: lora_a/lora_b must be {self.dtype}, scaling float32")
         for layer, st in zip(self.layers, stacks):
-            layer.lora = dict(st)
+            layer.set_lora(st)
         self.num_lora_slots = num_slots
         self.adapter_slots = dict(adapter_slots or {})
         if adapter_slots is None:
@@ -495,23 +686,17 @@ class Backbone:
         a new slot under `name`. Resident adapters keep their slots and outputs. Any error
         (missing file, bad shape, unsupported option, duplicate name) is a ValueError and
         leaves the model unchanged."""
-        from . import adapters
-
-        adapters.load_adapter(self, peft_dir, name)
+        peft_adapters.load_adapter(self, peft_dir, name)
 
     def save_adapter(self, name: str, out_dir) -> None:
         """Write `name` as a PEFT directory (loadable by peft.PeftModel.from_pretrained),
         each module at its true rank (rank_pattern / alpha_pattern where they differ)."""
-        from . import adapters
-
-        adapters.save_adapter(self, name, out_dir)
+        peft_adapters.save_adapter(self, name, out_dir)
 
     def unload_adapter(self, name: str) -> None:
         """Free `name`'s slot: the stacks are compacted, so later adapters' slots move down
         by one (address adapters by name; slot ints / LoRAMetas from before are stale)."""
-        from . import adapters
-
-        adapters.unload_adapter(self, name)
+        peft_adapters.unload_adapter(self, name)
 
     @property
     def adapters(self) -> list[str]:
@@ -524,17 +709,13 @@ class Backbone:
         backbone counts each storage once (a tied LM head shares the embedding); adapters
         gives each adapter's share of the stacks (padded=True, so the shares add up to
         lora_stacks); cache is `cache.nbytes` of a KVCache, if given."""
-        from .adapters import lora_nbytes
-
-        tensors = [self.embed, self.norm, self.lm_head, self.inv_freq]
-        for layer in self.layers:
-            tensors += [getattr(layer, f.name) for f in fields(Layer) if f.name != "lora"]
+        tensors = [p for n, p in self.named_parameters() if ".lora_" not in n] + [self.inv_freq]
         seen, backbone = set(), 0
         for t in tensors:
-            if t is not None and t.data_ptr() not in seen:
+            if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 backbone += t.numel() * t.element_size()
-        stacks = lora_nbytes(self)
+        stacks = peft_adapters.lora_nbytes(self)
         cache_bytes = 0 if cache is None else cache.nbytes
         return {
             "backbone": backbone,
@@ -547,9 +728,7 @@ class Backbone:
     def adapter_nbytes(self, name: str, padded: bool = False) -> int:
         """Resident bytes of one adapter: its weights at true rank, or (padded=True) its whole
         slot of every stack incl. zero padding; see adapters.adapter_nbytes / lora_nbytes."""
-        from . import adapters
-
-        return adapters.adapter_nbytes(self, name, padded)
+        return peft_adapters.adapter_nbytes(self, name, padded)
 
     def _lora_meta(self, adapters, cu: list[int]) -> Optional[LoRAMeta]:
         """adapters: None, a LoRAMeta, or one entry per sequence: a slot int, an adapter
@@ -577,49 +756,150 @@ class Backbone:
 
     # -- forward -----------------------------------------------------------------------
 
-    def _check_inputs(self, input_ids, cu_seqlens) -> list[int]:
-        return check_packed(input_ids, cu_seqlens)
+    def run_layers(self, input_ids: torch.Tensor, ctx: Forward) -> torch.Tensor:
+        """Embedding and every layer: [T, d] before the final norm."""
+        h = F.embedding(input_ids.to(self.device), self.embed)
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for li, layer in enumerate(self.layers):
+            if checkpointed:
+                h = checkpoint(layer, h, ctx, li, use_reentrant=False)
+            else:
+                h = layer(h, ctx, li)
+        return h
 
-    def _layer(self, layer: Layer, h, cos, sin, cu, meta, attn_fn=None) -> torch.Tensor:
-        cfg = self.config
-        T = h.shape[0]
-        x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-        qkv = _add_lora(ops.linear(x, layer.qkv_weight, layer.qkv_bias), x, layer, self._qkv_slices, meta)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=1)
-        q = apply_rope(q.view(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
-        v = v.view(T, cfg.num_key_value_heads, cfg.head_dim)
-        attn = _attention(q, k, v, cu, cfg.sliding_window) if attn_fn is None else attn_fn(q, k, v)
-        h = h + _add_lora(ops.linear(attn, layer.o_weight, layer.o_bias), attn, layer, self._o_slices, meta)
-        x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-        gu = _add_lora(ops.linear(x, layer.gate_up_weight, layer.gate_up_bias), x, layer, self._gate_up_slices, meta)
-        gate, up = gu.split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
-        act = F.silu(gate) * up
-        return h + _add_lora(ops.linear(act, layer.down_weight, layer.down_bias), act, layer, self._down_slices, meta)
+    def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, adapters=None) -> torch.Tensor:
+        """[T, d] after the last layer, before the final norm (`logits` and ops.pool fuse
+        it). Differentiable: the trainable LoRA (add_lora) applies to every row; adapters
+        picks the engine's resident adapters per sequence (see _lora_meta)."""
+        cu = check_packed(input_ids, cu_seqlens)
+        dev = self.device
+        autocast = _autocast_dtype(dev)
+        trained = None
+        if self.lora_spec is not None:
+            meta = LoRAMeta.build(torch.zeros(cu[-1], dtype=torch.int32, device=dev), 1)
+            trained = TrainedLoRA(meta, self.lora_scaling, self.lora_spec)
+        cos, sin = rope_cos_sin(self.inv_freq, positions_from_cu_seqlens(cu, dev), autocast or self.dtype)
+        ctx = Forward(cu, cos, sin, meta=self._lora_meta(adapters, cu), trained=trained, autocast=autocast)
+        return self.run_layers(input_ids, ctx)
+
+    def logits(self, h: torch.Tensor, rows=None) -> torch.Tensor:
+        """Final norm + LM head on the given rows of `hidden` (every row when None)."""
+        if rows is not None:
+            h = h.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=h.device))
+        x, head = rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head
+        dt = _autocast_dtype(x.device)
+        if dt is not None:
+            x, head = x.to(dt), head.to(dt)
+        return ops.linear(x, head)
 
     @torch.inference_mode()
     def hidden_states(self, input_ids, cu_seqlens, adapters=None, final_norm: bool = True) -> torch.Tensor:
         """[T, d] after the final RMSNorm; final_norm=False returns the rows before it (so
         ops.pool(norm_weight=model.norm, eps=model.config.rms_norm_eps) can fuse it)."""
-        cu = self._check_inputs(input_ids, cu_seqlens)
-        meta = self._lora_meta(adapters, cu)
-        input_ids = input_ids.to(self.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions_from_cu_seqlens(cu, self.device), self.dtype)
-        h = F.embedding(input_ids, self.embed)
-        for layer in self.layers:
-            h = self._layer(layer, h, cos, sin, cu, meta)
+        h = self.hidden(input_ids, cu_seqlens, adapters)
         return rms_norm(h, self.norm, self.config.rms_norm_eps) if final_norm else h
 
     @torch.inference_mode()
     def forward(self, input_ids, cu_seqlens, adapters=None, logits_rows=None) -> torch.Tensor:
         """Logits [T, vocab], or [len(logits_rows), vocab] for just those rows (so the rows
         of embedding requests and non-final prompt tokens skip the LM head)."""
-        h = self.hidden_states(input_ids, cu_seqlens, adapters, final_norm=False)
-        if logits_rows is not None:
-            h = h.index_select(0, torch.as_tensor(logits_rows, dtype=torch.long, device=h.device))
-        return ops.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return self.logits(self.hidden(input_ids, cu_seqlens, adapters), logits_rows)
 
-    __call__ = forward
+    # -- training -------------------------------------------------------------------------
+
+    def add_lora(self, spec: LoRASpec) -> "Backbone":
+        """Add a trainable LoRA (peft's init: A kaiming-uniform, B zero; fp32 master weights
+        also over a bf16 base) on every target module; the base stays frozen."""
+        if self.lora_spec is not None:
+            raise ValueError("this model already has a trainable LoRA")
+        for layer in self.layers:
+            layer.add_lora(spec, self.module_shapes)
+        self.lora_spec = spec
+        self.register_buffer("lora_scaling", torch.tensor([spec.scaling], dtype=torch.float32, device=self.device),
+                             persistent=False)
+        return self
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed fp32 cross-entropy, number of labelled rows): labels [T] hold the next
+        token of each row or IGNORE; the LM head runs only on labelled rows."""
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return h.sum() * 0.0, 0
+        logits = self.logits(h, rows).float()
+        return F.cross_entropy(logits, labels.index_select(0, rows), reduction="sum"), int(rows.numel())
+
+    def embed_sequences(self, h: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+        """L2-normalised pooled embeddings [B, d] of `hidden` rows (final RMSNorm fused into ops.pool)."""
+        return ops.pool(h, cu_seqlens.to(h.device), mode=pooling, normalize=True,
+                        norm_weight=self.norm.to(h.dtype), eps=self.config.rms_norm_eps)
+
+    def lora_weights(self) -> dict:
+        """{(layer, module): (A [r, in], B [out, r])} of the trainable LoRA."""
+        return {(l, n): (layer.lora_A[n], layer.lora_B[n])
+                for l, layer in enumerate(self.layers) for n in layer.lora_A}  # fmt: skip
+
+    def load_lora(self, peft_dir: str) -> None:
+        """Start the trainable LoRA from a PEFT adapter (e.g. a first-round retriever): its
+        modules, ranks and alphas must match this model's LoRASpec."""
+        if self.lora_spec is None:
+            raise ValueError("load_lora needs a trainable LoRA (add_lora)")
+        spec = self.lora_spec
+        info, weights = peft_adapters.read_adapter(self, peft_dir, "init")
+        mine = self.lora_weights()
+        if set(weights) != set(mine):
+            raise ValueError(f"{peft_dir}: adapter modules differ from the training targets {spec.targets}")
+        bad = {k: v for k, v in info.modules.items() if v != (spec.r, spec.alpha) or info.use_rslora}
+        if bad:
+            raise ValueError(f"{peft_dir}: rank/alpha {next(iter(bad.values()))} differ from r={spec.r}, "
+                             f"alpha={spec.alpha} (or use_rslora is set)")
+        with torch.no_grad():
+            for k, (A, B) in weights.items():
+                mine[k][0].copy_(A)
+                mine[k][1].copy_(B)
+
+    def save_lora(self, out_dir: str, base_model: Optional[str] = None) -> None:
+        """The trainable LoRA as a PEFT directory (peft.PeftModel.from_pretrained and
+        load_adapter read it)."""
+        if self.lora_spec is None:
+            raise ValueError("save_lora needs a trainable LoRA (add_lora)")
+        weights = self.lora_weights()
+        modules = {k: (self.lora_spec.r, self.lora_spec.alpha) for k in weights}
+        peft_adapters.write_adapter(out_dir, weights, modules, len(self.layers), config={
+            "base_model_name_or_path": base_model, "lora_dropout": self.lora_spec.dropout})
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base weights under their HF names (merged q/k/v and gate/up split back), on CPU."""
+        cfg = self.config
+        out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not cfg.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head
+        parents = {"qkv": "self_attn", "o": "self_attn", "gate_up": "mlp", "down": "mlp"}
+        for l, layer in enumerate(self.layers):
+            p = f"model.layers.{l}."
+            out[p + "input_layernorm.weight"] = layer.input_norm
+            out[p + "post_attention_layernorm.weight"] = layer.post_norm
+            for g, (w_name, b_name, mods) in self.groups.items():
+                for kind, t in (("weight", getattr(layer, w_name)), ("bias", getattr(layer, b_name))):
+                    if t is not None:
+                        for name, s, e in mods:
+                            out[f"{p}{parents[g]}.{name}.{kind}"] = t[s:e]
+        return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+    def save_pretrained(self, out_dir: str, src_dir: str) -> None:
+        """HF layout: config.json from src_dir (with this dtype), model.safetensors, and
+        src_dir's tokenizer files."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        src_dir = resolve_model(src_dir)
+        hf_cfg = read_json(os.path.join(src_dir, "config.json"), "model config")
+        hf_cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
+        save_file(self.hf_state_dict(), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(out_dir, "config.json"), hf_cfg, indent=2, sort_keys=True)
+        copy_tokenizer(src_dir, out_dir)
 
     # -- step: prefill, chunked prefill, decode and cache-less rows in one packed batch ---
 
@@ -642,7 +922,7 @@ class Backbone:
         Returns StepOutput(logits [len(logits_rows) or T, vocab], hidden or None).
         """
         cfg = self.config
-        cu = self._check_inputs(input_ids, cu_seqlens)
+        cu = check_packed(input_ids, cu_seqlens)
         B, T = len(cu) - 1, cu[-1]
         seq_ids = list(seq_ids)
         if len(seq_ids) != B:
@@ -660,20 +940,18 @@ class Backbone:
         lens = [cu[b + 1] - cu[b] for b in range(B)]
         snap = cache.snapshot([seq_ids[b] for b in cached]) if cached else {}
         reserved = cache.reserve([(seq_ids[b], lens[b]) for b in cached]) if cached else []
+        dev = self.device
         try:
             past = [0] * B
             slots = []
             for b, (p, sl) in zip(cached, reserved):
                 past[b] = p
                 slots.append(sl)
-            plan = _StepPlan.build(cu, lens, past, cached, slots, seq_ids, cache, cfg.sliding_window, self.device)
-            dev = self.device
+            plan = _StepPlan.build(cu, lens, past, cached, slots, seq_ids, cache, cfg.sliding_window, dev)
             positions = torch.arange(T, device=dev) - torch.repeat_interleave(
                 torch.tensor([cu[b] - past[b] for b in range(B)], device=dev), torch.tensor(lens, device=dev))
             cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
-            h = F.embedding(input_ids.to(dev), self.embed)
-            for li, layer in enumerate(self.layers):
-                h = self._layer(layer, h, cos, sin, cu, meta, attn_fn=lambda q, k, v, li=li: plan.attend(li, q, k, v))
+            h = self.run_layers(input_ids, Forward(cu, cos, sin, meta=meta, plan=plan))
         except BaseException:
             if cached:
                 cache.restore(snap)  # a failed step leaves the cache as it was
@@ -681,10 +959,7 @@ class Backbone:
         hidden = None
         if return_hidden:
             hidden = rms_norm(h, self.norm, cfg.rms_norm_eps) if final_norm else h
-        if logits_rows is not None:
-            h = h.index_select(0, torch.as_tensor(logits_rows, dtype=torch.long, device=dev))
-        logits = ops.linear(rms_norm(h, self.norm, cfg.rms_norm_eps), self.lm_head)
-        return StepOutput(logits=logits, hidden=hidden)
+        return StepOutput(logits=self.logits(h, logits_rows), hidden=hidden)
 
 
 @dataclass

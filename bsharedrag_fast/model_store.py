@@ -19,12 +19,25 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .fingerprint import sha256_file
 from .gguf_import import MANIFEST, import_gguf, verify_import
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")  # fmt: skip
+
+
+def copy_tokenizer(src: str, dst: str) -> None:
+    """Copy the tokenizer (and generation config) files that exist in src into dst."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
+from .data import passage_text
 from .jsonfile import write_json
 
+if TYPE_CHECKING:
+    from .index import HNSWIndex
+
+DEFAULT_MAX_LENGTH = 512  # longest embedded input in tokens (prefix and EOS included), everywhere
 # The paper's setting (WorthBuying, Chinese e-commerce QA) and an English equivalent.
 TEMPLATES = {
     "zh": "请根据以下参考资料回答问题。\n\n参考资料：\n{context}\n\n问题：{question}\n回答：",
@@ -104,14 +110,14 @@ def save_embedding_format(adapter_dir: str, pooling: str, query_prefix: str, pas
 def read_embedding_format(adapter_dir: Optional[str]) -> dict:
     """{"pooling", "query_prefix", "passage_prefix"} a retrieval adapter was trained with; {}
     when it has no EMBEDDING_FILE."""
-    from .runtime import POOL_MODES
+    from .ops.pool import MODES
 
     path, fmt = _read_format(adapter_dir, EMBEDDING_FILE, "an embedding format",
                              lambda rec: {k: rec[k] for k in EMBEDDING_DEFAULTS})
     if not fmt:
         return fmt
-    if fmt["pooling"] not in POOL_MODES:
-        raise ValueError(f'{path}: "pooling" must be one of {POOL_MODES}, got {fmt["pooling"]!r}')
+    if fmt["pooling"] not in MODES:
+        raise ValueError(f'{path}: "pooling" must be one of {MODES}, got {fmt["pooling"]!r}')
     for k in ("query_prefix", "passage_prefix"):
         if not isinstance(fmt[k], str):
             raise ValueError(f'{path}: "{k}" must be a string')
@@ -149,6 +155,44 @@ def _check_template(template: str) -> str:
     return template
 
 
+def contexts(tok, docs: Sequence[Mapping], budget: int) -> str:
+    """`[i] title: text` of each document in rank order, cut to `budget` tokens in all: each
+    document gets an even share, and what a short one leaves goes on."""
+    parts, left = [], budget
+    for i, doc in enumerate(docs):
+        title, text = doc.get("title") or "", doc.get("text") or ""
+        body = f"{title}: {text}" if title else text
+        ids = tok.encode(body, add_special_tokens=False)
+        share = left // (len(docs) - i)
+        if len(ids) > share:
+            body = tok.decode_cut(ids[:share])
+            ids = ids[:share]
+        left -= len(ids)
+        parts.append(f"[{i + 1}] {body}")
+    return "\n".join(parts)
+
+
+def build_prompt(tok, question: str, docs: Sequence[Mapping], template: str, *, chat: bool, context_tokens: int,
+                 max_length: int, max_new_tokens: int) -> str:
+    """The prompt of one question over its retrieved documents ({"title", "text"} dicts, best
+    first): the template filled with their contexts, as the user turn of the chat template when
+    chat. The contexts take at most context_tokens, and less where prompt + max_new_tokens
+    would pass max_length. Pure (a tokenizer, no engine or index): generator training, `ask`,
+    the server and eval all build their prompts here."""
+    template = _check_template(template)
+    fixed = len(encode_prompt(tok, chat_wrap(tok, template.format(context="", question=question), chat), chat))
+    marks = "\n".join(f"[{i + 1}] " for i in range(len(docs)))
+    markers = len(tok.encode(marks, add_special_tokens=False))
+    room = max_length - fixed - markers - max_new_tokens
+    if room < 1:
+        raise ValueError(
+            f"question too long: the template and question take {fixed} tokens and the answer "
+            f"{max_new_tokens}, leaving no room for contexts within max_length={max_length}"
+        )
+    return chat_wrap(tok, template.format(context=contexts(tok, docs, min(context_tokens, room)), question=question),
+                     chat)
+
+
 class RAGPipeline:
     def __init__(self, runtime, index, retrieval_adapter: str = "retrieval",
                  generation_adapter: str = "generation", k: int = 3, template: str = "en",
@@ -181,37 +225,11 @@ class RAGPipeline:
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt(self.runtime.tokenizer, prompt, self.chat)
 
-    def contexts(self, doc_ids: Sequence[str], budget: int | None = None) -> str:
-        """`title: text` of each document in rank order, cut to `budget` tokens in all (default
-        context_tokens): each document gets an even share, and what a short one leaves goes on."""
-        tok = self.runtime.tokenizer
-        parts, left = [], self.context_tokens if budget is None else budget
-        for i, doc_id in enumerate(doc_ids):
-            doc = self.index.get(doc_id)
-            title, text = doc.get("title") or "", doc.get("text") or ""
-            body = f"{title}: {text}" if title else text
-            ids = tok.encode(body, add_special_tokens=False)
-            share = left // (len(doc_ids) - i)
-            if len(ids) > share:
-                body = tok.decode_cut(ids[:share])
-                ids = ids[:share]
-            left -= len(ids)
-            parts.append(f"[{i + 1}] {body}")
-        return "\n".join(parts)
-
     def prompt(self, question: str, doc_ids: Sequence[str]) -> str:
-        """The filled template; the contexts also shrink so prompt + answer fit the model's max_length."""
-        fixed = len(self.encode(self.wrap(self.template.format(context="", question=question))))
-        marks = "\n".join(f"[{i + 1}] " for i in range(len(doc_ids)))
-        markers = len(self.runtime.tokenizer.encode(marks, add_special_tokens=False))
-        room = self.runtime.max_length - fixed - markers - self.max_new_tokens
-        if room < 1:
-            raise ValueError(
-                f"question too long: the template and question take {fixed} tokens and the answer "
-                f"{self.max_new_tokens}, leaving no room for contexts within max_length={self.runtime.max_length}"
-            )
-        return self.wrap(self.template.format(context=self.contexts(doc_ids, min(self.context_tokens, room)),
-                                              question=question))
+        """build_prompt over the indexed documents doc_ids, within this engine's max_length."""
+        return build_prompt(self.runtime.tokenizer, question, [self.index.get(d) for d in doc_ids], self.template,
+                            chat=self.chat, context_tokens=self.context_tokens, max_length=self.runtime.max_length,
+                            max_new_tokens=self.max_new_tokens)
 
     def retrieve(self, questions: Sequence[str]) -> list:
         vecs = self.retrieval_runtime.embed(list(questions), adapter=self.retrieval_adapter, pooling=self.pooling,
@@ -235,3 +253,87 @@ class RAGPipeline:
 
     def ask(self, question: str) -> Answer:
         return self.ask_many([question])[0]
+
+
+def load_rag(model: str, index_dir: str, retrieval_adapter: Optional[str] = None,
+             generation_adapter: Optional[str] = None, *, k: int = 3, template: Optional[str] = None,
+             raw: bool = False, context_tokens: int = 768, max_new_tokens: int = 128, pooling: Optional[str] = None,
+             query_prefix: Optional[str] = None, passage_prefix: Optional[str] = None,
+             max_length: int = DEFAULT_MAX_LENGTH, dtype=None, device="cpu", max_batch_tokens: int = 2048,
+             verify: bool = True, allow_mismatch: bool = False) -> RAGPipeline:
+    """The RAG pipeline over one backbone: `model` (a directory, .gguf or model name) with
+    its retrieval and generation adapters (PEFT directories; None: the base model), and the
+    index at index_dir, checked (sha256 unless verify=False) and matched against this
+    embedder before the model loads, so a bad index costs nothing. The template and chat
+    choice default to what the generation adapter was trained with, the pooling and
+    prefixes to what the retrieval adapter was trained with (prompt_settings,
+    embedding_settings)."""
+    import torch
+
+    from .fingerprint import embedder_fingerprint
+    from .index import HNSWIndex
+    from .model_store import resolve_model
+    from .runtime import SharedRuntime
+
+    template, chat = prompt_settings(template, raw, generation_adapter)
+    emb = embedding_settings(retrieval_adapter or model, pooling=pooling, query_prefix=query_prefix,
+                             passage_prefix=passage_prefix)
+    fp = embedder_fingerprint(resolve_model(model), retrieval_adapter, emb["pooling"], emb["query_prefix"],
+                              emb["passage_prefix"], max_length)
+    index = HNSWIndex.load(index_dir, embedder=fp, verify=verify, allow_mismatch=allow_mismatch)
+    rt = SharedRuntime.from_pretrained(model, {"retrieval": retrieval_adapter, "generation": generation_adapter},
+                                       dtype=dtype or torch.float32, device=device, max_batch_tokens=max_batch_tokens)
+    return RAGPipeline(rt, index, "retrieval" if retrieval_adapter else None,
+                       "generation" if generation_adapter else None, k=k, template=template,
+                       context_tokens=context_tokens, max_new_tokens=max_new_tokens,
+                       query_prefix=emb["query_prefix"], pooling=emb["pooling"], chat=chat, query_max_length=max_length)
+
+
+# ----------------------------------------------------------------------------- indexing
+
+
+
+
+def embed_batches(runtime, texts: Sequence[str], adapter, pooling: str, prefix: str, batch_size: int,
+                      desc: str, progress: bool, max_length: int) -> Iterator[tuple[int, Any]]:
+    """(start, float32 [n, d] embeddings) per batch of texts, with a progress bar; texts longer
+    than max_length tokens are cut (runtime.truncated counts them)."""
+    from tqdm import tqdm
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s : s + batch_size]
+            yield s, runtime.embed(chunk, adapter=adapter, pooling=pooling, prefix=prefix, max_tokens=max_length)
+            bar.update(len(chunk))
+
+
+def report_truncated(runtime, max_length: int) -> None:
+    """One line on stderr when embedding inputs were cut to max_length (never an error)."""
+    if runtime.truncated:
+        print(f"note: {runtime.truncated} inputs were longer than --max-length {max_length} tokens and were cut",
+              file=sys.stderr)
+
+
+def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", pooling: str = "last",
+                 passage_prefix: str = "passage: ", space: str = "ip", batch_size: int = 64,
+                 embedder: Any = None, progress: bool = True, max_length: int = DEFAULT_MAX_LENGTH) -> "HNSWIndex":
+    """An HNSWIndex of a {doc_id: {"title", "text", "metadata"}} corpus, each document embedded as
+    `passage_prefix + "title text"` (what `bsharedrag index` embeds), cut to max_length tokens.
+    Batches go into the index as they are embedded, so only the index holds every vector."""
+    from .index import HNSWIndex
+
+    if not corpus:
+        raise ValueError("corpus is empty: nothing to index")
+    ids = list(corpus)
+    for d in ids:
+        if not isinstance(corpus[d], Mapping) or not isinstance(corpus[d].get("text"), str):
+            raise ValueError(f'corpus[{d!r}] must be a dict with a "text" string')
+    texts = [passage_text(corpus[d]) for d in ids]
+    index = HNSWIndex(runtime.model.config.hidden_size, space=space, embedder=embedder)
+    for s, vecs in embed_batches(runtime, texts, adapter, pooling, passage_prefix, batch_size,
+                                     "embedding corpus", progress, max_length):
+        batch = ids[s : s + len(vecs)]
+        index.upsert(batch, vecs, [dict(corpus[d]) for d in batch])
+    return index

@@ -77,10 +77,10 @@ from . import ops
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids,
                          primary_eos, sample, stop_strings)
 from .kv_cache import KVCache, kv_bytes_per_token
+from .ops.pool import MODES as POOL_MODES
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
 
-POOL_MODES = ("last", "mean", "cls")
 
 
 class RequestCancelled(Exception):
@@ -208,6 +208,21 @@ class SharedRuntime:
         self._running: list[RequestHandle] = []  # admitted generations, admission order
         self.stats = {"steps": 0, "rows": 0, "decode_rows": 0, "prefill_rows": 0, "embed_rows": 0,
                       "step_seconds": 0.0}
+
+    @classmethod
+    def from_pretrained(cls, model: str, adapters: Optional[dict] = None, *, dtype: torch.dtype = torch.float32,
+                        device="cpu", **runtime_kw) -> "SharedRuntime":
+        """The engine over a model directory / .gguf file / model name (model_store), its
+        tokenizer, and the PEFT adapters in `adapters` ({name: directory}; None entries are
+        skipped); runtime_kw: further SharedRuntime options."""
+        from .model import Backbone
+        from .tokenizer import Tokenizer
+
+        backbone = Backbone.from_pretrained(model, dtype=dtype, device=device)
+        for name, path in (adapters or {}).items():
+            if path:
+                backbone.load_adapter(path, name)
+        return cls(backbone, Tokenizer.from_pretrained(model), **runtime_kw)
 
     # -- submission --------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from .adapters import MODULE_PARENT, TARGET_MODULES
+
 _QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6,
               use_sliding_window=False)
 _LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=5e5, rms_norm_eps=1e-5)
@@ -30,7 +32,6 @@ PRESETS = {
     "llama-3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHARD_BYTES = 2 << 30
 
 
@@ -121,7 +122,7 @@ def write_adapter(path: str, cfg: dict, seed: int, rank: int = 16, alpha: int = 
     sd = {}
     for layer in range(n_layers):
         for name, (fin, fout) in shapes.items():
-            blk = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            blk = MODULE_PARENT[name]
             key = f"base_model.model.model.layers.{layer}.{blk}.{name}"
             sd[key + ".lora_A.weight"] = (torch.randn(rank, fin, generator=g) / fin**0.5).to(dtype)
             sd[key + ".lora_B.weight"] = (torch.randn(fout, rank, generator=g) * 0.01).to(dtype)
@@ -129,7 +130,7 @@ def write_adapter(path: str, cfg: dict, seed: int, rank: int = 16, alpha: int = 
     save_file(sd, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-                   "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS), "bias": "none",
+                   "lora_dropout": 0.0, "target_modules": list(TARGET_MODULES), "bias": "none",
                    "base_model_name_or_path": None, "fan_in_fan_out": False, "use_rslora": False}, f)
 
 

@@ -3,9 +3,12 @@
 // around every kernel call. Errors raise ValueError (invalid argument / unsupported dtype),
 // MemoryError (out of memory) or RuntimeError, with bsr_last_error() as the message.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "bsharedrag.h"
 
@@ -114,6 +117,39 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("v_ptr"), py::arg("rank"), py::arg("b_ptr"), py::arg("num_adapters"),
       py::arg("out_features"), py::arg("scaling_ptr"), py::arg("sorted_idx_ptr"), py::arg("counts_ptr"),
       py::arg("starts_ptr"), py::arg("y_ptr"), py::arg("y_row_stride"));
+
+  m.def(
+      "lora_expand_slices",
+      [](int dtype, std::uintptr_t v, int64_t v_cols, const std::vector<int64_t>& rank_offsets,
+         const std::vector<int64_t>& ranks, const std::vector<std::uintptr_t>& b, const std::vector<int64_t>& out_offsets,
+         const std::vector<int64_t>& out_features, const std::vector<std::uintptr_t>& scaling, int64_t num_adapters,
+         std::uintptr_t sorted_idx, std::uintptr_t counts, std::uintptr_t starts, std::uintptr_t y, int64_t y_cols,
+         int64_t y_row_stride) {
+        const size_t n = ranks.size();
+        if (rank_offsets.size() != n || b.size() != n || out_offsets.size() != n || out_features.size() != n ||
+            scaling.size() != n)
+          throw std::invalid_argument("lora_expand_slices: the per-slice lists must have one entry per slice");
+        std::vector<const void*> bp(n);
+        std::vector<const float*> sp(n);
+        for (size_t i = 0; i < n; ++i) {
+          bp[i] = ptr<const void>(b[i]);
+          sp[i] = ptr<const float>(scaling[i]);
+        }
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_lora_expand_slices(to_dtype(dtype), ptr<const float>(v), v_cols, static_cast<int64_t>(n),
+                                      rank_offsets.data(), ranks.data(), bp.data(), out_offsets.data(),
+                                      out_features.data(), sp.data(), num_adapters, ptr<const int32_t>(sorted_idx),
+                                      ptr<const int32_t>(counts), ptr<const int32_t>(starts), ptr<void>(y), y_cols,
+                                      y_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("v_ptr"), py::arg("v_cols"), py::arg("rank_offsets"), py::arg("ranks"),
+      py::arg("b_ptrs"), py::arg("out_offsets"), py::arg("out_features"), py::arg("scaling_ptrs"),
+      py::arg("num_adapters"), py::arg("sorted_idx_ptr"), py::arg("counts_ptr"), py::arg("starts_ptr"),
+      py::arg("y_ptr"), py::arg("y_cols"), py::arg("y_row_stride"));
 
   m.def(
       "lora_add",

@@ -324,7 +324,7 @@ static void do_shrink(Scratch& S, bsr_dtype dtype, const void* x, int64_t ldx, i
   run_tiles(ntiles, cost, nt, [&](int, int64_t t0, int64_t t1) { I.shrink(P, t0, t1); });
 }
 
-static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t r, const void* b,
+static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t r, int64_t ldv, const void* b,
                             int64_t L, int64_t N, const float* scaling, const int32_t* sorted_idx,
                             const int32_t* counts, const int32_t* starts, void* y, int64_t ldy,
                             int64_t total) {
@@ -364,6 +364,7 @@ static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t
   P.dtype = dtype;
   P.v = v;
   P.r = r;
+  P.ldv = ldv;
   P.b = b;
   P.N = N;
   P.scaling = scaling;
@@ -579,8 +580,61 @@ BSR_API bsr_status bsr_lora_expand(bsr_dtype dtype, const float* v, int64_t rank
   BSR_CHECK_PTR(scaling, fn);
   BSR_CHECK_PTR(sorted_idx, fn);
   BSR_CHECK_PTR(y, fn);
-  return do_expand(tl_scratch, dtype, v, rank, lora_b, num_adapters, out_features, scaling, sorted_idx, counts,
-                   starts, y, y_row_stride, total);
+  return do_expand(tl_scratch, dtype, v, rank, rank, lora_b, num_adapters, out_features, scaling, sorted_idx,
+                   counts, starts, y, y_row_stride, total);
+  BSR_GUARD_END(fn)
+}
+
+static int64_t dtype_bytes(bsr_dtype d) {
+  return d == BSR_DTYPE_F64 ? 8 : d == BSR_DTYPE_F32 ? 4 : 2;
+}
+
+BSR_API bsr_status bsr_lora_expand_slices(bsr_dtype dtype, const float* v, int64_t v_cols, int64_t num_slices,
+                                          const int64_t* rank_offsets, const int64_t* ranks,
+                                          const void* const* lora_b, const int64_t* out_offsets,
+                                          const int64_t* out_features, const float* const* scaling,
+                                          int64_t num_adapters, const int32_t* sorted_idx, const int32_t* counts,
+                                          const int32_t* starts, void* y, int64_t y_cols, int64_t y_row_stride) {
+  static const char* fn = "bsr_lora_expand_slices";
+  clear_error();
+  BSR_GUARD_BEGIN
+  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_at_least(fn, "v_cols", v_cols, 1));
+  BSR_TRY(check_at_least(fn, "num_slices", num_slices, 0));
+  BSR_TRY(check_at_least(fn, "num_adapters", num_adapters, 0));
+  BSR_TRY(check_rows(fn, "y_cols", y_cols, "y_row_stride", y_row_stride));
+  int64_t total = 0;
+  BSR_TRY(segment_rows(fn, counts, starts, num_adapters, &total));
+  if (total == 0 || num_slices == 0) return BSR_OK;
+  BSR_CHECK_PTR(v, fn);
+  BSR_CHECK_PTR(rank_offsets, fn);
+  BSR_CHECK_PTR(ranks, fn);
+  BSR_CHECK_PTR(lora_b, fn);
+  BSR_CHECK_PTR(out_offsets, fn);
+  BSR_CHECK_PTR(out_features, fn);
+  BSR_CHECK_PTR(scaling, fn);
+  BSR_CHECK_PTR(sorted_idx, fn);
+  BSR_CHECK_PTR(y, fn);
+  for (int64_t s = 0; s < num_slices; ++s) {  // every slice checked before any is written
+    if (ranks[s] < 1 || rank_offsets[s] < 0 || rank_offsets[s] + ranks[s] > v_cols)
+      return fail(BSR_ERR_INVALID_ARGUMENT, "%s: slice %lld: v columns [%lld, %lld) are not within [0, %lld)", fn,
+                  static_cast<long long>(s), static_cast<long long>(rank_offsets[s]),
+                  static_cast<long long>(rank_offsets[s] + ranks[s]), static_cast<long long>(v_cols));
+    if (out_features[s] < 1 || out_offsets[s] < 0 || out_offsets[s] + out_features[s] > y_cols)
+      return fail(BSR_ERR_INVALID_ARGUMENT, "%s: slice %lld: y columns [%lld, %lld) are not within [0, %lld)", fn,
+                  static_cast<long long>(s), static_cast<long long>(out_offsets[s]),
+                  static_cast<long long>(out_offsets[s] + out_features[s]), static_cast<long long>(y_cols));
+    BSR_CHECK_PTR(lora_b[s], fn);
+    BSR_CHECK_PTR(scaling[s], fn);
+  }
+  char* y0 = static_cast<char*>(y);
+  for (int64_t s = 0; s < num_slices; ++s) {
+    bsr_status st = do_expand(tl_scratch, dtype, v + rank_offsets[s], ranks[s], v_cols, lora_b[s], num_adapters,
+                              out_features[s], scaling[s], sorted_idx, counts, starts,
+                              y0 + out_offsets[s] * dtype_bytes(dtype), y_row_stride, total);
+    if (st != BSR_OK) return st;
+  }
+  return BSR_OK;
   BSR_GUARD_END(fn)
 }
 
@@ -622,7 +676,7 @@ BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_st
   grow(S.v, static_cast<size_t>(num_lora * rank));
   do_shrink(S, dtype, x, x_row_stride, in_features, lora_a, num_adapters, rank, S.sorted_idx.data(),
             S.counts.data(), S.starts.data(), S.v.data(), num_lora);
-  return do_expand(S, dtype, S.v.data(), rank, lora_b, num_adapters, out_features, scaling, S.sorted_idx.data(),
+  return do_expand(S, dtype, S.v.data(), rank, rank, lora_b, num_adapters, out_features, scaling, S.sorted_idx.data(),
                    S.counts.data(), S.starts.data(), y, y_row_stride, num_lora);
   BSR_GUARD_END(fn)
 }

@@ -118,8 +118,9 @@ struct ShrinkPlan {
 
 struct ExpandPlan {
   bsr_dtype dtype;
-  const float* v;  // [num_lora, r]
+  const float* v;  // [num_lora, ldv]: row p's r inputs are v[p * ldv .. + r)
   int64_t r;
+  int64_t ldv;
   const void* b;  // [L, N, r]
   int64_t N;      // out_features
   const float* scaling;

@@ -273,7 +273,7 @@ static void expand_range_t(const ExpandPlan& P, int64_t t0, int64_t t1, float* b
       const float* vr[V::EX_RB];
       T* yr[V::EX_RB];
       for (int i = 0; i < nr; ++i) {
-        vr[i] = P.v + (p + i) * P.r;
+        vr[i] = P.v + (p + i) * P.ldv;
         yr[i] = y + static_cast<int64_t>(P.sorted_idx[p + i]) * P.ldy + o0;
       }
       expand_rows_nr<T, V::EX_RB>(nr, bt, ldbt, P.r, on, vr, s, yr);
@@ -296,7 +296,7 @@ static void expand_range_f64(const ExpandPlan& P, int64_t t0, int64_t t1) {
     const int64_t p0 = P.starts[a] + ri * P.rc;
     const int64_t p1 = imin(p0 + P.rc, end);
     for (int64_t p = p0; p < p1; ++p) {
-      const float* vr = P.v + p * r;
+      const float* vr = P.v + p * P.ldv;
       double* yr = static_cast<double*>(P.y) + static_cast<int64_t>(P.sorted_idx[p]) * P.ldy + o0;
       for (int64_t o = 0; o < on; ++o) {
         const double* br = B + o * r;

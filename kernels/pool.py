@@ -55,9 +55,9 @@ import triton.language as tl
 
 from .lora_shrink import num_sms
 
-__all__ = ["pool_forward", "pool_backward", "pool_config", "MODES"]
+__all__ = ["pool_forward", "pool_backward", "pool_config"]
 
-MODES = {"last": 0, "mean": 1, "cls": 2}  # the numbering of the C ABI's enum bsr_pool_mode (ops.pool.CPP_MODES)
+_MEAN = 1  # the mode codes are the C ABI's enum bsr_pool_mode (0 last, 1 mean, 2 cls; ops.pool.POOL_MODES)
 _FINALIZE = 3  # _pool_rows_kernel mode: finish mean pooling from the fp32 scratch
 
 # Widest row held in registers at once (next_pow2(d) above this loops over chunks).
@@ -495,7 +495,7 @@ def _forward(hidden, cu_seqlens, mode_id, w, rms, eps, normalize, out, rows_per_
     w = w if has_w else hidden  # dummy pointer, never read
     cfg = pool_config(d, max_block_d)
     rc = cfg["rows"]
-    if mode_id != MODES["mean"]:
+    if mode_id != _MEAN:
         _pool_rows_kernel[(triton.cdiv(B, rc["BLOCK_B"]),)](
             hidden, cu_seqlens, w, out, B, d, 1, hidden.stride(0), out.stride(0), eps,
             MODE=mode_id, RMS=rms, HAS_W=has_w, NORMALIZE=normalize, ALL=True, **rc,
@@ -517,19 +517,19 @@ def _forward(hidden, cu_seqlens, mode_id, w, rms, eps, normalize, out, rows_per_
         )  # fmt: skip
 
 
-def pool_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, norm_weight: torch.Tensor | None,
+def pool_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: int, norm_weight: torch.Tensor | None,
                  eps: float, normalize: bool, out: torch.Tensor, *, rows_per_program: int | None = None,
                  max_block_d: int = MAX_BLOCK_D) -> None:
     """out[b] = pool(hidden[cu_seqlens[b]:cu_seqlens[b+1]]) (see the module docstring).
 
     hidden [T, d] fp32/fp16/bf16, unit stride in d, any row stride; cu_seqlens int32
-    [B+1] (0 = cu[0] < cu[1] < ... < cu[B] = T, not checked here); mode "last" | "cls" |
-    "mean"; norm_weight [d] (any float dtype, contiguous) or None; out [B, d], unit stride in
+    [B+1] (0 = cu[0] < cu[1] < ... < cu[B] = T, not checked here); mode: a bsr_pool_mode code
+    (0 last, 1 mean, 2 cls); norm_weight [d] (any float dtype, contiguous) or None; out [B, d], unit stride in
     d, any row stride, any dtype (normally hidden's): fully overwritten, need not be
     initialised. mean may allocate an fp32 scratch [B, d] (torch.zeros) and launch a second
     kernel. No host sync. rows_per_program / max_block_d override the heuristics (tests).
     """
-    mode_id = MODES[mode]
+    mode_id = int(mode)
     B = cu_seqlens.shape[0] - 1
     if B <= 0:
         return
@@ -539,7 +539,7 @@ def pool_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, norm
              out, rows_per_program, max_block_d)  # fmt: skip
 
 
-def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, norm_weight: torch.Tensor | None,
+def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: int, norm_weight: torch.Tensor | None,
                   eps: float, normalize: bool, grad_out: torch.Tensor, grad_hidden: torch.Tensor,
                   grad_weight: torch.Tensor | None = None, *, rows_per_program: int | None = None,
                   max_block_d: int = MAX_BLOCK_D) -> None:
@@ -555,7 +555,7 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, nor
     an fp32 [B, d] workspace or two. No host sync. grad_weight sums use atomics (run-to-run
     last-bit differences), as does the recompute of mean (see the module docstring).
     """
-    mode_id = MODES[mode]
+    mode_id = int(mode)
     B = cu_seqlens.shape[0] - 1
     T, d = hidden.shape
     if B <= 0:
@@ -579,7 +579,7 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, nor
     rc = dict(cfg["rows"])
     del rc["ONE_CHUNK"]  # the rows backward always loops over column chunks (one when it fits)
     grid_b = (triton.cdiv(B, rc["BLOCK_B"]),)
-    if mode_id != MODES["mean"]:
+    if mode_id != _MEAN:
         grad_hidden.zero_()
         _pool_bwd_rows_kernel[grid_b](
             hidden, cu_seqlens, w, grad_out, grad_hidden, gw, B, d,
@@ -590,14 +590,14 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, nor
     # mean: p[b] = mean_t u_t (u_t = rms-scaled row, before w), then G[b] = dL/du_t (fp32)
     if normalize or has_w:
         p = torch.empty((B, d), dtype=torch.float32, device=hidden.device)
-        _forward(hidden, cu_seqlens, MODES["mean"], None, has_w, eps, False, p, rows_per_program, max_block_d)
+        _forward(hidden, cu_seqlens, _MEAN, None, has_w, eps, False, p, rows_per_program, max_block_d)
     else:
         p = grad_out  # dummy, never read
     g = torch.empty((B, d), dtype=torch.float32, device=hidden.device)
     _pool_bwd_rows_kernel[grid_b](
         p, cu_seqlens, w, grad_out, g, gw, B, d,
         p.stride(0), grad_out.stride(0), g.stride(0), eps,
-        MODE=MODES["mean"], HAS_W=has_w, NORMALIZE=normalize, GRAD_W=grad_w, RMS=False, LOAD_P=normalize or has_w, **rc,
+        MODE=_MEAN, HAS_W=has_w, NORMALIZE=normalize, GRAD_W=grad_w, RMS=False, LOAD_P=normalize or has_w, **rc,
     )  # fmt: skip
     mc = cfg["mean"]
     rows = _mean_rows(T, mc, hidden.device, rows_per_program)

@@ -13,7 +13,7 @@ pytest.importorskip("hnswlib")
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
 from bsharedrag_fast.cli import main  # noqa: E402
 from bsharedrag_fast.index import HNSWIndex  # noqa: E402
-from bsharedrag_fast.rag import TEMPLATES, RAGPipeline  # noqa: E402
+from bsharedrag_fast.rag import TEMPLATES, RAGPipeline, build_prompt, contexts  # noqa: E402
 from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
 from tiny_models import rag_checkpoint  # noqa: E402
 
@@ -221,12 +221,15 @@ def test_rag_pipeline_plumbing(setup):
     q_vecs = rt.embed(questions, adapter="retrieval", prefix="query: ")
     for q, ans, hits in zip(questions, answers, idx.search(q_vecs, 3)):
         assert ans.sources == hits  # retrieval = the engine's query embedding + index search
-        ids = [d for d, _ in hits]
-        assert ans.prompt == TEMPLATES["en"].format(context=rag.contexts(ids), question=q)  # budget 12 < room
-        bodies = [line.split("] ", 1)[1] for line in rag.contexts(ids).split("\n")]
-        assert [line[:4] for line in rag.contexts(ids).split("\n")] == ["[1] ", "[2] ", "[3] "]
+        docs = [idx.get(d) for d, _ in hits]
+        ctx = contexts(rt.tokenizer, docs, 12)
+        assert ans.prompt == TEMPLATES["en"].format(context=ctx, question=q)  # budget 12 < room
+        assert ans.prompt == build_prompt(rt.tokenizer, q, docs, "en", chat=False, context_tokens=12,
+                                          max_length=rt.max_length, max_new_tokens=4)
+        bodies = [line.split("] ", 1)[1] for line in ctx.split("\n")]
+        assert [line[:4] for line in ctx.split("\n")] == ["[1] ", "[2] ", "[3] "]
         # the budget in all (re-encoding a cut piece may merge differently: one token of slack per doc)
-        assert sum(len(rt.tokenizer.encode(b, add_special_tokens=False)) for b in bodies) <= 12 + len(ids)
+        assert sum(len(rt.tokenizer.encode(b, add_special_tokens=False)) for b in bodies) <= 12 + len(docs)
         direct = rt.generate([ans.prompt], adapter="generation", max_new_tokens=4)[0]
         assert ans.text == direct.text.strip()
     assert rag.ask(questions[0]).sources == answers[0].sources

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
 from bsharedrag_fast.generation import generate, sample, warp_logits  # noqa: E402
 from bsharedrag_fast.kv_cache import CacheFullError, KVCache  # noqa: E402
-from bsharedrag_fast.model import LoRAStack  # noqa: E402
+from bsharedrag_fast.adapters import LoRAStack  # noqa: E402
 from tiny_models import cu_seqlens, hf_model  # noqa: E402
 
 TOL = 1e-4

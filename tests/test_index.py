@@ -273,8 +273,7 @@ CRASH_SCRIPT = textwrap.dedent("""
         if s == stage:
             open(marker, "w").write(path)
             time.sleep(600)
-    I._SAVE_HOOK = hook
-    idx.save(d)
+    idx.save(d, on_stage=hook)
 """)
 
 

@@ -291,3 +291,57 @@ def test_add_lora_into_a_merged_projection_slice(backend):
         torch.testing.assert_close(got, ops.lora_linear_reference(*case), rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="y must be"):
         ops.add_lora_(fused[:5], x, *q[3:6], meta, backend=backend)
+
+
+def _merged_case(dtype, dev, ranks=(4, 3, 8), outs=(24, 9, 9), in_f=40, n_ad=3, n_tok=23, seed=11):
+    """A merged projection: one stacked A [L, sum r, in], one slice per module, and fp64 originals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tok, in_f, generator=g, dtype=torch.float64)
+    a = torch.randn(n_ad, sum(ranks), in_f, generator=g, dtype=torch.float64) / in_f**0.5
+    bs = [torch.randn(n_ad, o, r, generator=g, dtype=torch.float64) / r**0.5 for r, o in zip(ranks, outs)]
+    ss = [torch.rand(n_ad, generator=g).mul(1.5).add(0.5) for _ in ranks]
+    y = torch.randn(n_tok, sum(outs), generator=g, dtype=torch.float64)
+    ta = torch.randint(-1, n_ad, (n_tok,), generator=g, dtype=torch.int32)
+    offs = [sum(ranks[:i]) for i in range(len(ranks))]
+    cols = [sum(outs[:i]) for i in range(len(outs))]
+    slices = [ops.LoRASlice(o, b.to(dev, dtype), s.to(dev), c) for o, b, s, c in zip(offs, bs, ss, cols)]
+    return x, a, bs, ss, y, ta, offs, cols, slices
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("n_tok", [1, 23, 70])
+def test_add_lora_slices_matches_one_add_per_module(backend, n_tok):
+    """One shrink over the stacked A and one expand writing every slice (q/k/v of odd widths and
+    ranks) equals each module's own LoRA added into its columns, in fp64 (the definition)."""
+    dev = _device(backend)
+    for dtype in [torch.float32] + _half_dtypes(backend):
+        x, a, bs, ss, y, ta, offs, cols, slices = _merged_case(dtype, dev, n_tok=n_tok)
+        meta = ops.LoRAMeta.build(ta.to(dev), 3)
+        got = ops.add_lora_slices_(y.to(dev, dtype), x.to(dev, dtype), a.to(dev, dtype), slices, meta, backend=backend)
+        ref = y.clone()
+        for o, b, s, c in zip(offs, bs, ss, cols):
+            cols_ = ref[:, c : c + b.shape[1]]
+            cols_.copy_(ops.lora_linear_reference(x, torch.zeros(b.shape[1], x.shape[1], dtype=torch.float64), None,
+                                                  a[:, o : o + b.shape[2]], b, s, ta) + cols_)
+        tol = TOL[dtype] * 4
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=tol, atol=tol)
+
+
+def test_add_lora_slices_skips_what_it_should_and_checks_what_it_gets():
+    x, a, bs, ss, y, ta, offs, cols, slices = _merged_case(torch.float32, "cpu")
+    x, a, y = x.float(), a.float(), y.float()
+    none = ops.LoRAMeta.build(torch.full((x.shape[0],), -1, dtype=torch.int32), 3)
+    assert torch.equal(ops.add_lora_slices_(y.clone(), x, a, slices, none), y)  # no adapter rows: untouched
+    meta = ops.LoRAMeta.build(ta, 3)
+    assert torch.equal(ops.add_lora_slices_(y.clone(), x, a, [], meta), y)
+    part = ops.add_lora_slices_(y.clone(), x, a, slices[1:2], meta)  # one slice: the other columns untouched
+    c0, c1 = cols[1], cols[1] + bs[1].shape[1]
+    assert torch.equal(part[:, :c0], y[:, :c0]) and torch.equal(part[:, c1:], y[:, c1:])
+    bad = [ops.LoRASlice(a.shape[1] - 2, slices[2].lora_b, slices[2].scaling, cols[2])]  # rank 8 from row R - 2
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.add_lora_slices_(y.clone(), x, a, bad, meta)
+    with pytest.raises(ValueError, match="scaling must be float32"):
+        ops.add_lora_slices_(y.clone(), x, a, [ops.LoRASlice(0, slices[0].lora_b, slices[0].scaling.double(), 0)],
+                             meta)
+    with pytest.raises(ValueError, match="y must be"):
+        ops.add_lora_slices_(y[:3], x, a, slices, meta)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bsharedrag_fast import ops
+from bsharedrag_fast.ops.pool import POOL_MODES
 from conftest import triton_device
 
 TRITON_DEV = triton_device()
@@ -182,3 +183,16 @@ def test_matches_model_style_unfused_sequence():
     normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * wt
     expected = F.normalize(normed[cu[1:].long() - 1], dim=-1)
     torch.testing.assert_close(ops.pool(h, cu, "last", True, wt, backend="cpp"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_modes_are_the_c_abi_enum():
+    """ops.pool.POOL_MODES (what the C++ and the Triton kernels are given) is enum bsr_pool_mode."""
+    import os
+    import re
+
+    header = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "include",
+                          "bsharedrag.h")
+    with open(header, encoding="utf-8") as f:
+        enum = re.search(r"typedef enum bsr_pool_mode \{(.*?)\} bsr_pool_mode;", f.read(), re.S).group(1)
+    codes = {name.lower(): int(v) for name, v in re.findall(r"BSR_POOL_(\w+)\s*=\s*(\d+)", enum)}
+    assert codes == POOL_MODES

@@ -13,7 +13,7 @@ pytest.importorskip("tokenizers")
 
 from bsharedrag_fast import Backbone, Tokenizer, ops  # noqa: E402
 from bsharedrag_fast.generation import generate  # noqa: E402
-from bsharedrag_fast.model import LoRAStack  # noqa: E402
+from bsharedrag_fast.adapters import LoRAStack  # noqa: E402
 from bsharedrag_fast.runtime import RequestFailed, SharedRuntime  # noqa: E402
 from tiny_models import cu_seqlens, hf_model, write_tokenizer  # noqa: E402
 

@@ -12,7 +12,7 @@ from bsharedrag_fast.cli import main
 from bsharedrag_fast.train import (GeneratorConfig, PretrainConfig, RetrieverConfig, mine_negatives, pretrain,
                                    train_generator, train_retriever)
 from bsharedrag_fast.train.generator import PromptBuilder
-from bsharedrag_fast.train.module import pack
+from bsharedrag_fast.model import pack
 from train_tiny import beir_dir, model_dir, one_thread, qa_rows, write_jsonl  # noqa: F401  (one_thread: autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

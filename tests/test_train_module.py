@@ -1,4 +1,4 @@
-"""TrainModel vs the references: Backbone and transformers (forward), transformers + peft
+"""Backbone in training (full and LoRA) vs the references: Backbone and transformers (forward), transformers + peft
 (LoRA gradients), transformers autograd (full-parameter gradients); save / load round trips."""
 import json
 
@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 from bsharedrag_fast import Backbone  # noqa: E402
 from bsharedrag_fast.train import init_checkpoint  # noqa: E402
-from bsharedrag_fast.train.module import LoRASpec, TrainModel  # noqa: E402
+from bsharedrag_fast.model import Forward, LoRASpec, TrainedLoRA  # noqa: E402
 from tiny_models import hf_model, packed, peft_adapter, spans  # noqa: E402
 from train_tiny import one_thread  # noqa: E402, F401  (autouse fixture)
 
@@ -36,6 +36,16 @@ def llama(tmp_path_factory):
     return hf, str(path), tmp_path_factory
 
 
+def _full(path):
+    """Every base weight trainable (continual pre-training)."""
+    return Backbone.from_pretrained(path).requires_grad_(True)
+
+
+def _lora(path, spec):
+    """A trainable LoRA on the frozen base."""
+    return Backbone.from_pretrained(path).add_lora(spec)
+
+
 def _hf_logits(m, ids, cu):
     return torch.cat([m(input_ids=ids[s:e][None]).logits[0] for s, e in spans(cu)])
 
@@ -48,7 +58,7 @@ def _peft_param(pm, l, name, kind):
 def test_forward_matches_backbone_and_transformers(case):
     hf, path, _ = case
     ids, cu = packed(LENS)
-    tm = TrainModel.from_pretrained(path)
+    tm = _full(path)
     ours = tm.logits(tm.hidden(ids, cu))
     assert (ours - Backbone.from_pretrained(path)(ids, cu)).abs().max() < 1e-5
     with torch.no_grad():
@@ -58,7 +68,7 @@ def test_forward_matches_backbone_and_transformers(case):
 def test_full_gradients_match_transformers(case):
     hf, path, _ = case
     ids, cu = packed(LENS)
-    tm = TrainModel.from_pretrained(path)
+    tm = _full(path)
     g = torch.randn(int(cu[-1]), hf.config.vocab_size, generator=torch.Generator().manual_seed(0))
     (tm.logits(tm.hidden(ids, cu)) * g).sum().backward()
     ref = hf_model_copy(hf)
@@ -91,7 +101,7 @@ def _lora_gradients(hf, path, tmp, targets):
     ad = tmp.mktemp("ad")
     pm = peft_adapter(hf, ad, seed=3, r=4, lora_alpha=8, lora_dropout=0.0, **kw).train()
     spec = LoRASpec(r=4, alpha=8.0, dropout=0.0, **({} if targets is None else {"targets": targets}))
-    tm = TrainModel.from_pretrained(path, lora=spec)
+    tm = _lora(path, spec)
     tm.load_lora(str(ad))
     assert [n for n, _ in tm.trainable_parameters()] == [n for n, _ in tm.named_parameters() if "lora_" in n]
     ours = tm.logits(tm.hidden(ids, cu))
@@ -110,7 +120,7 @@ def test_lora_dropout_is_peft_formula(case):
     """peft: base(x) + scaling * lora_B(lora_A(dropout(x))). Replay the same dropout mask (same
     seed, the projection draws nothing else) through that formula; eval() turns dropout off."""
     _, path, _ = case
-    tm = TrainModel.from_pretrained(path, lora=LoRASpec(r=4, alpha=8.0, dropout=0.3))
+    tm = _lora(path, LoRASpec(r=4, alpha=8.0, dropout=0.3))
     layer = tm.layers[0]
     with torch.no_grad():
         for _, B in tm.lora_weights().values():
@@ -134,10 +144,10 @@ def test_lora_dropout_is_peft_formula(case):
 def _ctx(tm, ids, cu):
     """The per-forward context hidden() builds, for calling one projection directly."""
     from bsharedrag_fast import ops
-    from bsharedrag_fast.train.module import _Ctx
 
     meta = ops.LoRAMeta.build(torch.zeros(ids.shape[0], dtype=torch.int32), 1)
-    return _Ctx(tm.config, cu.tolist(), meta, tm.scaling, tm.lora.scaling, tm.lora.dropout)
+    none = torch.empty(0)  # projections read no rotary table
+    return Forward(cu.tolist(), none, none, trained=TrainedLoRA(meta, tm.lora_scaling, tm.lora_spec))
 
 
 def test_activation_checkpointing_same_gradients(llama):
@@ -146,7 +156,8 @@ def test_activation_checkpointing_same_gradients(llama):
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        tm = TrainModel.from_pretrained(path, lora=LoRASpec(r=4, alpha=8.0, dropout=0.1), activation_checkpointing=ckpt)
+        tm = _lora(path, LoRASpec(r=4, alpha=8.0, dropout=0.1))
+        tm.activation_checkpointing = ckpt
         with torch.no_grad():
             for _, B in tm.lora_weights().values():
                 B.normal_(0, 0.1)
@@ -161,14 +172,14 @@ def test_activation_checkpointing_same_gradients(llama):
 def test_saved_adapter_loads_in_peft_and_backbone(case):
     hf, path, tmp = case
     ids, cu = packed(LENS)
-    tm = TrainModel.from_pretrained(path, lora=LoRASpec(r=4, alpha=8.0, targets=("q_proj", "k_proj", "down_proj")))
+    tm = _lora(path, LoRASpec(r=4, alpha=8.0, targets=("q_proj", "k_proj", "down_proj")))
     with torch.no_grad():
         for _, B in tm.lora_weights().values():
             B.normal_(0, 0.2)
         tm.eval()
         ours = tm.logits(tm.hidden(ids, cu))
     out = tmp.mktemp("saved")
-    tm.save_adapter(str(out), base_model=path)
+    tm.save_lora(str(out), base_model=path)
     bb = Backbone.from_pretrained(path)
     bb.load_adapter(str(out), "a")
     assert (bb(ids, cu, adapters=["a"] * len(LENS)) - ours).abs().max() < 1e-5
@@ -180,7 +191,7 @@ def test_saved_adapter_loads_in_peft_and_backbone(case):
 def test_saved_full_model_loads_in_transformers_and_backbone(case):
     _, path, tmp = case
     ids, cu = packed(LENS)
-    tm = TrainModel.from_pretrained(path)
+    tm = _full(path)
     with torch.no_grad():
         for p in tm.parameters():
             p.add_(torch.randn_like(p) * 0.01)
@@ -233,8 +244,8 @@ def test_load_lora_mismatch(llama):
     hf, path, tmp = llama
     ad = tmp.mktemp("r8")
     peft_adapter(hf, ad, seed=1, r=8, lora_alpha=8)
-    tm = TrainModel.from_pretrained(path, lora=LoRASpec(r=4, alpha=8.0))
+    tm = _lora(path, LoRASpec(r=4, alpha=8.0))
     with pytest.raises(ValueError, match="rank|differ"):
         tm.load_lora(str(ad))
-    with pytest.raises(ValueError, match="LoRA mode"):
-        TrainModel.from_pretrained(path).load_lora(str(ad))
+    with pytest.raises(ValueError, match="trainable LoRA"):
+        _full(path).load_lora(str(ad))

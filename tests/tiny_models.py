@@ -8,6 +8,8 @@ import json
 import torch
 import transformers
 
+from bsharedrag_fast.adapters import TARGET_MODULES
+
 SMALL = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -50,7 +52,7 @@ def spans(cu) -> list:
     return list(zip(c[:-1], c[1:]))
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = list(TARGET_MODULES)  # every module LoRA may target
 
 
 def peft_adapter(hf, path, seed: int, **lora_kw):

@@ -149,13 +149,9 @@ def cpu_has_bf16() -> bool:
 
 
 def _runtime(model_dir: str, adapters: dict, dtype: torch.dtype = torch.float32):
-    from .. import Backbone, Tokenizer
     from ..runtime import SharedRuntime
 
-    model = Backbone.from_pretrained(model_dir, dtype=dtype)
-    for name, path in adapters.items():
-        model.load_adapter(path, name)
-    return SharedRuntime(model, Tokenizer.from_pretrained(model_dir), max_batch_tokens=2048)
+    return SharedRuntime.from_pretrained(model_dir, adapters, dtype=dtype, max_batch_tokens=2048)
 
 
 def _embed_corpus(rt, corpus: dict, adapter: Optional[str], max_tokens: int, pooling: str) -> tuple[list, torch.Tensor]:

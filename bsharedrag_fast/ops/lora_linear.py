@@ -13,7 +13,8 @@ and the weight gradients are one GEMM per active adapter over its segment:
 """
 from __future__ import annotations
 
-from typing import Union
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,80 @@ def add_lora_(
         return y.copy_(_add_lora_reference(y, x, lora_a, lora_b, scaling, meta.token_adapter))
     if not meta.no_lora:
         _expand(backend, _shrink(backend, _backends.dense_rows(x), lora_a, meta), lora_b, scaling, meta, y)
+    return y
+
+
+@dataclass(frozen=True)
+class LoRASlice:
+    """One target module of a merged projection (q of q/k/v, gate of gate/up): its rows of the
+    stacked A are lora_a[:, rank_offset:rank_offset + r], its B lora_b [L, out, r] (contiguous),
+    its scalings [L], and it adds into the columns [out_start, out_start + out) of y."""
+
+    rank_offset: int
+    lora_b: torch.Tensor
+    scaling: torch.Tensor
+    out_start: int
+
+    @property
+    def rank(self) -> int:
+        return self.lora_b.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_b.shape[1]
+
+
+def add_lora_slices_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    slices: Sequence[LoRASlice],
+    meta: LoRAMeta,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Inference only: the LoRAs of a merged projection added in place into its base output
+    y [T, out_total] (one GEMM over [q; k; v] or [gate; up]) with ONE shrink over lora_a
+    [L, R, in] (the modules' A's stacked along the rank) and ONE expand that writes each
+    slice's columns (vLLM's merged-projection LoRA). Returns y."""
+    _backends.check_float_matrix("x", x, "[T, in]")
+    _check_tensor("y", y, 2, x.dtype, x.device)
+    if y.shape[0] != x.shape[0] or y.stride(-1) != 1:
+        raise ValueError(f"y must be [{x.shape[0]}, out] with unit last stride, got {tuple(y.shape)} {y.stride()}")
+    _check_tensor("lora_a", lora_a, 3, x.dtype, x.device)
+    L, R, in_f = lora_a.shape
+    if in_f != x.shape[1]:
+        raise ValueError(f"lora_a must be [L, R, {x.shape[1]}], got {tuple(lora_a.shape)}")
+    for i, s in enumerate(slices):
+        _check_tensor(f"slices[{i}].lora_b", s.lora_b, 3, x.dtype, x.device)
+        if (s.lora_b.shape[0] != L or s.rank < 1 or not 0 <= s.rank_offset <= R - s.rank
+                or not 0 <= s.out_start <= y.shape[1] - s.out_features):
+            raise ValueError(f"slices[{i}]: lora_b {tuple(s.lora_b.shape)} at rank offset {s.rank_offset} and "
+                             f"column {s.out_start} does not fit lora_a {tuple(lora_a.shape)} and y {tuple(y.shape)}")
+        if s.scaling.dtype != torch.float32 or tuple(s.scaling.shape) != (L,) or s.scaling.device != x.device:
+            raise ValueError(f"slices[{i}].scaling must be float32 [{L}] on {x.device}")
+    meta = _as_meta(meta, x, L)
+    if meta.no_lora or not slices:
+        return y
+    backend = _fast_backend(backend, x, lora_a)
+    if backend == "reference":
+        for s in slices:
+            cols = y[:, s.out_start : s.out_start + s.out_features]
+            a = lora_a[:, s.rank_offset : s.rank_offset + s.rank]
+            cols.copy_(_add_lora_reference(cols, x, a, s.lora_b, s.scaling, meta.token_adapter))
+        return y
+    v = _shrink(backend, _backends.dense_rows(x), lora_a, meta)
+    if backend == "triton":  # one launch per slice (strided views of v and y)
+        for s in slices:
+            _expand(backend, v[:, s.rank_offset : s.rank_offset + s.rank], s.lora_b, s.scaling, meta,
+                    y[:, s.out_start : s.out_start + s.out_features])
+        return y
+    bs = [s.lora_b.contiguous() for s in slices]
+    _backends.cpp().lora_expand_slices(
+        _backends.CPP_DTYPES[y.dtype], v.data_ptr(), R, [s.rank_offset for s in slices], [s.rank for s in slices],
+        [b.data_ptr() for b in bs], [s.out_start for s in slices], [s.out_features for s in slices],
+        [s.scaling.data_ptr() for s in slices], L, meta.sorted_idx.data_ptr(), meta.counts.data_ptr(),
+        meta.starts.data_ptr(), y.data_ptr(), y.shape[1], y.stride(0),
+    )  # fmt: skip
     return y
 
 

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from . import _backends
 
-MODES = ("last", "mean", "cls")
-CPP_MODES = {"last": 0, "mean": 1, "cls": 2}  # enum bsr_pool_mode of the C ABI
+# The one numbering of the pooling modes: enum bsr_pool_mode of the C ABI (csrc/include/bsharedrag.h),
+# which the Triton kernels take as well.
+POOL_MODES = {"last": 0, "mean": 1, "cls": 2}
+MODES = tuple(POOL_MODES)
 L2_EPS = 1e-12  # F.normalize's: a zero vector stays zero
 
 # Measured by benchmarks/bench_pool.py: the C++ kernel beats the torch sequence on CPU.
@@ -105,11 +107,11 @@ def _pool_fast(backend, hidden, cu_seqlens, mode, normalize, norm_weight, eps) -
     out = torch.empty(cu_seqlens.shape[0] - 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     h, cu, w = _kernel_inputs(hidden, cu_seqlens, norm_weight)
     if backend == "triton":
-        _backends.kernels().pool_forward(h, cu, mode, w, float(eps), bool(normalize), out)
+        _backends.kernels().pool_forward(h, cu, POOL_MODES[mode], w, float(eps), bool(normalize), out)
         return out
     _backends.cpp().pool(
         _backends.CPP_DTYPES[h.dtype], h.data_ptr(), h.stride(0), h.shape[0], h.shape[1],
-        cu.data_ptr(), out.shape[0], CPP_MODES[mode],
+        cu.data_ptr(), out.shape[0], POOL_MODES[mode],
         0 if w is None else w.data_ptr(), float(eps), bool(normalize), out.data_ptr(), out.stride(0),
     )  # fmt: skip
     return out
@@ -131,7 +133,7 @@ class PoolFunction(torch.autograd.Function):
             dh = torch.empty_like(h)
             dw = torch.empty(h.shape[1], dtype=torch.float32, device=h.device) if need_w else None
             g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-            _backends.kernels().pool_backward(h, cu, ctx.mode, w, float(ctx.eps), bool(ctx.normalize), g, dh, dw)
+            _backends.kernels().pool_backward(h, cu, POOL_MODES[ctx.mode], w, float(ctx.eps), bool(ctx.normalize), g, dh, dw)
             return dh, None if dw is None else dw.to(norm_weight.dtype), None, None, None, None, None
         w = None if norm_weight is None else norm_weight.detach().requires_grad_(need_w)
         with torch.enable_grad():

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..fingerprint import adapter_sha256
-from ..rag import RAGPipeline, embedding_settings
+from ..rag import build_prompt, embedding_settings, encode_prompt
 from .engine import EngineDriver, Tracked
 from .errors import APIError, error_body, error_response, install_error_handlers, request_error
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RAGRequest
@@ -463,19 +463,19 @@ def create_app(driver: EngineDriver, limits: Limits, rag: Optional[RAGService] =
         if not 1 <= max_tokens <= limits.max_tokens:
             raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
                            param="max_tokens", code="invalid_value")
-        pipe = RAGPipeline(rt, rag.index, rag.retrieval_model, rag.generation_model, k=k, template=rag.template,
-                           context_tokens=rag.context_tokens, max_new_tokens=max_tokens,
-                           query_prefix=rag.query_prefix, pooling=rag.pooling, chat=rag.chat)
         sub = [lambda a: rt.submit_embed(question, a, rag.pooling, True, rag.query_prefix)]
         [qh] = await wait_all(request, await driver.submit(rag.retrieval_model, sub))
 
         def retrieve():
             hits = rag.index.search(qh.output[None], k)[0]
             docs = [rag.index.get(d) for d, _ in hits]
-            return hits, docs, pipe.encode(pipe.prompt(question, [d for d, _ in hits]))
+            chat = bool(tok.chat_template) if rag.chat is None else rag.chat
+            prompt = build_prompt(tok, question, docs, rag.template, chat=chat, context_tokens=rag.context_tokens,
+                                  max_length=rt.max_length, max_new_tokens=max_tokens)
+            return hits, docs, encode_prompt(tok, prompt, chat)
 
         hits, docs, prompt = await asyncio.get_running_loop().run_in_executor(rag.pool, retrieve)
-        sub = [lambda a: rt.submit_generate(prompt, a, max_new_tokens=max_tokens, temperature=pipe.temperature)]
+        sub = [lambda a: rt.submit_generate(prompt, a, max_new_tokens=max_tokens, temperature=0.0)]
         [gh] = await wait_all(request, await driver.submit(rag.generation_model, sub))
         sources = [{"id": d, "score": s, "title": doc["title"], "text": doc["text"]}
                    for (d, s), doc in zip(hits, docs)]

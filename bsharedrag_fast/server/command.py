@@ -24,11 +24,11 @@ def _adapter_arg(value: str) -> tuple[str, str]:
 
 
 def add_commands(sub) -> None:
-    from ..cli import _add_embedder_args, _add_index_load_args, _add_model_args, _add_prompt_args, positive_int
+    from ..cli_args import add_embedder_args, add_index_load_args, add_model_args, add_prompt_args, positive_int
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat, RAG) "
                                      "on one shared engine")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT LoRA served as model NAME (repeatable)")
     p.add_argument("--served-model-name", default=None, help="the base model's name (default: the model dir's name)")
@@ -55,11 +55,11 @@ def add_commands(sub) -> None:
     r.add_argument("--rag-retrieval-model", default="retrieval", help="model (adapter) that embeds the question")
     r.add_argument("--rag-generation-model", default="generation", help="model (adapter) that answers")
     r.add_argument("--k", type=positive_int, default=3, help="documents retrieved per question")
-    _add_prompt_args(r)
+    add_prompt_args(r)
     r.add_argument("--context-tokens", type=positive_int, default=768, help="token budget of the retrieved contexts")
     r.add_argument("--rag-max-tokens", type=positive_int, default=128, help="default answer length")
-    _add_index_load_args(r)
-    _add_embedder_args(p)
+    add_index_load_args(r)
+    add_embedder_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -76,7 +76,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ..cli import _load_runtime, load_index, resolve_embedding_args
+    from ..cli_args import index_from_args, resolve_embedding_args, runtime_from_args
     from ..rag import read_embedding_format
     from .app import Limits, RAGService, create_app
     from .engine import EngineDriver
@@ -93,8 +93,8 @@ def cmd_serve(args) -> int:
         logging.getLogger("bsharedrag.server").warning(
             "serving on %s without --api-key: anyone who can reach it can use it", args.host)
     kv = None if args.kv_cache_mb is None else args.kv_cache_mb << 20
-    rt = _load_runtime(args, adapters, max_length=args.max_input_tokens, cache_budget_bytes=kv,
-                       max_running=args.max_running)
+    rt = runtime_from_args(args, adapters, max_length=args.max_input_tokens, cache_budget_bytes=kv,
+                           max_running=args.max_running)
     rag = None
     if args.index:
         from concurrent.futures import ThreadPoolExecutor
@@ -104,7 +104,7 @@ def cmd_serve(args) -> int:
         template, chat = prompt_settings(args.template, args.raw, adapters.get(args.rag_generation_model))
         pool = ThreadPoolExecutor(1, thread_name_prefix="bsharedrag-index")
         resolve_embedding_args(args, adapters.get(args.rag_retrieval_model))
-        index = pool.submit(load_index, args, args.index, adapters.get(args.rag_retrieval_model)).result()
+        index = pool.submit(index_from_args, args, args.index, adapters.get(args.rag_retrieval_model)).result()
         rag = RAGService(index, pool, args.rag_retrieval_model, args.rag_generation_model, k=args.k,
                          template=template, chat=chat, context_tokens=args.context_tokens,
                          max_new_tokens=args.rag_max_tokens, query_prefix=args.query_prefix, pooling=args.pooling,

@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..ops.pool import MODES
+
 TokenIds = list[int]
 
 
@@ -38,7 +40,7 @@ class EmbeddingRequest(_Body):
     # extensions (pass with extra_body): how the retrieval LoRA expects its inputs
     # (default: as the adapter was trained, rag.EMBEDDING_FILE; else "query: " and last)
     prefix: Optional[str] = None
-    pooling: Optional[Literal["last", "mean", "cls"]] = None
+    pooling: Optional[Literal[MODES]] = None
     normalize: bool = True
 
 

@@ -83,7 +83,7 @@ def cmd_mine(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `train {pretrain,retriever,generator}` and `mine-negatives` on a subparsers object."""
-    from ..cli import _add_embedding_format, _add_max_length
+    from ..cli_args import add_embedding_format, add_max_length
     from .generator import GeneratorConfig
     from .pretrain import PretrainConfig
     from .retriever import RetrieverConfig
@@ -110,10 +110,10 @@ def add_commands(sub) -> None:
     p.add_argument("--k", type=int, default=30, help="negatives per query")
     p.add_argument("--skip", type=int, default=0, help="top ranks left out (often unjudged positives)")
     p.add_argument("--split", default="train", help="qrels split")
-    _add_embedding_format(p)
+    add_embedding_format(p)
     p.add_argument("--batch-size", type=int, default=64, help="texts embedded per call")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens packed into one engine step")
-    _add_max_length(p)
+    add_max_length(p)
     p.set_defaults(func=cmd_mine)

@@ -9,12 +9,11 @@ mixed in by ratio to keep the model's general ability.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 from ..data import enumerate_jsonl, load_corpus
 from ..generation import primary_eos
-from ..rag import RAGPipeline, chat_wrap, encode_prompt, read_template, save_prompt_format
+from ..rag import build_prompt, chat_wrap, encode_prompt, read_template, save_prompt_format
 from ..tokenizer import Tokenizer
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import lm_step
@@ -46,7 +45,7 @@ class PromptOptions:
     def saver(self, model, base: str, tok: Tokenizer):
         """Writes the adapter and, beside it, the prompt format it learned (rag.PROMPT_FILE)."""
         def save(out: str) -> None:
-            model.save_adapter(out, base)
+            model.save_lora(out, base)
             save_prompt_format(out, self.template_text(), self.chat_for(tok))
         return save
 
@@ -104,8 +103,6 @@ class PromptBuilder:
             raise ValueError(f"max_answer_tokens must be >= 1, got {opts.max_answer_tokens}")
         self.template = opts.template_text()
         self.chat = opts.chat_for(tok)
-        # RAGPipeline builds the inference prompts; this one only needs a tokenizer and a length
-        self.runtime = SimpleNamespace(tokenizer=tok, max_length=self.max_length)
 
     def answer_ids(self, answer: str, where: str) -> list[int]:
         # a chat answer opens the assistant turn; a plain one follows "Answer:" after a space
@@ -117,14 +114,13 @@ class PromptBuilder:
 
     def rag(self, question: str, docs: list[dict], answer: str, where: str) -> tuple[list[int], int]:
         ans = self.answer_ids(answer, where)
-        store = {str(i): d for i, d in enumerate(docs[: self.opts.k])}
-        rag = RAGPipeline(self.runtime, store, k=self.opts.k, template=self.template,
-                          context_tokens=self.opts.context_tokens, max_new_tokens=len(ans), chat=self.chat)
-        try:
-            prompt = rag.prompt(question, list(store))
+        try:  # the prompt the RAG pipeline builds at inference
+            prompt = build_prompt(self.tok, question, docs[: self.opts.k], self.template, chat=self.chat,
+                                  context_tokens=self.opts.context_tokens, max_length=self.max_length,
+                                  max_new_tokens=len(ans))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return self._join(rag.encode(prompt), ans, where)
+        return self._join(encode_prompt(self.tok, prompt, self.chat), ans, where)
 
     def plain(self, prompt: str, answer: str, where: str) -> tuple[list[int], int]:
         ids = encode_prompt(self.tok, chat_wrap(self.tok, prompt, self.chat), self.chat)

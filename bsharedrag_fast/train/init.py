@@ -3,26 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
 import torch
 
 from ..model import ModelConfig
+from ..model_store import copy_tokenizer
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")  # fmt: skip
 INIT_STD = 0.02  # transformers' initializer_range default for these architectures
-
-
-def copy_tokenizer(src: str, dst: str) -> None:
-    """Copy the tokenizer (and generation config) files that exist in src into dst."""
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(dst, name))
 
 
 def hf_config(config: dict) -> dict:

@@ -31,9 +31,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import plots
-from ..model import TARGET_MODULES
+from ..model import TARGET_MODULES, Backbone, LoRASpec
 from .checkpoint import load_checkpoint, save_checkpoint
-from .module import LoRASpec, TrainModel
 
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -187,14 +186,18 @@ def uses_bf16(cfg: LoopConfig, device: torch.device) -> bool:
 
 
 def build_model(cfg: LoopConfig, model_dir: str, dist: Dist, device: torch.device, lora=None,
-                init_adapter: Optional[str] = None) -> TrainModel:
-    """The TrainModel every rank starts from (same seed: same LoRA init), then per-rank
-    seeds for dropout. A frozen base under bf16 autocast is stored in bf16 (the trainable
-    weights stay fp32)."""
+                init_adapter: Optional[str] = None) -> Backbone:
+    """The model every rank starts from (same seed: same LoRA init), then per-rank seeds
+    for dropout: the whole base trainable (lora None) or a trainable LoRA on the frozen
+    base. A frozen base under bf16 autocast is stored in bf16 (the trainable weights stay fp32)."""
     bf16_base = lora is not None and uses_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
-    model = TrainModel.from_pretrained(model_dir, lora, torch.bfloat16 if bf16_base else torch.float32, device,
-                                       cfg.activation_checkpointing)
+    model = Backbone.from_pretrained(model_dir, torch.bfloat16 if bf16_base else torch.float32, device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if lora is None:
+        model.requires_grad_(True)
+    else:
+        model.add_lora(lora)
     if init_adapter:
         model.load_lora(init_adapter)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -247,13 +250,13 @@ def plot_losses(losses: list, path: str, title: str) -> str:
 
 
 # (loss to backpropagate, its global value, tokens), and optionally {task: value} of its terms
-StepLoss = Callable[[TrainModel, object, Dist], tuple]
+StepLoss = Callable[[Backbone, object, Dist], tuple]
 """(model, global micro-batch, dist) -> (this rank's objective: its gradients summed over the
 ranks are the gradient of the global loss; this rank's share of the loss value: the shares
 add up to the global loss; tokens this rank processed)."""
 
 
-def train_loop(cfg: LoopConfig, model: TrainModel, source, step_loss: StepLoss, save_final: Callable[[str], None],
+def train_loop(cfg: LoopConfig, model: Backbone, source, step_loss: StepLoss, save_final: Callable[[str], None],
                dist: Dist, name: str) -> TrainResult:
     """Run cfg.steps optimizer steps. `source` has next_batch(), state_dict() and
     load_state_dict(); save_final(out_dir) writes the final model / adapter (rank 0)."""

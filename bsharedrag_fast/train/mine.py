@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..evaluation import DEFAULT_MAX_LENGTH, index_corpus, report_truncated
-from ..rag import embedding_settings
+from ..rag import DEFAULT_MAX_LENGTH, embedding_settings, index_corpus, report_truncated
 
 
 def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: int = 30, split: str = "train",
@@ -25,9 +24,7 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
     from tqdm import tqdm
 
     from ..data import load_beir
-    from ..model import Backbone
     from ..runtime import SharedRuntime
-    from ..tokenizer import Tokenizer
 
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -38,10 +35,8 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
     fmt = embedding_settings(adapter or model, pooling=pooling, query_prefix=query_prefix,
                              passage_prefix=passage_prefix)
     beir = load_beir(data, split)
-    backbone = Backbone.from_pretrained(model, dtype=dtype, device=device)
-    if adapter:
-        backbone.load_adapter(adapter, "retrieval")
-    rt = SharedRuntime(backbone, Tokenizer.from_pretrained(model), max_batch_tokens=max_batch_tokens)
+    rt = SharedRuntime.from_pretrained(model, {"retrieval": adapter}, dtype=dtype, device=device,
+                                       max_batch_tokens=max_batch_tokens)
     name = "retrieval" if adapter else None
     index = index_corpus(rt, beir.corpus, adapter=name, pooling=fmt["pooling"], passage_prefix=fmt["passage_prefix"],
                          batch_size=batch_size, max_length=max_length)

@@ -15,9 +15,9 @@ import torch
 
 from ..data import enumerate_jsonl
 from ..generation import primary_eos
+from ..model import IGNORE, pack
 from ..tokenizer import Tokenizer
 from .loop import LoopConfig, TrainResult, build_model, option, setup_distributed, train_loop
-from .module import IGNORE, pack
 from .sampling import EpochSampler, Rng
 
 

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from ..data import enumerate_jsonl, load_beir, passage_text
 from ..generation import primary_eos
+from ..model import pack
+from ..ops.pool import MODES
 from ..rag import save_embedding_format
-from ..runtime import POOL_MODES
 from ..tokenizer import Tokenizer
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
-from .module import pack
 from .pretrain import causal_labels
 from .sampling import EpochSampler, Rng
 
@@ -77,8 +77,8 @@ class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
             raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.pooling not in POOL_MODES:
-            raise ValueError(f"pooling must be one of {POOL_MODES}, got {self.pooling!r}")
+        if self.pooling not in MODES:
+            raise ValueError(f"pooling must be one of {MODES}, got {self.pooling!r}")
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (a token and EOS), got {getattr(self, name)}")
@@ -297,7 +297,7 @@ def train_retriever(cfg: RetrieverConfig) -> TrainResult:
     elif cfg.fully_shared:  # a Fully-shared adapter also answers: it keeps the prompt format it was trained with
         save_weights = cfg.saver(model, cfg.model, tok)
     else:
-        save_weights = lambda out: model.save_adapter(out, cfg.model)  # noqa: E731
+        save_weights = lambda out: model.save_lora(out, cfg.model)  # noqa: E731
 
     def save(out: str) -> None:  # index, ask, eval and the server then embed as trained (rag.EMBEDDING_FILE)
         save_weights(out)

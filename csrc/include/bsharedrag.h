@@ -112,6 +112,23 @@ BSR_API bsr_status bsr_lora_expand(bsr_dtype dtype, const float* v, int64_t rank
                                    const int32_t* starts, void* y, int64_t y_row_stride);
 
 /*
+ * Expand of a merged projection (q/k/v, gate/up): one shrink over the adapters' A's stacked
+ * along the rank gave v [num_lora, v_cols] (fp32, contiguous); slice s reads its columns
+ * [rank_offsets[s], + ranks[s]) and adds into y's columns [out_offsets[s], + out_features[s]):
+ *   y[sorted_idx[p], out_offsets[s] + o] +=
+ *       scaling[s][a(p)] * sum_j v[p, rank_offsets[s] + j] * lora_b[s][a(p), o, j]
+ * lora_b[s] [num_adapters, out_features[s], ranks[s]] contiguous, scaling[s] [num_adapters];
+ * accumulated in fp32 and rounded once into y's dtype. y [rows, y_cols] (row stride
+ * y_row_stride). Every slice is checked before any is written.
+ */
+BSR_API bsr_status bsr_lora_expand_slices(bsr_dtype dtype, const float* v, int64_t v_cols, int64_t num_slices,
+                                          const int64_t* rank_offsets, const int64_t* ranks,
+                                          const void* const* lora_b, const int64_t* out_offsets,
+                                          const int64_t* out_features, const float* const* scaling,
+                                          int64_t num_adapters, const int32_t* sorted_idx, const int32_t* counts,
+                                          const int32_t* starts, void* y, int64_t y_cols, int64_t y_row_stride);
+
+/*
  * Whole LoRA update in one call (sort + shrink + expand, scratch allocated inside):
  * y[t] += scaling[a] * (x[t] A_a^T) B_a^T for rows with token_adapter[t] >= 0.
  * y holds the caller's base output x W^T + b (computed with any BLAS).

@@ -451,6 +451,67 @@ static void test_errors(void) {
   }
 }
 
+/* bsr_lora_expand_slices == one bsr_lora_expand per slice on copies of its v columns and
+ * its own output block (bit for bit: the same sums in the same order); then its checks. */
+static void test_expand_slices(void) {
+  enum { T = 11, L = 3, NS = 3, RT = 4 + 1 + 7, YC = 19 + 5 + 8 + 2 };
+  static const int64_t roff[NS] = {0, 4, 5}, rk[NS] = {4, 1, 7}, ooff[NS] = {0, 19, 24}, of[NS] = {19, 5, 8};
+  static const bsr_dtype dts[2] = {BSR_DTYPE_F32, BSR_DTYPE_BF16};
+  int32_t ta[T], idx[T], counts[L], starts[L];
+  int64_t n = 0;
+  int d, i, sl;
+  for (i = 0; i < T; ++i) ta[i] = (i * 7) % (L + 1) - 1;
+  CHECK(bsr_lora_sort_tokens(ta, T, L, idx, counts, starts, &n) == BSR_OK, "expand_slices: sort");
+  for (d = 0; d < 2; ++d) {
+    const bsr_dtype dt = dts[d];
+    const size_t es = dtype_size(dt);
+    float v[T * RT], vs[T * 8], scale[NS][L];
+    void *b[NS], *y = calloc((size_t)T * (YC + 3), es), *yref = calloc((size_t)T * (YC + 3), es);
+    const void* bp[NS];
+    const float* sp[NS];
+    bsr_status st;
+    for (i = 0; i < T * RT; ++i) v[i] = (float)urand();
+    for (i = 0; i < T * (YC + 3); ++i) put(dt, y, (size_t)i, put(dt, yref, (size_t)i, urand()));
+    for (sl = 0; sl < NS; ++sl) {
+      int64_t p, j, k;
+      b[sl] = malloc((size_t)L * of[sl] * rk[sl] * es);
+      for (k = 0; k < L * of[sl] * rk[sl]; ++k) put(dt, b[sl], (size_t)k, urand());
+      for (k = 0; k < L; ++k) scale[sl][k] = (float)(0.5 + fabs(urand()));
+      bp[sl] = b[sl];
+      sp[sl] = scale[sl];
+      for (p = 0; p < n; ++p)
+        for (j = 0; j < rk[sl]; ++j) vs[p * rk[sl] + j] = v[p * RT + roff[sl] + j];
+      st = bsr_lora_expand(dt, vs, rk[sl], b[sl], L, of[sl], scale[sl], idx, counts, starts,
+                           (char*)yref + ooff[sl] * es, YC + 3);
+      CHECK(st == BSR_OK, "expand_slices %s: reference expand of slice %d: %s", dtype_name(dt), sl, bsr_last_error());
+    }
+    st = bsr_lora_expand_slices(dt, v, RT, NS, roff, rk, bp, ooff, of, sp, L, idx, counts, starts, y, YC, YC + 3);
+    CHECK(st == BSR_OK, "expand_slices %s status %d: %s", dtype_name(dt), st, bsr_last_error());
+    CHECK(memcmp(y, yref, (size_t)T * (YC + 3) * es) == 0,
+          "expand_slices %s differs from one expand per slice (or wrote the padding)", dtype_name(dt));
+    if (d == 0) { /* checks: nothing is written when any slice is bad */
+      int64_t bad_off[NS] = {0, 4, 6}, bad_out[NS] = {0, 19, 27};
+      const void* nb[NS] = {bp[0], NULL, bp[2]};
+      memcpy(yref, y, (size_t)T * (YC + 3) * es);
+      st = bsr_lora_expand_slices(dt, v, RT, NS, bad_off, rk, bp, ooff, of, sp, L, idx, counts, starts, y, YC, YC + 3);
+      CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "slice 2") != NULL,
+            "expand_slices: v columns past v_cols: status %d '%s'", st, bsr_last_error());
+      st = bsr_lora_expand_slices(dt, v, RT, NS, roff, rk, bp, bad_out, of, sp, L, idx, counts, starts, y, YC, YC + 3);
+      CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "y columns") != NULL,
+            "expand_slices: y columns past y_cols: status %d '%s'", st, bsr_last_error());
+      st = bsr_lora_expand_slices(dt, v, RT, NS, roff, rk, nb, ooff, of, sp, L, idx, counts, starts, y, YC, YC + 3);
+      CHECK(st == BSR_ERR_NULL_POINTER, "expand_slices: lora_b[1] NULL: status %d", st);
+      CHECK(memcmp(y, yref, (size_t)T * (YC + 3) * es) == 0, "expand_slices wrote y before failing a check");
+      st = bsr_lora_expand_slices(dt, NULL, RT, 0, NULL, NULL, NULL, NULL, NULL, NULL, L, idx, counts, starts, y, YC,
+                                  YC + 3);
+      CHECK(st == BSR_OK, "expand_slices with no slices: status %d", st);
+    }
+    for (sl = 0; sl < NS; ++sl) free(b[sl]);
+    free(y);
+    free(yref);
+  }
+}
+
 /* ---- bsr_pool ---------------------------------------------------------------------------- */
 
 /* Naive double reference: RMSNorm each row (if w), pool, L2 (if normalize). */
@@ -607,6 +668,7 @@ int main(void) {
   test_kernels();
   test_thread_determinism();
   test_errors();
+  test_expand_slices();
   test_pool();
   test_linear();
   if (g_failures) {
