@@ -100,7 +100,7 @@ def main() -> int:
         "lora_launches_per_layer": sum(calls.values()) / n_layers, "lora_calls": calls,
         "step_ms": {"median": med * 1e3, "min": low * 1e3},
         "step_us_per_layer": {"median": med * 1e6 / n_layers, "min": low * 1e6 / n_layers},
-        "machine": machine_info(),
+        "machine": machine_info("cpu"), "load_average": os.getloadavg(),
     }
     print(f"{args.preset}: {n_layers} layers, {B} decode rows (2 adapters), {args.threads} thread(s)")
     print(f"  LoRA kernel launches per layer: {out['lora_launches_per_layer']:g}  {calls}")

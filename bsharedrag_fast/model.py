@@ -400,15 +400,6 @@ def projection_groups(cfg: ModelConfig) -> dict:
     }
 
 
-@dataclass
-class MergedLoRA:
-    """The engine's adapters on one merged projection: the A's of its modules stacked along
-    the rank ([L, R, in]) and one slice per module (its B, scalings and output columns)."""
-
-    lora_a: torch.Tensor
-    slices: tuple  # of ops.LoRASlice
-
-
 def _stacked_rows(parts: list) -> Optional[torch.Tensor]:
     """The [L, sum r, in] tensor that parts (lora_a [L, r_i, in] each) are consecutive row
     blocks of, or None when they are not views of one such tensor."""
@@ -452,7 +443,7 @@ class Layer(nn.Module):
         self.down_weight = param(sd[m + "down_proj.weight"])
         self.down_bias = param(sd.get(m + "down_proj.bias"))
         self.lora: dict = {}  # target module -> LoRAStack
-        self.lora_groups: dict = {}  # merged projection -> MergedLoRA over the same stacks
+        self.lora_groups: dict = {}  # merged projection -> ops.MergedLoRA over the same stacks
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
 
     def add_lora(self, spec: LoRASpec, module_shapes: dict) -> None:
@@ -481,7 +472,7 @@ class Layer(nn.Module):
         if ctx.meta is not None and not ctx.meta.no_lora:
             merged = self.lora_groups.get(group)
             if merged is not None:  # one shrink and one expand for the whole group, in place
-                ops.add_lora_slices_(y, x, merged.lora_a, merged.slices, ctx.meta)
+                merged.add_(y, x, ctx.meta)
         return y
 
     def set_lora(self, stacks: dict) -> None:
@@ -506,7 +497,7 @@ class Layer(nn.Module):
                     lora[n] = LoRAStack(stacked[:, off : off + r], st.lora_b, st.scaling)
                 slices.append(ops.LoRASlice(off, st.lora_b.contiguous(), st.scaling, col))
                 off += r
-            groups[group] = MergedLoRA(stacked, tuple(slices))
+            groups[group] = ops.MergedLoRA(stacked, slices)
         self.lora, self.lora_groups = lora, groups
 
     def _trained_proj(self, mods, x, w, b, lora: TrainedLoRA) -> torch.Tensor:

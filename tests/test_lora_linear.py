@@ -338,10 +338,14 @@ def test_add_lora_slices_skips_what_it_should_and_checks_what_it_gets():
     c0, c1 = cols[1], cols[1] + bs[1].shape[1]
     assert torch.equal(part[:, :c0], y[:, :c0]) and torch.equal(part[:, c1:], y[:, c1:])
     bad = [ops.LoRASlice(a.shape[1] - 2, slices[2].lora_b, slices[2].scaling, cols[2])]  # rank 8 from row R - 2
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit|do not fit"):
         ops.add_lora_slices_(y.clone(), x, a, bad, meta)
     with pytest.raises(ValueError, match="scaling must be float32"):
         ops.add_lora_slices_(y.clone(), x, a, [ops.LoRASlice(0, slices[0].lora_b, slices[0].scaling.double(), 0)],
                              meta)
-    with pytest.raises(ValueError, match="y must be"):
+    with pytest.raises(ValueError, match="must match the adapters"):
         ops.add_lora_slices_(y[:3], x, a, slices, meta)
+    merged = ops.MergedLoRA(a, slices)  # built once, called every step: the same sums as the one-off call
+    assert torch.equal(merged.add_(y.clone(), x, meta), ops.add_lora_slices_(y.clone(), x, a, slices, meta))
+    with pytest.raises(ValueError, match="must match the adapters"):
+        merged.add_(y.clone(), x.double(), meta)

@@ -4,9 +4,9 @@ Each op has a pure-torch reference beside its fast backends ("triton", "cpp");
 tests compare the fast paths against the reference.
 """
 from .linear import linear
-from .lora_linear import LoRASlice, add_lora_, add_lora_slices_, lora_linear, lora_linear_reference
+from .lora_linear import LoRASlice, MergedLoRA, add_lora_, add_lora_slices_, lora_linear, lora_linear_reference
 from .lora_meta import LoRAMeta
 from .pool import pool, pool_reference
 
-__all__ = ["LoRAMeta", "LoRASlice", "add_lora_", "add_lora_slices_", "linear", "lora_linear", "lora_linear_reference",
+__all__ = ["LoRAMeta", "LoRASlice", "MergedLoRA", "add_lora_", "add_lora_slices_", "linear", "lora_linear", "lora_linear_reference",
            "pool", "pool_reference"]

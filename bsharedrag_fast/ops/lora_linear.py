@@ -275,6 +275,67 @@ class LoRASlice:
         return self.lora_b.shape[1]
 
 
+class MergedLoRA:
+    """The adapters of one merged projection (q/k/v or gate/up, or a single module), checked
+    once here so the per-step call is cheap: lora_a [L, R, in] holds every module's A stacked
+    along the rank, and each LoRASlice names its rows of it, its B and scalings, and its
+    output columns. add_ runs ONE shrink over lora_a and ONE expand writing every slice's
+    columns (vLLM's merged-projection LoRA)."""
+
+    def __init__(self, lora_a: torch.Tensor, slices: Sequence[LoRASlice]):
+        if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 3 or not lora_a.is_floating_point():
+            raise ValueError(f"lora_a must be a float tensor [L, R, in], got {getattr(lora_a, 'shape', lora_a)!r}")
+        L, R, _ = lora_a.shape
+        dt, dev = lora_a.dtype, lora_a.device
+        for i, s in enumerate(slices):
+            _check_tensor(f"slices[{i}].lora_b", s.lora_b, 3, dt, dev)
+            if s.lora_b.shape[0] != L or s.rank < 1 or not 0 <= s.rank_offset <= R - s.rank or s.out_start < 0:
+                raise ValueError(f"slices[{i}]: lora_b {tuple(s.lora_b.shape)} at rank offset {s.rank_offset} "
+                                 f"and column {s.out_start} does not fit lora_a {tuple(lora_a.shape)}")
+            if s.scaling.dtype != torch.float32 or tuple(s.scaling.shape) != (L,) or s.scaling.device != dev:
+                raise ValueError(f"slices[{i}].scaling must be float32 [{L}] on {dev}")
+        self.lora_a = lora_a if dev.type != "cpu" else lora_a.contiguous()
+        self.slices = tuple(LoRASlice(s.rank_offset, s.lora_b.contiguous(), s.scaling, s.out_start) for s in slices)
+        self.num_adapters, self.in_features = L, lora_a.shape[2]
+        self.out_end = max((s.out_start + s.out_features for s in self.slices), default=0)
+        # the C ABI's per-slice arrays, built once (the tensors above keep the pointers valid)
+        self._cpp_args = ([s.rank_offset for s in self.slices], [s.rank for s in self.slices],
+                          [s.lora_b.data_ptr() for s in self.slices], [s.out_start for s in self.slices],
+                          [s.out_features for s in self.slices], [s.scaling.data_ptr() for s in self.slices])
+
+    def add_(self, y: torch.Tensor, x: torch.Tensor, meta: LoRAMeta, backend: str = "auto") -> torch.Tensor:
+        """y[t, slice columns] += scaling * (x[t] A^T) B^T for rows with an adapter, in place
+        (inference only); y is the base output [T, >= the last slice's end]. Returns y."""
+        if (x.dtype != self.lora_a.dtype or y.dtype != x.dtype or x.dim() != 2 or x.shape[1] != self.in_features
+                or y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] < self.out_end or y.stride(-1) != 1
+                or x.device != self.lora_a.device or y.device != x.device):
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} and y {tuple(y.shape)} {y.dtype} (unit last stride) "
+                             f"must match the adapters' [L, R, {self.in_features}] {self.lora_a.dtype} on "
+                             f"{self.lora_a.device} and reach column {self.out_end}")
+        meta = _as_meta(meta, x, self.num_adapters)
+        if meta.no_lora or not self.slices:
+            return y
+        backend = _fast_backend(backend, x, self.lora_a)
+        if backend == "reference":
+            for s in self.slices:
+                cols = y[:, s.out_start : s.out_start + s.out_features]
+                a = self.lora_a[:, s.rank_offset : s.rank_offset + s.rank]
+                cols.copy_(_add_lora_reference(cols, x, a, s.lora_b, s.scaling, meta.token_adapter))
+            return y
+        v = _shrink(backend, _backends.dense_rows(x), self.lora_a, meta)
+        if backend == "triton":  # one launch per slice (strided views of v and y)
+            for s in self.slices:
+                _expand(backend, v[:, s.rank_offset : s.rank_offset + s.rank], s.lora_b, s.scaling, meta,
+                        y[:, s.out_start : s.out_start + s.out_features])
+            return y
+        _backends.cpp().lora_expand_slices(
+            _backends.CPP_DTYPES[y.dtype], v.data_ptr(), v.shape[1], *self._cpp_args, self.num_adapters,
+            meta.sorted_idx.data_ptr(), meta.counts.data_ptr(), meta.starts.data_ptr(), y.data_ptr(), y.shape[1],
+            y.stride(0),
+        )  # fmt: skip
+        return y
+
+
 def add_lora_slices_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -284,49 +345,15 @@ def add_lora_slices_(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Inference only: the LoRAs of a merged projection added in place into its base output
-    y [T, out_total] (one GEMM over [q; k; v] or [gate; up]) with ONE shrink over lora_a
-    [L, R, in] (the modules' A's stacked along the rank) and ONE expand that writes each
-    slice's columns (vLLM's merged-projection LoRA). Returns y."""
+    y [T, out_total]; see MergedLoRA (build one once to call it every step). Returns y."""
     _backends.check_float_matrix("x", x, "[T, in]")
-    _check_tensor("y", y, 2, x.dtype, x.device)
-    if y.shape[0] != x.shape[0] or y.stride(-1) != 1:
-        raise ValueError(f"y must be [{x.shape[0]}, out] with unit last stride, got {tuple(y.shape)} {y.stride()}")
-    _check_tensor("lora_a", lora_a, 3, x.dtype, x.device)
-    L, R, in_f = lora_a.shape
-    if in_f != x.shape[1]:
-        raise ValueError(f"lora_a must be [L, R, {x.shape[1]}], got {tuple(lora_a.shape)}")
-    for i, s in enumerate(slices):
-        _check_tensor(f"slices[{i}].lora_b", s.lora_b, 3, x.dtype, x.device)
-        if (s.lora_b.shape[0] != L or s.rank < 1 or not 0 <= s.rank_offset <= R - s.rank
-                or not 0 <= s.out_start <= y.shape[1] - s.out_features):
-            raise ValueError(f"slices[{i}]: lora_b {tuple(s.lora_b.shape)} at rank offset {s.rank_offset} and "
-                             f"column {s.out_start} does not fit lora_a {tuple(lora_a.shape)} and y {tuple(y.shape)}")
-        if s.scaling.dtype != torch.float32 or tuple(s.scaling.shape) != (L,) or s.scaling.device != x.device:
-            raise ValueError(f"slices[{i}].scaling must be float32 [{L}] on {x.device}")
-    meta = _as_meta(meta, x, L)
-    if meta.no_lora or not slices:
-        return y
-    backend = _fast_backend(backend, x, lora_a)
-    if backend == "reference":
-        for s in slices:
-            cols = y[:, s.out_start : s.out_start + s.out_features]
-            a = lora_a[:, s.rank_offset : s.rank_offset + s.rank]
-            cols.copy_(_add_lora_reference(cols, x, a, s.lora_b, s.scaling, meta.token_adapter))
-        return y
-    v = _shrink(backend, _backends.dense_rows(x), lora_a, meta)
-    if backend == "triton":  # one launch per slice (strided views of v and y)
-        for s in slices:
-            _expand(backend, v[:, s.rank_offset : s.rank_offset + s.rank], s.lora_b, s.scaling, meta,
-                    y[:, s.out_start : s.out_start + s.out_features])
-        return y
-    bs = [s.lora_b.contiguous() for s in slices]
-    _backends.cpp().lora_expand_slices(
-        _backends.CPP_DTYPES[y.dtype], v.data_ptr(), R, [s.rank_offset for s in slices], [s.rank for s in slices],
-        [b.data_ptr() for b in bs], [s.out_start for s in slices], [s.out_features for s in slices],
-        [s.scaling.data_ptr() for s in slices], L, meta.sorted_idx.data_ptr(), meta.counts.data_ptr(),
-        meta.starts.data_ptr(), y.data_ptr(), y.shape[1], y.stride(0),
-    )  # fmt: skip
-    return y
+    if lora_a.dtype != x.dtype or lora_a.device != x.device or lora_a.dim() != 3 or lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_a must be [L, R, {x.shape[1]}] {x.dtype} on {x.device} (as x), got "
+                         f"{tuple(lora_a.shape)} {lora_a.dtype} on {lora_a.device}")
+    merged = MergedLoRA(lora_a, slices)
+    if merged.out_end > y.shape[1]:
+        raise ValueError(f"the slices reach column {merged.out_end} but y is {tuple(y.shape)}: they do not fit")
+    return merged.add_(y, x, meta, backend)
 
 
 def lora_linear_reference(
