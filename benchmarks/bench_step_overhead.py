@@ -3,7 +3,7 @@
 A random checkpoint (the "micro" shape below: d=64, so the matmuls cost next to nothing and
 what is left is the Python and dispatch around them, or a synthetic preset) with two random
 r=16 adapters on q/k/v/o/gate/up/down; B sequences decode one token each, half of them with
-each adapter, through Backbone.step over a paged KV cache.
+each adapter, through one engine step over a paged KV cache.
 
   launches    calls into the C++ LoRA kernels (shrink, expand, expanded slices, whole adds)
               during one step, per layer: separate q/k/v/gate/up modules take a shrink and an
@@ -30,6 +30,13 @@ from bsharedrag_fast import Backbone
 from bsharedrag_fast.kv_cache import KVCache
 from bsharedrag_fast.ops import _backends
 from bsharedrag_fast.synthetic import PRESETS, write_adapter, write_checkpoint
+
+try:
+    from bsharedrag_fast.step import run_step
+except ImportError:  # a checkout from before the engine owned the step
+
+    def run_step(model, *args, **kw):
+        return model.step(*args, **kw)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info  # noqa: E402
@@ -85,14 +92,14 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg["vocab_size"], (B * args.context,), generator=g)
     cu = torch.arange(0, B * args.context + 1, args.context, dtype=torch.int32)
-    model.step(prompt, cu, seqs, cache, adapters, logits_rows=[])
+    run_step(model, prompt, cu, seqs, cache, adapters, logits_rows=[])
     ids, dcu = torch.randint(0, cfg["vocab_size"], (B,), generator=g), torch.arange(B + 1, dtype=torch.int32)
 
-    calls = count_calls(lambda: model.step(ids, dcu, seqs, cache, adapters))
+    calls = count_calls(lambda: run_step(model, ids, dcu, seqs, cache, adapters))
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        model.step(ids, dcu, seqs, cache, adapters)
+        run_step(model, ids, dcu, seqs, cache, adapters)
         times.append(time.perf_counter() - t0)
     med, low = statistics.median(times), min(times)
     out = {

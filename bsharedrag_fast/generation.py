@@ -1,4 +1,4 @@
-"""Sampling and batched generation over `Backbone.step` and a paged `KVCache`.
+"""Sampling and batched generation over engine steps (step.run_step) and a paged `KVCache`.
 
     results = generate(model, tok_or_None, prompts=[[ids...], ...], adapters="gen" | [per prompt],
                        max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
+from .step import run_step
 
 __all__ = ["GenerationResult", "generate", "sample", "warp_logits", "apply_repetition_penalty", "CacheFullError"]
 
@@ -226,7 +227,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
     lens = torch.tensor([len(p) for p in prompts])
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32)
-    logits = model.step(ids, cu, seq_ids, cache, adapters=adapters, logits_rows=cu[1:].long() - 1).logits
+    logits = run_step(model, ids, cu, seq_ids, cache, adapters=adapters, logits_rows=cu[1:].long() - 1).logits
     while True:
         scores = logits.float()
         apply_repetition_penalty(scores, [prompts[i] + results[i].token_ids for i in running], repetition_penalty)
@@ -245,8 +246,8 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
             break
         ids = torch.tensor([results[i].token_ids[-1] for i in running], dtype=torch.long)
         cu = torch.arange(len(running) + 1, dtype=torch.int32)
-        logits = model.step(ids, cu, [seq_ids[i] for i in running], cache,
-                            adapters=[adapters[i] for i in running]).logits
+        logits = run_step(model, ids, cu, [seq_ids[i] for i in running], cache,
+                          adapters=[adapters[i] for i in running]).logits
     if tokenizer is not None:
         for r in results:
             if r.text is None:

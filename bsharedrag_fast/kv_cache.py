@@ -137,7 +137,7 @@ class KVCache:
         if seq_id not in self._tables:
             raise KeyError(f"sequence {seq_id!r} is not allocated in the KV cache")
 
-    # -- used by Backbone.step ---------------------------------------------------------
+    # -- used by the engine step (step.py) -------------------------------------------------
 
     def reserve(self, requests: list[tuple[Hashable, int]]) -> list[tuple[int, torch.Tensor]]:
         """Append n slots to each (seq_id, n): all or nothing. Returns per request

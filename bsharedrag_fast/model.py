@@ -2,27 +2,23 @@
 one nn.Module for serving and training.
 
 gpt-fast / nanoGPT style, one file top to bottom: config, HF checkpoint loading, RoPE,
-attention, the decoder layer, the model. The base is loaded frozen and shared by every
-adapter; training unfreezes it (continual pre-training) or adds one trainable LoRA, and
-autograd runs through the very layers and ops the engine runs.
+the decoder layer, the model. The base is loaded frozen and shared by every adapter;
+training unfreezes it (continual pre-training) or adds one trainable LoRA, and autograd
+runs through the very layers and ops the engine runs.
 
 Batch layout (no padding anywhere): B sequences are packed into `input_ids [T]`, and
 `cu_seqlens int32 [B + 1]` holds their offsets (sequence b is rows cu[b]:cu[b+1]).
-Position ids restart at 0 for every sequence and are derived from cu_seqlens. What every
-layer of one forward shares (offsets, rotary tables, LoRA metadata, the KV plan of an
-engine step) is built once into a `Forward` and handed down.
+Everything else about a batch (each row's position, the LoRA metadata, the attention plan:
+packed self-attention, or the paged KV cache of an engine step) is built once into a
+`ForwardContext` before the model runs, by `hidden` or by the engine (engine/step.py);
+`compute(input_ids, ctx)` only computes. The model never touches the KV cache's bookkeeping.
 
 Per layer the projections are merged: q/k/v are one weight `[q; k; v]` (and one bias for
 Qwen2) and gate/up are one weight `[gate; up]`, so the base is one `ops.linear` each (on
 CPU, decode steps' few rows go to a C++ kernel that reads each weight once; see ops/linear.py).
-Multi-LoRA (inference) adds each target module's update into its slice of the merged
-output in place with `ops.add_lora_` (see `LoRAStack` and `Backbone.set_lora_stacks`).
-
-Attention: one `F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)` call per
-sequence on views of the packed q/k/v, so there is never a [T, T] mask and never any
-padding. On CPU this beat padding + a key mask, a block-diagonal mask and
-repeat_interleave'd k/v at every measured mix (table in `_attention`); GQA goes through
-SDPA's enable_gqa (no copies of k/v).
+The engine's adapters on a merged projection are one ops.MergedLoRA: one shrink over the
+modules' stacked A's and one expand writing each module's columns, in place (see LoRAStack
+and Backbone.set_lora_stacks). Attention: attention.py.
 """
 from __future__ import annotations
 
@@ -40,6 +36,7 @@ from . import adapters as peft_adapters, ops
 from .adapters import TARGET_MODULES, LoRAStack
 from .jsonfile import read_json, write_json
 from .model_store import copy_tokenizer, resolve_model
+from .attention import AttentionPlan
 from .ops.lora_meta import LoRAMeta
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -305,40 +302,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _attention(q, k, v, cu: list[int], sliding_window: Optional[int]) -> torch.Tensor:
-    """Packed causal attention. q [T, H, D], k/v [T, KV, D] -> [T, H * D].
-
-    One SDPA call per sequence on [1, heads, len, D] views, is_causal=True, GQA through
-    enable_gqa (no repeated k/v). No [T, T] mask and no padding. Measured on this CPU
-    (2 cores, fp32, H=32 KV=8 D=128, ms per call; loop4 = this function):
-      lens            3-D loop   loop4   loop4+repeat_interleave  padded+mask  block-diag [T,T] mask
-      1,7,33            1.19      0.41          0.84                 1.34          0.61
-      16 x 4            1.56      0.76          0.72                 1.12          1.41
-      16,64,128,200    24.7      11.0          12.3                 26.2          33.9
-      8 seqs, T=1355   96.4      57.2          77.3                286.5            -
-      2048           2068       367           373                  491             -
-    The 4-D batch dim matters: 3-D inputs miss torch's CPU flash kernel (3-5x slower).
-    Sequences longer than a Mistral sliding window get a banded [len, len] boolean mask
-    (allowed iff 0 <= q_pos - k_pos < window), matching transformers.
-    """
-    T, H, D = q.shape
-    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-    gqa = k.shape[1] != H
-    for b in range(len(cu) - 1):
-        s, e = cu[b], cu[b + 1]
-        qs, ks, vs = (t[None, s:e].transpose(1, 2) for t in (q, k, v))  # [1, heads, len, D]
-        n = e - s
-        if sliding_window is not None and n > sliding_window:
-            i = torch.arange(n, device=q.device)
-            diff = i[:, None] - i[None, :]
-            mask = (diff >= 0) & (diff < sliding_window)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-        out[s:e] = o[0].transpose(0, 1)
-    return out.view(T, H * D)
-
-
 @dataclass(frozen=True)
 class LoRASpec:
     """A trainable LoRA (Backbone.add_lora): rank, alpha, dropout (peft's: on the LoRA input
@@ -373,14 +336,15 @@ class TrainedLoRA:
 
 
 @dataclass
-class Forward:
-    """What every layer of one forward shares, built once per forward (not per layer)."""
+class ForwardContext:
+    """Everything about one forward's batch that is not the token ids, built once before the
+    model runs (by Backbone.hidden, or by the engine for one step: engine/step.py) and read
+    by every layer: the model only computes."""
 
     cu: list  # packed sequence offsets [B + 1]
-    cos: torch.Tensor  # [T, head_dim] rotary tables at each row's position
-    sin: torch.Tensor
-    meta: Optional[LoRAMeta] = None  # the engine's multi-LoRA rows (Layer.lora stacks)
-    plan: Optional["_StepPlan"] = None  # paged-KV attention of an engine step; None: packed self-attention
+    positions: torch.Tensor  # int64 [T]: each row's position in its sequence
+    attention: AttentionPlan  # who attends to what: packed self-attention, or over the paged KV cache
+    lora: Optional[LoRAMeta] = None  # the engine's multi-LoRA rows (Layer.lora stacks); None: base only
     trained: Optional[TrainedLoRA] = None  # the trainable LoRA (Layer.lora_A / lora_B)
     autocast: Optional[torch.dtype] = None  # training under autocast: one dtype for the fused LoRA op
 
@@ -459,7 +423,7 @@ class Layer(nn.Module):
 
     # -- projections ----------------------------------------------------------------------
 
-    def proj(self, group: str, x: torch.Tensor, ctx: Forward) -> torch.Tensor:
+    def proj(self, group: str, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The merged projection `group` of x: one base matmul, plus each LoRA in its slice."""
         w_name, b_name, mods = self.groups[group]
         w, b = getattr(self, w_name), getattr(self, b_name)
@@ -469,10 +433,10 @@ class Layer(nn.Module):
         if ctx.trained is not None and any(n in self.lora_A for n, _, _ in mods):
             return self._trained_proj(mods, x, w, b, ctx.trained)
         y = ops.linear(x, w, b)
-        if ctx.meta is not None and not ctx.meta.no_lora:
+        if ctx.lora is not None and not ctx.lora.no_lora:
             merged = self.lora_groups.get(group)
             if merged is not None:  # one shrink and one expand for the whole group, in place
-                merged.add_(y, x, ctx.meta)
+                merged.add_(y, x, ctx.lora)
         return y
 
     def set_lora(self, stacks: dict) -> None:
@@ -534,18 +498,16 @@ class Layer(nn.Module):
 
     # -- the layer ------------------------------------------------------------------------
 
-    def forward(self, h: torch.Tensor, ctx: Forward, li: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext,
+                li: int) -> torch.Tensor:
         cfg = self.cfg
         T = h.shape[0]
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
         q, k, v = self.proj("qkv", x, ctx).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=1)
-        q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), ctx.cos, ctx.sin)
-        k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), ctx.cos, ctx.sin)
+        q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
-        if ctx.plan is None:
-            attn = _attention(q, k, v, ctx.cu, cfg.sliding_window)
-        else:
-            attn = ctx.plan.attend(li, q, k, v)
+        attn = ctx.attention.attend(li, q, k, v)
         h = h + self.proj("o", attn, ctx)
         x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
         gate, up = self.proj("gate_up", x, ctx).split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
@@ -721,9 +683,10 @@ class Backbone(nn.Module):
         slot of every stack incl. zero padding; see adapters.adapter_nbytes / lora_nbytes."""
         return peft_adapters.adapter_nbytes(self, name, padded)
 
-    def _lora_meta(self, adapters, cu: list[int]) -> Optional[LoRAMeta]:
-        """adapters: None, a LoRAMeta, or one entry per sequence: a slot int, an adapter
-        name (see adapter_slots), or None / -1 for the base model."""
+    def lora_meta(self, adapters, cu: list[int]) -> Optional[LoRAMeta]:
+        """The LoRA metadata of a packed batch (None: no row has an adapter). adapters: None,
+        a LoRAMeta, or one entry per sequence: a slot int, an adapter name (see
+        adapter_slots), or None / -1 for the base model."""
         if adapters is None or isinstance(adapters, LoRAMeta):
             return adapters
         B = len(cu) - 1
@@ -747,21 +710,23 @@ class Backbone(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
 
-    def run_layers(self, input_ids: torch.Tensor, ctx: Forward) -> torch.Tensor:
-        """Embedding and every layer: [T, d] before the final norm."""
+    def compute(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The one forward of every path (training, cache-less, engine steps): embedding and
+        every layer, [T, d] before the final norm."""
+        cos, sin = rope_cos_sin(self.inv_freq, ctx.positions, ctx.autocast or self.dtype)
         h = F.embedding(input_ids.to(self.device), self.embed)
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for li, layer in enumerate(self.layers):
             if checkpointed:
-                h = checkpoint(layer, h, ctx, li, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, ctx, li, use_reentrant=False)
             else:
-                h = layer(h, ctx, li)
+                h = layer(h, cos, sin, ctx, li)
         return h
 
     def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, adapters=None) -> torch.Tensor:
         """[T, d] after the last layer, before the final norm (`logits` and ops.pool fuse
         it). Differentiable: the trainable LoRA (add_lora) applies to every row; adapters
-        picks the engine's resident adapters per sequence (see _lora_meta)."""
+        picks the engine's resident adapters per sequence (see lora_meta)."""
         cu = check_packed(input_ids, cu_seqlens)
         dev = self.device
         autocast = _autocast_dtype(dev)
@@ -769,9 +734,9 @@ class Backbone(nn.Module):
         if self.lora_spec is not None:
             meta = LoRAMeta.build(torch.zeros(cu[-1], dtype=torch.int32, device=dev), 1)
             trained = TrainedLoRA(meta, self.lora_scaling, self.lora_spec)
-        cos, sin = rope_cos_sin(self.inv_freq, positions_from_cu_seqlens(cu, dev), autocast or self.dtype)
-        ctx = Forward(cu, cos, sin, meta=self._lora_meta(adapters, cu), trained=trained, autocast=autocast)
-        return self.run_layers(input_ids, ctx)
+        ctx = ForwardContext(cu, positions_from_cu_seqlens(cu, dev), AttentionPlan.packed(cu, self.config.sliding_window),
+                             lora=self.lora_meta(adapters, cu), trained=trained, autocast=autocast)
+        return self.compute(input_ids, ctx)
 
     def logits(self, h: torch.Tensor, rows=None) -> torch.Tensor:
         """Final norm + LM head on the given rows of `hidden` (every row when None)."""
@@ -891,215 +856,3 @@ class Backbone(nn.Module):
         save_file(self.hf_state_dict(), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(out_dir, "config.json"), hf_cfg, indent=2, sort_keys=True)
         copy_tokenizer(src_dir, out_dir)
-
-    # -- step: prefill, chunked prefill, decode and cache-less rows in one packed batch ---
-
-    @torch.inference_mode()
-    def step(self, input_ids, cu_seqlens, seq_ids, cache=None, adapters=None, logits_rows=None,
-             return_hidden: bool = False, final_norm: bool = True) -> "StepOutput":
-        """One engine step over B packed sequences (see kv_cache.KVCache).
-
-        seq_ids: one entry per sequence: a KV cache sequence id (allocated in `cache`) or
-        None for a cache-less row (e.g. an embedding request). A cached sequence's n new
-        tokens take positions cache.length(sid) .. + n - 1, attend causally to its cached
-        K/V plus themselves, and are appended to the cache (if the cache cannot hold every
-        sequence's new tokens, CacheFullError is raised before anything changes; a step
-        that fails later restores the lengths and block tables). A None sequence attends
-        only to itself, exactly as `forward`.
-        adapters: as `forward` (one name / slot / None per sequence).
-        logits_rows: rows to run the LM head on (None: every row; [] : none).
-        return_hidden: also return the hidden states [T, d] (after the final norm unless
-        final_norm=False, for ops.pool(norm_weight=...)).
-        Returns StepOutput(logits [len(logits_rows) or T, vocab], hidden or None).
-        """
-        cfg = self.config
-        cu = check_packed(input_ids, cu_seqlens)
-        B, T = len(cu) - 1, cu[-1]
-        seq_ids = list(seq_ids)
-        if len(seq_ids) != B:
-            raise ValueError(f"seq_ids must have one entry per sequence ({B}), got {len(seq_ids)}")
-        cached = [b for b in range(B) if seq_ids[b] is not None]
-        if cached:
-            if cache is None:
-                raise ValueError("seq_ids name cache sequences but no cache was given")
-            if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != (
-                    cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim):
-                raise ValueError("cache was built for a different model config")
-            if cache.dtype != self.dtype or cache.device != self.device:
-                raise ValueError(f"cache is {cache.dtype} on {cache.device}, model is {self.dtype} on {self.device}")
-        meta = self._lora_meta(adapters, cu)
-        lens = [cu[b + 1] - cu[b] for b in range(B)]
-        snap = cache.snapshot([seq_ids[b] for b in cached]) if cached else {}
-        reserved = cache.reserve([(seq_ids[b], lens[b]) for b in cached]) if cached else []
-        dev = self.device
-        try:
-            past = [0] * B
-            slots = []
-            for b, (p, sl) in zip(cached, reserved):
-                past[b] = p
-                slots.append(sl)
-            plan = _StepPlan.build(cu, lens, past, cached, slots, seq_ids, cache, cfg.sliding_window, dev)
-            positions = torch.arange(T, device=dev) - torch.repeat_interleave(
-                torch.tensor([cu[b] - past[b] for b in range(B)], device=dev), torch.tensor(lens, device=dev))
-            cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
-            h = self.run_layers(input_ids, Forward(cu, cos, sin, meta=meta, plan=plan))
-        except BaseException:
-            if cached:
-                cache.restore(snap)  # a failed step leaves the cache as it was
-            raise
-        hidden = None
-        if return_hidden:
-            hidden = rms_norm(h, self.norm, cfg.rms_norm_eps) if final_norm else h
-        return StepOutput(logits=self.logits(h, logits_rows), hidden=hidden)
-
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor  # [len(logits_rows) or T, vocab]
-    hidden: Optional[torch.Tensor]  # [T, d] when return_hidden
-
-
-# How Backbone.step runs the attention of decode rows (1 new token on a cached sequence):
-# "loop": one SDPA per sequence on its own gathered blocks; "batched": one gather of all
-# decode rows' padded block tables + one SDPA with a key-length mask; "auto": loop on CPU,
-# batched elsewhere. Measured on this 2-core CPU (1 thread, fp32, H=32 KV=8 D=128,
-# block 16, scattered blocks, min of 20, ms per layer):
-#   decode rows x context     loop   batched(fresh gather)  batched(reused workspace)
-#   4 x 64-128                0.59         1.08                   0.60
-#   16 x 256-512             10.7         22-49                  16.6
-#   32 x 256-512             20.6        100                     34.0
-#   64 x 32-96                 8.1        17-25                  13.4
-# On CPU the padded gather costs more than the per-call overhead it saves (SDPA alone on
-# the padded batch is already >= the loop), so CPU loops; on a GPU the launch overhead
-# of B tiny SDPAs dominates and the batched path is the usual choice (not yet measured).
-# Whole generate() on an 8-layer d=512 Llama (fp32, 1 thread): 8 prompts of 20-120 tokens
-# x 64 new: loop 1.93 s, batched 2.39 s; 16 prompts of 200-500 x 32 new: 6.49 s vs 7.25 s.
-DECODE_ATTENTION = "auto"
-
-_FULL = "full"  # mask sentinel: every key is visible (a decode query inside the window)
-
-
-def _causal_mask(n: int, past: int, window: Optional[int], device):
-    """Bool [n, past + n] (query i at position past + i may see key j), None when plain
-    top-left is_causal is exact (no past, no window cut), or _FULL when n == 1 and the
-    query sees every key."""
-    if past == 0 and (window is None or n <= window):
-        return None
-    if n == 1 and (window is None or past < window):
-        return _FULL
-    qpos = torch.arange(past, past + n, device=device)[:, None]
-    diff = qpos - torch.arange(past + n, device=device)[None, :]
-    mask = diff >= 0
-    if window is not None:
-        mask &= diff < window
-    return mask
-
-
-@dataclass
-class _StepPlan:
-    """Per-step attention plan, built once and reused by every layer.
-
-    - cache-less sequences: one SDPA per sequence on views of this step's k/v (as forward);
-    - cached sequences with n > 1 new tokens (prefill / chunked prefill): write k/v into
-      the cache, gather the sequence's blocks (past + n keys) and run one SDPA with an
-      offset causal mask (no gather when past == 0);
-    - cached sequences with 1 new token (decode): with DECODE_ATTENTION "loop" (CPU
-      default) as the previous case, without a mask unless a sliding window cuts; with
-      "batched" (other devices) all of them in ONE SDPA over their gathered, padded block
-      tables [Bd, KV, max_blocks * block_size, D] with a key-length mask. See the
-      measurements above DECODE_ATTENTION.
-    Sliding windows are applied by masking; the per-sequence path gathers only the blocks
-    that still hold keys inside the window (they stay allocated: no eviction yet).
-    """
-
-    cu: list
-    window: Optional[int]
-    cache: object
-    self_seqs: list  # (s, e)
-    chunk_seqs: list  # (s, e, past, first key position k0, blocks tensor from k0, mask)
-    slot_rows: Optional[torch.Tensor]  # rows of this step that go into the cache
-    slots: Optional[torch.Tensor]  # their flat cache slots
-    dec_rows: Optional[torch.Tensor]  # [Bd]
-    dec_table: Optional[torch.Tensor]  # [Bd, max_blocks]
-    dec_mask: Optional[torch.Tensor]  # [Bd, 1, 1, max_blocks * block_size]
-
-    @classmethod
-    def build(cls, cu, lens, past, cached, slots, seq_ids, cache, window, device):
-        B = len(cu) - 1
-        cached_set = set(cached)
-        self_seqs = [(cu[b], cu[b + 1]) for b in range(B) if b not in cached_set]
-        chunk_seqs, dec = [], []
-        mode = DECODE_ATTENTION
-        if mode == "auto":
-            mode = "loop" if torch.device(device).type == "cpu" else "batched"
-        if mode not in ("loop", "batched"):
-            raise ValueError(f"DECODE_ATTENTION must be 'auto', 'loop' or 'batched', got {DECODE_ATTENTION!r}")
-        slot_rows = sl = dec_rows = dec_table = dec_mask = None
-        if cached:
-            slot_rows = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in cached]).to(device)
-            sl = torch.cat(slots)
-            for b in cached:
-                if lens[b] == 1 and mode == "batched":
-                    dec.append(b)
-                else:
-                    blocks = torch.tensor(cache._tables[seq_ids[b]], dtype=torch.long, device=device)
-                    mask = _causal_mask(lens[b], past[b], window, device)
-                    k0 = 0  # first gathered key position: skip whole blocks left of the window
-                    if window is not None and past[b] > 0 and isinstance(mask, torch.Tensor):
-                        fb = max(0, past[b] - window + 1) // cache.block_size
-                        k0 = fb * cache.block_size
-                        blocks, mask = blocks[fb:], mask[:, k0:]
-                    chunk_seqs.append((cu[b], cu[b + 1], past[b], k0, blocks, mask))
-        if dec:
-            bs = cache.block_size
-            tables = [cache._tables[seq_ids[b]] for b in dec]
-            nmax = max(len(t) for t in tables)
-            dec_table = torch.tensor([t + [0] * (nmax - len(t)) for t in tables], dtype=torch.long, device=device)
-            ctx = torch.tensor([past[b] + 1 for b in dec], device=device)[:, None]
-            kpos = torch.arange(nmax * bs, device=device)[None, :]
-            mask = kpos < ctx
-            if window is not None:
-                mask &= (ctx - 1 - kpos) < window
-            dec_mask = mask[:, None, None, :]
-            dec_rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=device)
-        return cls(cu, window, cache, self_seqs, chunk_seqs, slot_rows, sl, dec_rows, dec_table, dec_mask)
-
-    def attend(self, li: int, q, k, v) -> torch.Tensor:
-        T, H, D = q.shape
-        KV = k.shape[1]
-        gqa = KV != H
-        out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-        kc = vc = None
-        if self.slots is not None:
-            kc, vc = self.cache.k[li], self.cache.v[li]  # [num_blocks, block_size, KV, D]
-            kc.view(-1, KV, D).index_copy_(0, self.slots, k.index_select(0, self.slot_rows))
-            vc.view(-1, KV, D).index_copy_(0, self.slots, v.index_select(0, self.slot_rows))
-
-        def sdpa(qs, ks, vs, mask):  # [n, H, D], [L, KV, D] -> [n, H, D]
-            qs, ks, vs = (t[None].transpose(1, 2) for t in (qs, ks, vs))
-            if mask is None:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-            elif mask is _FULL:
-                o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa)
-            else:
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
-            return o[0].transpose(0, 1)
-
-        for s, e in self.self_seqs:
-            out[s:e] = sdpa(q[s:e], k[s:e], v[s:e], _causal_mask(e - s, 0, self.window, q.device))
-        for s, e, past, k0, blocks, mask in self.chunk_seqs:
-            if past == 0:
-                out[s:e] = sdpa(q[s:e], k[s:e], v[s:e], mask)
-            else:
-                n = past + e - s - k0
-                ks = kc.index_select(0, blocks).view(-1, KV, D)[:n]
-                vs = vc.index_select(0, blocks).view(-1, KV, D)[:n]
-                out[s:e] = sdpa(q[s:e], ks, vs, mask)
-        if self.dec_rows is not None:
-            Bd, nb = self.dec_table.shape
-            ks = kc[self.dec_table].view(Bd, -1, KV, D).transpose(1, 2)  # [Bd, KV, L, D]
-            vs = vc[self.dec_table].view(Bd, -1, KV, D).transpose(1, 2)
-            qs = q.index_select(0, self.dec_rows)[:, :, None]  # [Bd, H, 1, D]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.dec_mask, enable_gqa=gqa)
-            out.index_copy_(0, self.dec_rows, o[:, :, 0])
-        return out.view(T, H * D)

@@ -32,7 +32,7 @@ Requests
   fit (prompt longer than max_length, or prompt + max_new_tokens beyond the whole cache)
   are a ValueError at submit time.
 
-Scheduling (each step(), up to max_batch_tokens rows, one Backbone.step call):
+Scheduling (each step(), up to max_batch_tokens rows, one step.run_step call):
 1. decode: every running generation past its prompt contributes its last token (1 row);
 2. prefill: generations still in their prompt get the next chunk (oldest first), as long
    as tokens are left in the budget (chunked prefill; only a chunk that completes the
@@ -78,6 +78,7 @@ from .generation import (GenerationResult, append_token, apply_repetition_penalt
                          primary_eos, sample, stop_strings)
 from .kv_cache import KVCache, kv_bytes_per_token
 from .ops.pool import MODES as POOL_MODES
+from .step import run_step
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
 
@@ -522,9 +523,9 @@ class SharedRuntime:
         emb_idx = [i for i, it in enumerate(items) if it[0] == "emb"]
         cache = self.cache if any(sid is not None for sid in seq_ids) else None
         try:
-            out = self.model.step(torch.tensor(ids, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
-                                  seq_ids, cache, adapters=adapters, logits_rows=logits_rows,
-                                  return_hidden=bool(emb_idx), final_norm=False)
+            out = run_step(self.model, torch.tensor(ids, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
+                           seq_ids, cache, adapters=adapters, logits_rows=logits_rows,
+                           return_hidden=bool(emb_idx), final_norm=False)
         except Exception as exc:  # fail this step's requests (result() re-raises), keep the engine usable
             for it in items:
                 self._fail(it[1], exc, finished)

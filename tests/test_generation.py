@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
 from bsharedrag_fast.generation import generate, sample, warp_logits  # noqa: E402
 from bsharedrag_fast.kv_cache import CacheFullError, KVCache  # noqa: E402
+from bsharedrag_fast.step import run_step  # noqa: E402
 from bsharedrag_fast.adapters import LoRAStack  # noqa: E402
 from tiny_models import cu_seqlens, hf_model  # noqa: E402
 
@@ -117,7 +118,7 @@ def test_eos_finish_matches_hf(case):
 
 @pytest.fixture(params=["loop", "batched"])
 def decode_mode(request, monkeypatch):
-    import bsharedrag_fast.model as model_mod
+    import bsharedrag_fast.attention as model_mod
 
     monkeypatch.setattr(model_mod, "DECODE_ATTENTION", request.param)
     return request.param
@@ -133,14 +134,14 @@ def test_chunked_prefill_and_decode_match_forward(case, decode_mode):
     cache = KVCache(model.config, 1 << 20, block_size=4)
     sa, sb = cache.allocate(), cache.allocate()
     outs_a, outs_b = [], []
-    out = model.step(torch.tensor(a[:7] + b[:5]), cu_seqlens([7, 5]), [sa, sb], cache).logits
+    out = run_step(model, torch.tensor(a[:7] + b[:5]), cu_seqlens([7, 5]), [sa, sb], cache).logits
     outs_a.append(out[:7]), outs_b.append(out[7:])
-    out = model.step(torch.tensor(a[7:12] + b[5:10]), cu_seqlens([5, 5]), [sa, sb], cache).logits
+    out = run_step(model, torch.tensor(a[7:12] + b[5:10]), cu_seqlens([5, 5]), [sa, sb], cache).logits
     outs_a.append(out[:5]), outs_b.append(out[5:])
     for t in range(3):  # decode: both sequences one token each, batched
-        out = model.step(torch.tensor([a[12 + t], b[10 + t]]), cu_seqlens([1, 1]), [sa, sb], cache).logits
+        out = run_step(model, torch.tensor([a[12 + t], b[10 + t]]), cu_seqlens([1, 1]), [sa, sb], cache).logits
         outs_a.append(out[:1]), outs_b.append(out[1:])
-    out = model.step(torch.tensor([a[15]]), cu_seqlens([1]), [sa], cache).logits
+    out = run_step(model, torch.tensor([a[15]]), cu_seqlens([1]), [sa], cache).logits
     outs_a.append(out)
     assert cache.length(sa) == 16 and cache.length(sb) == 13
     assert (torch.cat(outs_a) - full_a).abs().max().item() <= TOL
@@ -153,9 +154,9 @@ def test_mixed_step_matches_separate(case, decode_mode):
     a, b, c, e = _prompts(lens=[10, 12, 19, 6], seed=7)
     cache = KVCache(model.config, 1 << 20, block_size=4)
     sa, sb, sc = cache.allocate(), cache.allocate(), cache.allocate()
-    model.step(torch.tensor(a[:9] + b[:5] + c[:18]), cu_seqlens([9, 5, 18]), [sa, sb, sc], cache)
+    run_step(model, torch.tensor(a[:9] + b[:5] + c[:18]), cu_seqlens([9, 5, 18]), [sa, sb, sc], cache)
     ids = torch.tensor([a[9]] + b[5:] + [c[18]] + e)
-    out = model.step(ids, cu_seqlens([1, 7, 1, 6]), [sa, sb, sc, None], cache, return_hidden=True)
+    out = run_step(model, ids, cu_seqlens([1, 7, 1, 6]), [sa, sb, sc, None], cache, return_hidden=True)
     assert out.logits.shape == (15, V)
     ref_a = model(torch.tensor(a), cu_seqlens([10]))[-1:]
     ref_b = model(torch.tensor(b), cu_seqlens([12]))[5:]
@@ -166,7 +167,7 @@ def test_mixed_step_matches_separate(case, decode_mode):
     hid_e = model.hidden_states(torch.tensor(e), cu_seqlens([6]))
     assert (out.hidden[9:] - hid_e).abs().max().item() <= TOL
     assert [cache.length(s) for s in (sa, sb, sc)] == [10, 12, 19]
-    rows = model.step(torch.tensor([a[0]]), cu_seqlens([1]), [None], cache, logits_rows=[]).logits
+    rows = run_step(model, torch.tensor([a[0]]), cu_seqlens([1]), [None], cache, logits_rows=[]).logits
     assert rows.shape == (0, V)
 
 
@@ -247,17 +248,17 @@ def test_cache_budget_errors_and_reuse(case):
     assert cache.num_blocks == 3 and cache.nbytes == 3 * per_block and cache.capacity_tokens == 12
     ids = _prompts(lens=[8, 5], seed=10)
     sa, sb = cache.allocate(), cache.allocate()
-    model.step(torch.tensor(ids[0]), cu_seqlens([8]), [sa], cache)
+    run_step(model, torch.tensor(ids[0]), cu_seqlens([8]), [sa], cache)
     blocks_a = cache.block_table(sa)
     assert len(blocks_a) == 2 and cache.can_fit(4, sb) and not cache.can_fit(5, sb)
     with pytest.raises(CacheFullError, match="KV cache full"):
-        model.step(torch.tensor(ids[0][:1] + ids[1]), cu_seqlens([1, 5]), [sa, sb], cache)
+        run_step(model, torch.tensor(ids[0][:1] + ids[1]), cu_seqlens([1, 5]), [sa, sb], cache)
     assert cache.length(sa) == 8 and cache.length(sb) == 0 and cache.num_free_blocks == 1  # unchanged
     cache.free(sa)
     assert cache.can_fit(12, sb)
     sc = cache.allocate()
     ref = model(torch.tensor(ids[1]), cu_seqlens([5]))
-    out = model.step(torch.tensor(ids[1]), cu_seqlens([5]), [sc], cache).logits
+    out = run_step(model, torch.tensor(ids[1]), cu_seqlens([5]), [sc], cache).logits
     assert set(cache.block_table(sc)) <= set(blocks_a)  # freed blocks handed out again
     assert (out - ref).abs().max().item() <= TOL
     with pytest.raises(KeyError):
@@ -275,29 +276,29 @@ def test_step_argument_errors(case):
     sid = cache.allocate()
     ids = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="seq_ids"):
-        model.step(ids, cu_seqlens([3]), [sid, None], cache)
+        run_step(model, ids, cu_seqlens([3]), [sid, None], cache)
     with pytest.raises(ValueError, match="no cache"):
-        model.step(ids, cu_seqlens([3]), [sid])
+        run_step(model, ids, cu_seqlens([3]), [sid])
     with pytest.raises(ValueError, match="twice"):
-        model.step(ids, cu_seqlens([1, 2]), [sid, sid], cache)
+        run_step(model, ids, cu_seqlens([1, 2]), [sid, sid], cache)
     with pytest.raises(ValueError, match="already allocated"):
         cache.allocate(sid)
     assert cache.length(sid) == 0
     with pytest.raises(ValueError, match="different model config"):
         other = KVCache(model.config, 1 << 16, block_size=4)
         other.num_kv_heads += 1
-        model.step(ids, cu_seqlens([3]), [other.allocate()], other)
+        run_step(model, ids, cu_seqlens([3]), [other.allocate()], other)
 
 
 def test_failed_step_restores_cache(case, monkeypatch):
-    import bsharedrag_fast.model as model_mod
+    import bsharedrag_fast.attention as model_mod
 
     _, _, model = case
     cache = KVCache(model.config, 1 << 16, block_size=4)
     sid = cache.allocate()
-    model.step(torch.tensor([1, 2, 3]), cu_seqlens([3]), [sid], cache)
+    run_step(model, torch.tensor([1, 2, 3]), cu_seqlens([3]), [sid], cache)
     free, table = cache.num_free_blocks, cache.block_table(sid)
     monkeypatch.setattr(model_mod, "DECODE_ATTENTION", "bogus")  # fails after the reserve
     with pytest.raises(ValueError, match="DECODE_ATTENTION"):
-        model.step(torch.tensor([4, 5, 6]), cu_seqlens([3]), [sid], cache)
+        run_step(model, torch.tensor([4, 5, 6]), cu_seqlens([3]), [sid], cache)
     assert cache.length(sid) == 3 and cache.num_free_blocks == free and cache.block_table(sid) == table

@@ -258,7 +258,7 @@ def test_failed_step_fails_its_requests_only(model, tok, monkeypatch):
         raise RuntimeError("device lost")
 
     with monkeypatch.context() as m:
-        m.setattr(model, "step", boom)
+        m.setattr(model, "compute", boom)
         with pytest.raises(RuntimeError, match="device lost"):
             rt.step()
     assert h1.done and h2.done and not rt.has_pending()
