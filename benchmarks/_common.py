@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from bsharedrag_fast.sysinfo import machine_info  # noqa: F401  (re-exported for the scripts)
+from bsharedrag_fast.util.sysinfo import machine_info  # noqa: F401  (re-exported for the scripts)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -29,10 +29,10 @@ import time
 import torch
 
 from bsharedrag_fast import Backbone
-from bsharedrag_fast.generation import generate
-from bsharedrag_fast.synthetic import PRESETS as SHAPES
-from bsharedrag_fast.synthetic import write_adapter, write_checkpoint
-from bsharedrag_fast.sysinfo import rss_bytes
+from bsharedrag_fast.engine.generation import generate
+from bsharedrag_fast.bench.synthetic import PRESETS as SHAPES
+from bsharedrag_fast.bench.synthetic import write_adapter, write_checkpoint
+from bsharedrag_fast.util.sysinfo import rss_bytes
 
 from _common import RESULTS_DIR, machine_info
 

@@ -27,12 +27,12 @@ import time
 import torch
 
 from bsharedrag_fast import Backbone
-from bsharedrag_fast.kv_cache import KVCache
+from bsharedrag_fast.engine.kv_cache import KVCache
 from bsharedrag_fast.ops import _backends
-from bsharedrag_fast.synthetic import PRESETS, write_adapter, write_checkpoint
+from bsharedrag_fast.bench.synthetic import PRESETS, write_adapter, write_checkpoint
 
 try:
-    from bsharedrag_fast.step import run_step
+    from bsharedrag_fast.engine.step import run_step
 except ImportError:  # a checkout from before the engine owned the step
 
     def run_step(model, *args, **kw):

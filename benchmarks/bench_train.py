@@ -37,9 +37,9 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from bsharedrag_fast.synthetic import PRESETS, write_checkpoint
-from bsharedrag_fast.sysinfo import peak_rss_bytes, rss_bytes
-from bsharedrag_fast.model import Backbone, LoRASpec, pack
+from bsharedrag_fast.bench.synthetic import PRESETS, write_checkpoint
+from bsharedrag_fast.util.sysinfo import peak_rss_bytes, rss_bytes
+from bsharedrag_fast.model.backbone import Backbone, LoRASpec, pack
 from bsharedrag_fast.train.pretrain import causal_labels
 from bsharedrag_fast.train.retriever import info_nce
 

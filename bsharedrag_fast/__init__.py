@@ -8,13 +8,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402,F401  imported first: its bundled libgomp.so.1 is then shared with our _C
 
 from . import ops
-from .generation import GenerationResult, generate
-from .index import HNSWIndex
-from .kv_cache import CacheFullError, KVCache
-from .model import Backbone, ModelConfig
-from .rag import Answer, RAGPipeline
-from .runtime import SharedRuntime
-from .tokenizer import Tokenizer
+from .engine.generation import GenerationResult, generate
+from .engine.kv_cache import CacheFullError, KVCache
+from .engine.runtime import SharedRuntime
+from .index.hnsw import HNSWIndex
+from .model.backbone import Backbone, ModelConfig
+from .model.tokenizer import Tokenizer
+from .rag.pipeline import Answer, RAGPipeline
 
 __version__ = "0.1.0"
 __all__ = [

@@ -16,8 +16,8 @@ peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from bsharedrag_fast import Backbone  # noqa: E402
-from bsharedrag_fast import adapters  # noqa: E402
-from bsharedrag_fast.adapters import lora_nbytes  # noqa: E402
+from bsharedrag_fast.model import adapters  # noqa: E402
+from bsharedrag_fast.model.adapters import lora_nbytes  # noqa: E402
 from tiny_models import LORA_TARGETS as ALL  # noqa: E402
 from tiny_models import hf_model, packed, peft_adapter, randomize_lora, spans  # noqa: E402
 
@@ -405,7 +405,7 @@ def test_bf16_model_loads_and_saves(qwen, tmp_path):
 
 def test_memory_report_counts_backbone_adapters_and_cache(qwen, model, tmp_path):
     from bsharedrag_fast import KVCache
-    from bsharedrag_fast.adapters import lora_nbytes
+    from bsharedrag_fast.model.adapters import lora_nbytes
 
     hf = qwen[0]
     base = model.memory_report()

@@ -1,5 +1,5 @@
 """`bsharedrag bench` end to end on the tiny preset (a small workload), its bad-input paths, and the
-random checkpoints / adapters of bsharedrag_fast.synthetic against transformers + peft."""
+random checkpoints / adapters of bsharedrag_fast.bench.synthetic against transformers + peft."""
 import json
 import math
 
@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from bsharedrag_fast import Backbone
-from bsharedrag_fast import synthetic
-from bsharedrag_fast.bench import GOALS, run_bench
-from bsharedrag_fast.bench_worker import SETUPS, _token_chunks
-from bsharedrag_fast.cli import main
+from bsharedrag_fast.bench import synthetic
+from bsharedrag_fast.bench.command import GOALS, run_bench
+from bsharedrag_fast.bench.worker import SETUPS, _token_chunks
+from bsharedrag_fast.cli.main import main
 
 WORK = ["--docs", "6", "--answers", "2", "--new-tokens", "4", "--threads", "1"]
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -124,7 +124,7 @@ def test_run_bench_cuda_without_a_gpu_is_a_clear_error():
 
 
 def test_run_bench_refuses_setups_whose_weights_do_not_fit(monkeypatch):
-    from bsharedrag_fast import sysinfo
+    from bsharedrag_fast.util import sysinfo
 
     one = synthetic.checkpoint_nbytes(synthetic.PRESETS["tiny"], torch.float32)
     monkeypatch.setattr(sysinfo, "available_memory_bytes", lambda: 2.5 * one)

@@ -11,10 +11,10 @@ pytest.importorskip("peft")
 pytest.importorskip("hnswlib")
 
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
-from bsharedrag_fast.cli import main  # noqa: E402
-from bsharedrag_fast.index import HNSWIndex  # noqa: E402
-from bsharedrag_fast.rag import TEMPLATES, RAGPipeline, build_prompt, contexts  # noqa: E402
-from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
+from bsharedrag_fast.cli.main import main  # noqa: E402
+from bsharedrag_fast.index.hnsw import HNSWIndex  # noqa: E402
+from bsharedrag_fast.rag.pipeline import TEMPLATES, RAGPipeline, build_prompt, contexts  # noqa: E402
+from bsharedrag_fast.engine.runtime import SharedRuntime  # noqa: E402
 from tiny_models import rag_checkpoint  # noqa: E402
 
 DOCS = [

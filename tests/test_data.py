@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from bsharedrag_fast.data import (BeirData, load_beir, load_corpus, load_qrels, load_queries, passage_text,
-                                  read_corpus, read_jsonl)
+from bsharedrag_fast.rag.data import (BeirData, load_beir, load_corpus, load_qrels, load_queries, passage_text,
+                                      read_corpus, read_jsonl)
 
 CORPUS = {
     "d1": {"title": "Fox", "text": "a quick brown fox", "metadata": {"url": "x"}},

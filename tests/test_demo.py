@@ -6,10 +6,10 @@ import json
 import pytest
 
 from bsharedrag_fast import Backbone, HNSWIndex
-from bsharedrag_fast.cli import main
-from bsharedrag_fast.data import load_beir, read_jsonl
+from bsharedrag_fast.cli.main import main
+from bsharedrag_fast.rag.data import load_beir, read_jsonl
 from bsharedrag_fast.demo.pipeline import TINY, TINY_PLANS, run_demo
-from bsharedrag_fast.evaluation import retrieval_metrics
+from bsharedrag_fast.eval.metrics import retrieval_metrics
 
 SMOKE = dataclasses.replace(TINY_PLANS["quick"], general_steps=4, cpt_steps=4, retriever_steps=3, separate_steps=3,
                             generator_steps=3, mine_k=3, eval_questions=4, max_new_tokens=4)

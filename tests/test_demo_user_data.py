@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bsharedrag_fast.cli import main
+from bsharedrag_fast.cli.main import main
 from bsharedrag_fast.demo.pipeline import PRETRAINED_PLANS, run_demo
 from bsharedrag_fast.demo.user_data import prepare, read_answers
 from train_tiny import beir_dir, model_dir, write_jsonl

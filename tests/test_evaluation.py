@@ -5,9 +5,8 @@ import random
 
 import pytest
 
-from bsharedrag_fast.evaluation import (corpus_bleu, format_table, generation_metrics, normalize_answer,
-                                        parse_ks, per_query_metrics, retrieval_metrics, rouge_l, rouge_tokens,
-                                        write_trec_run)
+from bsharedrag_fast.eval.metrics import (corpus_bleu, format_table, generation_metrics, normalize_answer, parse_ks,
+                                          per_query_metrics, retrieval_metrics, rouge_l, rouge_tokens, write_trec_run)
 
 KS = (1, 3, 5, 10, 50)
 
@@ -287,7 +286,7 @@ def tiny(tmp_path_factory):
 def _brute_force_run(root) -> dict:
     """Exact inner-product search over every document, embedded with the same runtime settings."""
     from bsharedrag_fast import Backbone, Tokenizer
-    from bsharedrag_fast.runtime import SharedRuntime
+    from bsharedrag_fast.engine.runtime import SharedRuntime
 
     model = Backbone.from_pretrained(root / "model")
     model.load_adapter(str(root / "retrieval"), "retrieval")
@@ -299,7 +298,7 @@ def _brute_force_run(root) -> dict:
 
 
 def test_cli_eval_retrieval_matches_brute_force(tiny, tmp_path, capsys):
-    from bsharedrag_fast.cli import main
+    from bsharedrag_fast.cli.main import main
 
     base = ["--model", str(tiny / "model")]
     ks = (1, 3, 5)
@@ -326,7 +325,7 @@ def test_cli_eval_retrieval_matches_brute_force(tiny, tmp_path, capsys):
 
 
 def test_cli_eval_retrieval_errors(tiny, tmp_path, capsys):
-    from bsharedrag_fast.cli import main
+    from bsharedrag_fast.cli.main import main
 
     base = ["eval", "retrieval", "--model", str(tiny / "model"), "--data", str(tiny / "beir")]
     assert main([*base, "--split", "dev"]) == 2
@@ -351,7 +350,7 @@ def _write_jsonl(path, records):
 
 
 def test_cli_eval_generation_from_files(tmp_path, capsys):
-    from bsharedrag_fast.cli import main
+    from bsharedrag_fast.cli.main import main
 
     preds = ["The Eiffel Tower.", "a quick brown fox", "我住在北京。"]
     refs = ["eiffel tower", "the quick brown fox jumps", "北京"]
@@ -387,10 +386,10 @@ def test_cli_eval_generation_from_files(tmp_path, capsys):
 
 def test_cli_eval_generation_with_rag(tiny, tmp_path, capsys):
     from bsharedrag_fast import Backbone, Tokenizer
-    from bsharedrag_fast.cli import main
-    from bsharedrag_fast.index import HNSWIndex
-    from bsharedrag_fast.rag import RAGPipeline
-    from bsharedrag_fast.runtime import SharedRuntime
+    from bsharedrag_fast.cli.main import main
+    from bsharedrag_fast.index.hnsw import HNSWIndex
+    from bsharedrag_fast.rag.pipeline import RAGPipeline
+    from bsharedrag_fast.engine.runtime import SharedRuntime
 
     base = ["--model", str(tiny / "model"), "--retrieval-adapter", str(tiny / "retrieval")]
     assert main(["index", *base, "--corpus", str(tiny / "beir" / "corpus.jsonl"), "--out", str(tmp_path / "idx")]) == 0
@@ -423,8 +422,8 @@ def test_cli_eval_generation_with_rag(tiny, tmp_path, capsys):
 
 def test_evaluate_retrieval_api_checks(tiny):
     from bsharedrag_fast import Backbone, Tokenizer
-    from bsharedrag_fast.evaluation import evaluate_retrieval, index_corpus
-    from bsharedrag_fast.runtime import SharedRuntime
+    from bsharedrag_fast.eval.metrics import evaluate_retrieval, index_corpus
+    from bsharedrag_fast.engine.runtime import SharedRuntime
 
     rt = SharedRuntime(Backbone.from_pretrained(tiny / "model"), Tokenizer.from_pretrained(tiny / "model"))
     with pytest.raises(ValueError, match="1 judged queries have no text"):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 pytest.importorskip("hnswlib")
 
-from bsharedrag_fast.cli import main  # noqa: E402
-from bsharedrag_fast.index import HNSWIndex  # noqa: E402
+from bsharedrag_fast.cli.main import main  # noqa: E402
+from bsharedrag_fast.index.hnsw import HNSWIndex  # noqa: E402
 from bsharedrag_fast.train import RetrieverConfig, train_retriever  # noqa: E402
 from train_tiny import beir_dir, model_dir, one_thread  # noqa: E402,F401  (one_thread: autouse)
 

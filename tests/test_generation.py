@@ -10,10 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
-from bsharedrag_fast.generation import generate, sample, warp_logits  # noqa: E402
-from bsharedrag_fast.kv_cache import CacheFullError, KVCache  # noqa: E402
-from bsharedrag_fast.step import run_step  # noqa: E402
-from bsharedrag_fast.adapters import LoRAStack  # noqa: E402
+from bsharedrag_fast.engine.generation import generate, sample, warp_logits  # noqa: E402
+from bsharedrag_fast.engine.kv_cache import CacheFullError, KVCache  # noqa: E402
+from bsharedrag_fast.engine.step import run_step  # noqa: E402
+from bsharedrag_fast.model.adapters import LoRAStack  # noqa: E402
 from tiny_models import cu_seqlens, hf_model  # noqa: E402
 
 TOL = 1e-4
@@ -118,7 +118,7 @@ def test_eos_finish_matches_hf(case):
 
 @pytest.fixture(params=["loop", "batched"])
 def decode_mode(request, monkeypatch):
-    import bsharedrag_fast.attention as model_mod
+    import bsharedrag_fast.model.attention as model_mod
 
     monkeypatch.setattr(model_mod, "DECODE_ATTENTION", request.param)
     return request.param
@@ -193,7 +193,7 @@ def test_warpers_match_hf():
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     )  # fmt: skip
-    from bsharedrag_fast.generation import apply_repetition_penalty
+    from bsharedrag_fast.engine.generation import apply_repetition_penalty
 
     for t, k, p in ((0.7, 0, 1.0), (1.3, 10, 1.0), (1.0, 0, 0.8), (0.5, 7, 0.6)):
         ref = TemperatureLogitsWarper(t)(None, logits.clone())
@@ -291,7 +291,7 @@ def test_step_argument_errors(case):
 
 
 def test_failed_step_restores_cache(case, monkeypatch):
-    import bsharedrag_fast.attention as model_mod
+    import bsharedrag_fast.model.attention as model_mod
 
     _, _, model = case
     cache = KVCache(model.config, 1 << 16, block_size=4)

@@ -19,11 +19,12 @@ pytest.importorskip("gguf")
 
 from safetensors import safe_open  # noqa: E402
 
-from bsharedrag_fast import Backbone, Tokenizer, gguf_import, model_store  # noqa: E402
-from bsharedrag_fast.cli import main  # noqa: E402
-from bsharedrag_fast.gguf_import import MANIFEST, import_gguf, inspect_gguf, verify_import  # noqa: E402
-from bsharedrag_fast.model_store import named_model_file, resolve_model  # noqa: E402
-from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
+from bsharedrag_fast import Backbone, Tokenizer
+from bsharedrag_fast.model import gguf as gguf_import, store as model_store  # noqa: E402
+from bsharedrag_fast.cli.main import main  # noqa: E402
+from bsharedrag_fast.model.gguf import MANIFEST, import_gguf, inspect_gguf, verify_import  # noqa: E402
+from bsharedrag_fast.model.store import named_model_file, resolve_model  # noqa: E402
+from bsharedrag_fast.engine.runtime import SharedRuntime  # noqa: E402
 from tiny_gguf import CHATML, SHAPE, write_gguf  # noqa: E402
 from tiny_models import cu_seqlens, write_tokenizer  # noqa: E402
 

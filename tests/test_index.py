@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("hnswlib")
 
-from bsharedrag_fast.index import HNSWIndex  # noqa: E402
+from bsharedrag_fast.index.hnsw import HNSWIndex  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMB = {"model": "/models/tiny", "adapter": "retrieval", "pooling": "last", "prefix": "passage: "}
@@ -263,7 +263,7 @@ def test_bad_inputs():
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
-    import bsharedrag_fast.index as I
+    import bsharedrag_fast.index.hnsw as I
     d, stage, marker = sys.argv[1], sys.argv[2], sys.argv[3]
     idx = I.HNSWIndex.load(d)
     rng = np.random.default_rng(9)

@@ -14,7 +14,7 @@ from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
 
-from bsharedrag_fast.index import HNSWIndex  # noqa: E402
+from bsharedrag_fast.index.hnsw import HNSWIndex  # noqa: E402
 
 DIM = 4
 IDS = st.sampled_from([f"d{i}" for i in range(12)] + ["ü-ñ", "a b", "x" * 40])

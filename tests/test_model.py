@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from bsharedrag_fast import Backbone, ModelConfig, Tokenizer, ops  # noqa: E402
-from bsharedrag_fast.adapters import LoRAStack  # noqa: E402
-from bsharedrag_fast.model import load_state_dict, rope_inv_freq  # noqa: E402
+from bsharedrag_fast.model.adapters import LoRAStack  # noqa: E402
+from bsharedrag_fast.model.backbone import load_state_dict, rope_inv_freq  # noqa: E402
 from tiny_models import SMALL, hf_model, packed, spans  # noqa: E402
 
 TOL = 1e-4

@@ -27,10 +27,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
-from bsharedrag_fast.cli import main  # noqa: E402
-from bsharedrag_fast.index import HNSWIndex  # noqa: E402
-from bsharedrag_fast.rag import RAGPipeline  # noqa: E402
-from bsharedrag_fast.runtime import SharedRuntime  # noqa: E402
+from bsharedrag_fast.cli.main import main  # noqa: E402
+from bsharedrag_fast.index.hnsw import HNSWIndex  # noqa: E402
+from bsharedrag_fast.rag.pipeline import RAGPipeline  # noqa: E402
+from bsharedrag_fast.engine.runtime import SharedRuntime  # noqa: E402
 from tiny_models import rag_checkpoint  # noqa: E402
 
 KEY = "test-key"
@@ -422,7 +422,7 @@ def test_odd_values_fail_alone_with_4xx(server, offline, assets):
 def test_engine_failures_map_to_4xx_or_a_logged_500_with_an_id(caplog):
     from types import SimpleNamespace
 
-    from bsharedrag_fast.runtime import RequestFailed
+    from bsharedrag_fast.engine.runtime import RequestFailed
     from bsharedrag_fast.server.errors import request_error
 
     err = request_error(SimpleNamespace(id=7, error=RequestFailed("request 7: sampling failed", status=400)))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bsharedrag_fast import Backbone, Tokenizer
-from bsharedrag_fast.cli import main
+from bsharedrag_fast.cli.main import main
 from bsharedrag_fast.train import (GeneratorConfig, PretrainConfig, RetrieverConfig, mine_negatives, pretrain,
                                    train_generator, train_retriever)
 from bsharedrag_fast.train.generator import PromptBuilder
-from bsharedrag_fast.model import pack
+from bsharedrag_fast.model.backbone import pack
 from train_tiny import beir_dir, model_dir, one_thread, qa_rows, write_jsonl  # noqa: F401  (one_thread: autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -111,7 +111,7 @@ def test_generator_prompt_is_the_rag_prompt_and_loss_is_on_answers(tiny):
     exactly the answer tokens and EOS."""
     from types import SimpleNamespace
 
-    from bsharedrag_fast.rag import RAGPipeline
+    from bsharedrag_fast.rag.pipeline import RAGPipeline
     from bsharedrag_fast.train.pretrain import causal_labels
 
     tok = Tokenizer.from_pretrained(tiny["model"])
@@ -259,8 +259,8 @@ def test_the_package_unpickles_nothing():
 def test_mine_negatives_is_brute_force_top_k_minus_positives(tiny, tmp_path):
     path = mine_negatives(tiny["model"], None, tiny["beir"], str(tmp_path / "neg.jsonl"), k=4, batch_size=5)
     mined = {r["qid"]: r["negatives"] for r in map(json.loads, open(path))}
-    from bsharedrag_fast.data import load_beir
-    from bsharedrag_fast.runtime import SharedRuntime
+    from bsharedrag_fast.rag.data import load_beir
+    from bsharedrag_fast.engine.runtime import SharedRuntime
 
     beir = load_beir(tiny["beir"], "train")
     rt = SharedRuntime(Backbone.from_pretrained(tiny["model"]), Tokenizer.from_pretrained(tiny["model"]))
@@ -280,10 +280,10 @@ def test_mine_negatives_is_brute_force_top_k_minus_positives(tiny, tmp_path):
 def test_retriever_saves_how_it_embeds_and_the_tools_follow_it(tiny, tmp_path, capsys):
     """pooling and prefixes are saved beside the adapter; mining and `index` embed that way
     unless told otherwise; a bad format file is a one-line error naming it."""
-    from bsharedrag_fast.data import load_beir
-    from bsharedrag_fast.index import HNSWIndex
-    from bsharedrag_fast.rag import embedding_settings
-    from bsharedrag_fast.runtime import SharedRuntime
+    from bsharedrag_fast.rag.data import load_beir
+    from bsharedrag_fast.index.hnsw import HNSWIndex
+    from bsharedrag_fast.rag.pipeline import embedding_settings
+    from bsharedrag_fast.engine.runtime import SharedRuntime
 
     out = tmp_path / "ret"
     train_retriever(RetrieverConfig(model=tiny["model"], data=tiny["beir"], out=str(out), steps=2, batch_size=4,

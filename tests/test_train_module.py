@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 from bsharedrag_fast import Backbone  # noqa: E402
 from bsharedrag_fast.train import init_checkpoint  # noqa: E402
-from bsharedrag_fast.model import ForwardContext, LoRASpec, TrainedLoRA  # noqa: E402
+from bsharedrag_fast.model.backbone import ForwardContext, LoRASpec, TrainedLoRA  # noqa: E402
 from tiny_models import hf_model, packed, peft_adapter, spans  # noqa: E402
 from train_tiny import one_thread  # noqa: E402, F401  (autouse fixture)
 
@@ -146,7 +146,7 @@ def _ctx(tm, ids, cu):
     from bsharedrag_fast import ops
 
     meta = ops.LoRAMeta.build(torch.zeros(ids.shape[0], dtype=torch.int32), 1)
-    from bsharedrag_fast.attention import AttentionPlan
+    from bsharedrag_fast.model.attention import AttentionPlan
 
     return ForwardContext(cu.tolist(), torch.zeros(ids.shape[0], dtype=torch.long), AttentionPlan.packed(cu.tolist(), None),
                           trained=TrainedLoRA(meta, tm.lora_scaling, tm.lora_spec))

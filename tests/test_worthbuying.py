@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bsharedrag_fast import Tokenizer
-from bsharedrag_fast.data import load_beir, load_qrels, read_jsonl
+from bsharedrag_fast.rag.data import load_beir, load_qrels, read_jsonl
 from bsharedrag_fast.demo import SPECIAL_TOKEN_IDS, WorthBuyingPaths, generate_worthbuying, train_bpe_tokenizer
 from bsharedrag_fast.demo.worthbuying import COMMON_BRANDS, SIZES
 

@@ -8,7 +8,7 @@ import json
 import torch
 import transformers
 
-from bsharedrag_fast.adapters import TARGET_MODULES
+from bsharedrag_fast.model.adapters import TARGET_MODULES
 
 SMALL = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -40,8 +40,8 @@ from typing import Optional
 
 import torch
 
-from .. import plots
-from ..data import passage_text
+from ..rag.data import passage_text
+from ..util import plots
 
 RETRIEVAL_KS = (3, 5, 10)
 
@@ -149,7 +149,7 @@ def cpu_has_bf16() -> bool:
 
 
 def _runtime(model_dir: str, adapters: dict, dtype: torch.dtype = torch.float32):
-    from ..runtime import SharedRuntime
+    from ..engine.runtime import SharedRuntime
 
     return SharedRuntime.from_pretrained(model_dir, adapters, dtype=dtype, max_batch_tokens=2048)
 
@@ -170,7 +170,7 @@ def _exact_run(rt, adapter, corpus_ids, corpus_vecs, queries: dict, k: int, max_
 
 
 def _build_index(corpus: dict, corpus_ids, corpus_vecs, embedder: Optional[dict] = None):
-    from ..index import HNSWIndex
+    from ..index.hnsw import HNSWIndex
 
     idx = HNSWIndex(corpus_vecs.shape[1], space="ip", embedder=embedder)
     idx.upsert(corpus_ids, corpus_vecs, [corpus[d] for d in corpus_ids])
@@ -180,7 +180,7 @@ def _build_index(corpus: dict, corpus_ids, corpus_vecs, embedder: Optional[dict]
 def _contexts_file(rt, adapter, index, qa_path: str, out_path: str, k: int, max_tokens: int, pooling: str) -> str:
     """qa records + the top-k contexts this retriever returns for their questions (RAG-aware
     training data for the generator, as in the paper)."""
-    from ..data import read_jsonl, write_jsonl
+    from ..rag.data import read_jsonl, write_jsonl
 
     recs = list(read_jsonl(qa_path))
     vecs = rt.embed([r["question"] for r in recs], adapter=adapter, pooling=pooling, prefix="query: ",
@@ -227,7 +227,7 @@ def _plots(report_dir: str, results: dict) -> list:
 
 def _holds(answer: str, gold: str) -> bool:
     """The answer-accuracy test: the normalised gold answer is contained in the normalised answer."""
-    from ..evaluation import generation_metrics
+    from ..eval.metrics import generation_metrics
 
     return generation_metrics([answer], [gold])["contains"] == 1.0
 
@@ -311,13 +311,13 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     is also written to out_dir/report/results.json. base: a pretrained model (name, GGUF file
     or HF directory) or "tiny" (trained from nothing here); data: a BEIR directory of the
     user's (see user_data.py) instead of WorthBuying-mini; plan overrides plan_for(base, quick)."""
-    from ..fingerprint import embedder_fingerprint
-    from ..data import load_beir, read_jsonl
-    from ..evaluation import generation_metrics, retrieval_metrics
-    from ..model_store import resolve_model
-    from ..rag import RAGPipeline
-    from ..train import (GeneratorConfig, PretrainConfig, RetrieverConfig, init_checkpoint, mine_negatives,
-                         pretrain, train_generator, train_retriever)
+    from ..eval.metrics import generation_metrics, retrieval_metrics
+    from ..model.fingerprint import embedder_fingerprint
+    from ..model.store import resolve_model
+    from ..rag.data import load_beir, read_jsonl
+    from ..rag.pipeline import RAGPipeline
+    from ..train import (GeneratorConfig, PretrainConfig, RetrieverConfig, init_checkpoint, mine_negatives, pretrain,
+                         train_generator, train_retriever)
     from .tokenizer_train import SPECIAL_TOKEN_IDS, train_bpe_tokenizer
     from .user_data import prepare
     from .worthbuying import generate_worthbuying
@@ -503,7 +503,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
 
 def _apply_updates(rt, rag, updates_path: str, max_tokens: int) -> list[dict]:
     """Ask the update stream's questions, upsert the changed documents into the RAG index, ask again."""
-    from ..data import read_jsonl
+    from ..rag.data import read_jsonl
 
     updates = list(read_jsonl(updates_path))[:3]
     before = rag.ask_many([u["question"] for u in updates])
@@ -519,7 +519,7 @@ def _apply_updates(rt, rag, updates_path: str, max_tokens: int) -> list[dict]:
 
 
 def add_commands(sub) -> None:
-    from ..model_store import NAMED_MODELS
+    from ..model.store import NAMED_MODELS
 
     p = sub.add_parser("demo", help="BSharedRAG end to end on a generated e-commerce data set (CPU, minutes)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

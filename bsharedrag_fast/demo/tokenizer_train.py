@@ -14,7 +14,7 @@ import json
 import os
 from typing import Iterable, Iterator, Union
 
-from ..data import read_jsonl
+from ..rag.data import read_jsonl
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>"]
 # ids of the special tokens, named as model configs name them

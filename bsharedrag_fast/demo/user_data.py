@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..data import enumerate_jsonl, load_beir, load_corpus, passage_text, write_jsonl
-from ..evaluation import ID_FIELDS, record_id
+from ..eval.metrics import ID_FIELDS, record_id
+from ..rag.data import enumerate_jsonl, load_beir, load_corpus, passage_text, write_jsonl
 from .worthbuying import WorthBuyingPaths
 
 ANSWERS = "answers.jsonl"

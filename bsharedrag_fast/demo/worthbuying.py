@@ -31,7 +31,7 @@ import random
 from dataclasses import dataclass
 from typing import Union
 
-from ..data import write_jsonl
+from ..rag.data import write_jsonl
 
 # per size: products per category, single-product (long-tail) brands per category,
 # extra domain texts, general texts, updates

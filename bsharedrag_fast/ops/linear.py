@@ -19,9 +19,9 @@ preset's cache-resident weights, per dtype (`cpp_pays`):
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 
 The Backbone runs every base projection and its LM head through this op, then adds the
-adapters with `ops.add_lora_`. `ops.lora_linear` keeps F.linear as its base: its rows
-without an adapter are bit-identical to F.linear by contract (README, *The op*; tested in
-tests/test_lora_linear.py).
+adapters with `ops.MergedLoRA`. `ops.lora_linear` keeps F.linear as its base: its rows
+without an adapter are bit-identical to F.linear by contract (docs/api.md, ops.lora_linear;
+tested in tests/test_lora_linear.py).
 """
 from __future__ import annotations
 

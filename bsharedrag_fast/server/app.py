@@ -28,8 +28,8 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..fingerprint import adapter_sha256
-from ..rag import build_prompt, embedding_settings, encode_prompt
+from ..model.fingerprint import adapter_sha256
+from ..rag.pipeline import build_prompt, embedding_settings, encode_prompt
 from .engine import EngineDriver, Tracked
 from .errors import APIError, error_body, error_response, install_error_handlers, request_error
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RAGRequest

@@ -24,7 +24,7 @@ def _adapter_arg(value: str) -> tuple[str, str]:
 
 
 def add_commands(sub) -> None:
-    from ..cli_args import add_embedder_args, add_index_load_args, add_model_args, add_prompt_args, positive_int
+    from ..cli.args import add_embedder_args, add_index_load_args, add_model_args, add_prompt_args, positive_int
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat, RAG) "
                                      "on one shared engine")
@@ -76,8 +76,8 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ..cli_args import index_from_args, resolve_embedding_args, runtime_from_args
-    from ..rag import read_embedding_format
+    from ..cli.args import index_from_args, resolve_embedding_args, runtime_from_args
+    from ..rag.pipeline import read_embedding_format
     from .app import Limits, RAGService, create_app
     from .engine import EngineDriver
     from .metrics import ServerMetrics
@@ -99,7 +99,7 @@ def cmd_serve(args) -> int:
     if args.index:
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..rag import prompt_settings
+        from ..rag.pipeline import prompt_settings
 
         template, chat = prompt_settings(args.template, args.raw, adapters.get(args.rag_generation_model))
         pool = ThreadPoolExecutor(1, thread_name_prefix="bsharedrag-index")

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..runtime import RequestHandle, SharedRuntime
+from ..engine.runtime import RequestHandle, SharedRuntime
 from .metrics import ServerMetrics
 
 log = logging.getLogger("bsharedrag.server")
@@ -157,8 +157,8 @@ class EngineDriver:
     async def load_adapter(self, name: str, path: str) -> None:
         """Read the adapter and build its stacks on a worker thread while the engine keeps
         stepping; only the swap runs on the engine thread, between two steps."""
-        from ..adapters import commit_adapter, prepare_adapter
-        from ..rag import read_embedding_format
+        from ..model.adapters import commit_adapter, prepare_adapter
+        from ..rag.pipeline import read_embedding_format
 
         def check():
             if name == self.base_name or name in self.rt.model.adapter_slots:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..runtime import RequestFailed
+from ..engine.runtime import RequestFailed
 from .engine import AdapterConflict, ModelNotFound, QueueFull
 
 log = logging.getLogger("bsharedrag.server")

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..jsonfile import read_json, write_json
+from ..util.jsonfile import read_json, write_json
 
 STATE = "state"
 # config fields a resumed run may change: where and how often it saves, the device; every

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..data import enumerate_jsonl, load_corpus
-from ..generation import primary_eos
-from ..rag import build_prompt, chat_wrap, encode_prompt, read_template, save_prompt_format
-from ..tokenizer import Tokenizer
+from ..engine.generation import primary_eos
+from ..model.tokenizer import Tokenizer
+from ..rag.data import enumerate_jsonl, load_corpus
+from ..rag.pipeline import build_prompt, chat_wrap, encode_prompt, read_template, save_prompt_format
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import lm_step
 from .sampling import EpochSampler, Rng

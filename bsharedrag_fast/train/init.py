@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..model import ModelConfig
-from ..model_store import copy_tokenizer
+from ..model.backbone import ModelConfig
+from ..model.store import copy_tokenizer
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

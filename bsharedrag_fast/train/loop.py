@@ -30,8 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import plots
-from ..model import TARGET_MODULES, Backbone, LoRASpec
+from ..model.backbone import TARGET_MODULES, Backbone, LoRASpec
+from ..util import plots
 from .checkpoint import load_checkpoint, save_checkpoint
 
 CKPT_DIR = "checkpoints"
@@ -40,7 +40,7 @@ PLOT = "loss.png"
 
 
 def option(text: str, **kw):
-    """A dataclass field whose help text the command line shows (see train/cli.py)."""
+    """A dataclass field whose help text the command line shows (see cli/train.py)."""
     return field(metadata={"help": text}, **kw)
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..rag import DEFAULT_MAX_LENGTH, embedding_settings, index_corpus, report_truncated
+from ..rag.pipeline import DEFAULT_MAX_LENGTH, embedding_settings, index_corpus, report_truncated
 
 
 def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: int = 30, split: str = "train",
@@ -23,8 +23,8 @@ def mine_negatives(model: str, adapter: Optional[str], data: str, out: str, k: i
     prefixes left None are the adapter's (rag.EMBEDDING_FILE), else the defaults."""
     from tqdm import tqdm
 
-    from ..data import load_beir
-    from ..runtime import SharedRuntime
+    from ..engine.runtime import SharedRuntime
+    from ..rag.data import load_beir
 
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

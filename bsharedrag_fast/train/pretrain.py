@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from ..data import enumerate_jsonl
-from ..generation import primary_eos
-from ..model import IGNORE, pack
-from ..tokenizer import Tokenizer
+from ..engine.generation import primary_eos
+from ..model.backbone import IGNORE, pack
+from ..model.tokenizer import Tokenizer
+from ..rag.data import enumerate_jsonl
 from .loop import LoopConfig, TrainResult, build_model, option, setup_distributed, train_loop
 from .sampling import EpochSampler, Rng
 

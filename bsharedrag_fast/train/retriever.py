@@ -28,12 +28,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import enumerate_jsonl, load_beir, passage_text
-from ..generation import primary_eos
-from ..model import pack
+from ..engine.generation import primary_eos
+from ..model.backbone import pack
+from ..model.tokenizer import Tokenizer
 from ..ops.pool import MODES
-from ..rag import save_embedding_format
-from ..tokenizer import Tokenizer
+from ..rag.data import enumerate_jsonl, load_beir, passage_text
+from ..rag.pipeline import save_embedding_format
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import causal_labels

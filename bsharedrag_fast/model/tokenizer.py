@@ -15,7 +15,7 @@ import os
 from datetime import datetime
 from typing import Optional
 
-from .jsonfile import read_json
+from ..util.jsonfile import read_json
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -51,7 +51,7 @@ class Tokenizer:
     def from_pretrained(cls, path) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        from .model_store import resolve_model
+        from .store import resolve_model
 
         path = resolve_model(path)
         tj = os.path.join(path, "tokenizer.json")

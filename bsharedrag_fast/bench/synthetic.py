@@ -17,7 +17,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .adapters import MODULE_PARENT, TARGET_MODULES
+from ..model.adapters import MODULE_PARENT, TARGET_MODULES
 
 _QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6,
               use_sliding_window=False)

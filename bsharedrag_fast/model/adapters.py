@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from .jsonfile import write_json
+from ..util.jsonfile import write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -25,8 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .fingerprint import sha256_file
-from .gguf_import import MANIFEST, import_gguf, verify_import
-
+from .gguf import MANIFEST, import_gguf, verify_import
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")  # fmt: skip

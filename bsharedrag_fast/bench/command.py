@@ -32,10 +32,10 @@ import subprocess
 import sys
 import tempfile
 
-from . import plots
-from .bench_worker import REPLY, SETUPS
-from .cli_args import DTYPES
+from ..cli.args import DTYPES
+from ..util import plots
 from .synthetic import PRESETS, token_workload, write_adapter, write_checkpoint
+from .worker import REPLY, SETUPS
 
 OPS = ("embed", "generate", "mixed")
 BACKBONES = {"shared": 1, "separate": 2, "hf_peft": 1}  # copies of the weights each setup holds
@@ -55,7 +55,7 @@ class Worker:
 
     def __init__(self, spec_path: str, setup: str):
         self.setup = setup
-        self.proc = subprocess.Popen([sys.executable, "-m", "bsharedrag_fast.bench_worker", spec_path],
+        self.proc = subprocess.Popen([sys.executable, "-m", "bsharedrag_fast.bench.worker", spec_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.loaded = self._read()
 
@@ -96,8 +96,8 @@ def _check_room(cfg: dict, dtype: str, setups: list, writes_checkpoint: bool, de
     dir) before starting it."""
     import torch
 
+    from ..util.sysinfo import available_memory_bytes
     from .synthetic import checkpoint_nbytes
-    from .sysinfo import available_memory_bytes
 
     gib = 2**30
     one = checkpoint_nbytes(cfg, getattr(torch, dtype))
@@ -142,7 +142,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     """Run the benchmark and return its results (what bench.json holds)."""
     from tqdm import tqdm
 
-    from .sysinfo import machine_info
+    from ..util.sysinfo import machine_info
 
     if preset is not None and model is not None:
         raise ValueError("give --preset or --model, not both")
@@ -175,7 +175,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
 
     requested = model  # what the report names: smollm2-135m, not its cache directory
     if model is not None:
-        from .model_store import resolve_model
+        from ..model.store import resolve_model
 
         model = resolve_model(model)
     cfg = PRESETS[preset] if model is None else _model_config(model)
@@ -347,8 +347,8 @@ def write_plots(res: dict, out_dir: str) -> list:
 def cmd_bench(args) -> int:
     import time
 
-    from .model_store import DEFAULT_MODEL
-    from .threads import available_cores
+    from ..model.store import DEFAULT_MODEL
+    from ..util.threads import available_cores
 
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     base = args.base if args.base or args.preset else DEFAULT_MODEL

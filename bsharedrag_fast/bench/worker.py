@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .sysinfo import peak_rss_bytes, rss_bytes
+from ..util.sysinfo import peak_rss_bytes, rss_bytes
 
 REPLY = "REPLY "
 SETUPS = ("shared", "separate", "hf_peft")
@@ -39,9 +39,9 @@ class OursSetup:
     """shared (one backbone, both adapters) or separate (embedder + generator backbones)."""
 
     def __init__(self, spec: dict, separate: bool):
-        from .kv_cache import kv_bytes_per_token
-        from .model import Backbone
-        from .runtime import SharedRuntime
+        from ..engine.kv_cache import kv_bytes_per_token
+        from ..engine.runtime import SharedRuntime
+        from ..model.backbone import Backbone
 
         dtype, device = getattr(torch, spec["dtype"]), spec["device"]
         retrieval, generation = spec["adapters"]
@@ -205,7 +205,8 @@ def serve(spec: dict) -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     else:
-        from . import model, runtime  # noqa: F401
+        from ..engine import runtime  # noqa: F401
+        from ..model import backbone as model
     torch.set_grad_enabled(False)
     meter = _Meter(spec["device"])
     t0 = meter.time()

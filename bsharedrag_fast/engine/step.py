@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attention import AttentionPlan
+from ..model.attention import AttentionPlan
+from ..model.backbone import Backbone, ForwardContext, check_packed, rms_norm
 from .kv_cache import KVCache
-from .model import Backbone, ForwardContext, check_packed, rms_norm
 
 
 @dataclass

@@ -1,12 +1,12 @@
-"""`bsharedrag eval retrieval|generation`: the command lines over evaluation.py's metrics."""
+"""`bsharedrag eval retrieval|generation`: the command lines over eval/metrics.py."""
 from __future__ import annotations
 
 import json
 from typing import Any, Mapping
 
-from .evaluation import (check_trec_word, evaluate_retrieval, format_table, generation_metrics, parse_ks,
-                         read_predictions, record_id, string_field, write_trec_run)
-from .rag import report_truncated
+from ..eval.metrics import (check_trec_word, evaluate_retrieval, format_table, generation_metrics, parse_ks,
+                            read_predictions, record_id, string_field, write_trec_run)
+from ..rag.pipeline import report_truncated
 
 
 def _report(metrics: Mapping[str, float], out: str | None, extra: Mapping[str, Any]) -> None:
@@ -19,8 +19,8 @@ def _report(metrics: Mapping[str, float], out: str | None, extra: Mapping[str, A
 
 
 def cmd_eval_retrieval(args) -> int:
-    from .cli_args import index_from_args, resolve_embedding_args, runtime_from_args
-    from .data import load_beir
+    from ..rag.data import load_beir
+    from .args import index_from_args, resolve_embedding_args, runtime_from_args
 
     ks = parse_ks(args.k)
     if args.run_file:  # fail before the work, not after it
@@ -48,8 +48,8 @@ def _rag_predictions(args) -> tuple[list[str], list[str]]:
     """Answer every question of --data with the RAG pipeline; optionally save the predictions."""
     from tqdm import tqdm
 
-    from .cli_args import rag_from_args
-    from .data import enumerate_jsonl
+    from ..rag.data import enumerate_jsonl
+    from .args import rag_from_args
 
     if not args.index:
         raise ValueError("--data needs --index (predictions are generated with the RAG pipeline)")
@@ -90,7 +90,7 @@ def cmd_eval_generation(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `bsharedrag eval retrieval|generation` on the CLI's subparsers."""
-    from .cli_args import add_embedder_args, add_index_load_args, add_model_args, add_prompt_args
+    from .args import add_embedder_args, add_index_load_args, add_model_args, add_prompt_args
 
     ev = sub.add_parser("eval", help="evaluate retrieval (BEIR data) or generation (predictions vs answers)")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)

@@ -73,11 +73,11 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from . import ops
-from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids,
-                         primary_eos, sample, stop_strings)
+from .. import ops
+from ..ops.pool import MODES as POOL_MODES
+from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
+                         sample, stop_strings)
 from .kv_cache import KVCache, kv_bytes_per_token
-from .ops.pool import MODES as POOL_MODES
 from .step import run_step
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
@@ -216,8 +216,8 @@ class SharedRuntime:
         """The engine over a model directory / .gguf file / model name (model_store), its
         tokenizer, and the PEFT adapters in `adapters` ({name: directory}; None entries are
         skipped); runtime_kw: further SharedRuntime options."""
-        from .model import Backbone
-        from .tokenizer import Tokenizer
+        from ..model.backbone import Backbone
+        from ..model.tokenizer import Tokenizer
 
         backbone = Backbone.from_pretrained(model, dtype=dtype, device=device)
         for name, path in (adapters or {}).items():

@@ -22,11 +22,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
+from ..util.jsonfile import write_json
 from .data import passage_text
-from .jsonfile import write_json
 
 if TYPE_CHECKING:
-    from .index import HNSWIndex
+    from ..index.hnsw import HNSWIndex
 
 DEFAULT_MAX_LENGTH = 512  # longest embedded input in tokens (prefix and EOS included), everywhere
 # The paper's setting (WorthBuying, Chinese e-commerce QA) and an English equivalent.
@@ -110,7 +110,7 @@ def save_embedding_format(adapter_dir: str, pooling: str, query_prefix: str, pas
 def read_embedding_format(adapter_dir: Optional[str]) -> dict:
     """{"pooling", "query_prefix", "passage_prefix"} a retrieval adapter was trained with; {}
     when it has no EMBEDDING_FILE."""
-    from .ops.pool import MODES
+    from ..ops.pool import MODES
 
     path, fmt = _read_format(adapter_dir, EMBEDDING_FILE, "an embedding format",
                              lambda rec: {k: rec[k] for k in EMBEDDING_DEFAULTS})
@@ -270,10 +270,10 @@ def load_rag(model: str, index_dir: str, retrieval_adapter: Optional[str] = None
     embedding_settings)."""
     import torch
 
-    from .fingerprint import embedder_fingerprint
-    from .index import HNSWIndex
-    from .model_store import resolve_model
-    from .runtime import SharedRuntime
+    from ..engine.runtime import SharedRuntime
+    from ..index.hnsw import HNSWIndex
+    from ..model.fingerprint import embedder_fingerprint
+    from ..model.store import resolve_model
 
     template, chat = prompt_settings(template, raw, generation_adapter)
     emb = embedding_settings(retrieval_adapter or model, pooling=pooling, query_prefix=query_prefix,
@@ -322,7 +322,7 @@ def index_corpus(runtime, corpus: Mapping[str, Mapping], adapter="retrieval", po
     """An HNSWIndex of a {doc_id: {"title", "text", "metadata"}} corpus, each document embedded as
     `passage_prefix + "title text"` (what `bsharedrag index` embeds), cut to max_length tokens.
     Batches go into the index as they are embedded, so only the index holds every vector."""
-    from .index import HNSWIndex
+    from ..index.hnsw import HNSWIndex
 
     if not corpus:
         raise ValueError("corpus is empty: nothing to index")

@@ -64,7 +64,7 @@ def torch_dtype(name: str):
 
 
 def add_model_args(p) -> None:
-    from .model_store import DEFAULT_MODEL, NAMED_MODELS
+    from ..model.store import DEFAULT_MODEL, NAMED_MODELS
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"HF model directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or a "
@@ -83,7 +83,7 @@ def add_index_load_args(p) -> None:
 
 
 def add_max_length(p) -> None:
-    from .rag import DEFAULT_MAX_LENGTH
+    from ..rag.pipeline import DEFAULT_MAX_LENGTH
 
     p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
                    help="longest embedded input in tokens, prefix and EOS included; longer ones are cut and "
@@ -94,7 +94,7 @@ _AS_TRAINED = "default: as the retrieval adapter was trained (its embedding.json
 
 
 def add_pooling(p) -> None:
-    from .ops.pool import MODES
+    from ..ops.pool import MODES
 
     p.add_argument("--pooling", default=None, choices=MODES, help=f"{_AS_TRAINED} last")
 
@@ -126,7 +126,7 @@ def add_prompt_args(p) -> None:
 def runtime_from_args(args, adapters: dict, **runtime_kw):
     """The shared engine a command's --model / --dtype / --device / --max-batch-tokens
     describe, with the named PEFT adapters (name -> directory or None) loaded."""
-    from .runtime import SharedRuntime
+    from ..engine.runtime import SharedRuntime
 
     return SharedRuntime.from_pretrained(args.model, adapters, dtype=torch_dtype(args.dtype), device=args.device,
                                          max_batch_tokens=args.max_batch_tokens, **runtime_kw)
@@ -135,7 +135,7 @@ def runtime_from_args(args, adapters: dict, **runtime_kw):
 def resolve_embedding_args(args, adapter_dir: Optional[str]) -> None:
     """Fill the embedding options left unset (None) as the retrieval adapter was trained, or,
     without one, as the model (a fully fine-tuned embedder) was; else the defaults."""
-    from .rag import embedding_settings
+    from ..rag.pipeline import embedding_settings
 
     given = {k: getattr(args, k) for k in ("pooling", "query_prefix", "passage_prefix") if hasattr(args, k)}
     settings = embedding_settings(adapter_dir or args.model, **given)
@@ -146,8 +146,8 @@ def resolve_embedding_args(args, adapter_dir: Optional[str]) -> None:
 def embedder_fingerprint(args, adapter_path: Optional[str]) -> dict:
     """What the index manifest records about the vectors' embedder (fingerprint.py): the
     content of the model and adapter, pooling, prefixes and length limit."""
-    from .fingerprint import embedder_fingerprint as fingerprint
-    from .model_store import resolve_model
+    from ..model.fingerprint import embedder_fingerprint as fingerprint
+    from ..model.store import resolve_model
 
     return fingerprint(resolve_model(args.model), adapter_path, args.pooling, args.query_prefix, args.passage_prefix,
                        args.max_length)
@@ -156,7 +156,7 @@ def embedder_fingerprint(args, adapter_path: Optional[str]) -> dict:
 def index_from_args(args, path: str, adapter_path: Optional[str]):
     """The saved index at path, checked (sha256 unless --no-verify) and matched against this
     command's embedder (a mismatch is an error unless --allow-mismatch)."""
-    from .index import HNSWIndex
+    from ..index.hnsw import HNSWIndex
 
     return HNSWIndex.load(path, embedder=embedder_fingerprint(args, adapter_path), verify=not args.no_verify,
                           allow_mismatch=args.allow_mismatch)
@@ -164,7 +164,7 @@ def index_from_args(args, path: str, adapter_path: Optional[str]):
 
 def rag_from_args(args, k: int):
     """The RAG pipeline a command's arguments describe (see rag.load_rag)."""
-    from .rag import load_rag
+    from ..rag.pipeline import load_rag
 
     return load_rag(args.model, args.index, args.retrieval_adapter, args.generation_adapter, k=k,
                     template=args.template, raw=args.raw, context_tokens=args.context_tokens,

@@ -32,12 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import adapters as peft_adapters, ops
+from .. import ops
+from ..ops.lora_meta import LoRAMeta
+from ..util.jsonfile import read_json, write_json
+from . import adapters as peft_adapters
 from .adapters import TARGET_MODULES, LoRAStack
-from .jsonfile import read_json, write_json
-from .model_store import copy_tokenizer, resolve_model
 from .attention import AttentionPlan
-from .ops.lora_meta import LoRAMeta
+from .store import copy_tokenizer, resolve_model
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 IGNORE = -100  # label of rows that carry no loss (as torch's cross_entropy ignore_index)

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
 # How an engine step runs the attention of decode rows (1 new token on a cached sequence):
 # "loop": one SDPA per sequence on its own gathered blocks; "batched": one gather of all
 # decode rows' padded block tables + one SDPA with a key-length mask; "auto": loop on CPU,

@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .fingerprint import sha256_file
+from ..model.fingerprint import sha256_file
 
 FORMAT_VERSION = 1
 SPACES = ("ip", "cosine", "l2")

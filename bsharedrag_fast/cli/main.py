@@ -23,11 +23,10 @@ import json
 import os
 import sys
 
-from .cli_args import (add_embedder_args, add_index_load_args, add_max_length, add_model_args, add_pooling,
-                       add_prompt_args, embedder_fingerprint, finite_float, index_from_args, positive_int,
-                       rag_from_args, resolve_embedding_args, runtime_from_args)
-from .data import passage_text, read_corpus
-
+from ..rag.data import passage_text, read_corpus
+from .args import (add_embedder_args, add_index_load_args, add_max_length, add_model_args, add_pooling, add_prompt_args,
+                   embedder_fingerprint, finite_float, index_from_args, positive_int, rag_from_args,
+                   resolve_embedding_args, runtime_from_args)
 
 # ----------------------------------------------------------------------------- commands
 
@@ -35,8 +34,8 @@ from .data import passage_text, read_corpus
 def cmd_index(args) -> int:
     from tqdm import tqdm
 
-    from .index import HNSWIndex
-    from .rag import report_truncated
+    from ..index.hnsw import HNSWIndex
+    from ..rag.pipeline import report_truncated
 
     resolve_embedding_args(args, args.retrieval_adapter)
     docs = _corpus_once(args.corpus, args.upsert)
@@ -85,7 +84,7 @@ def _corpus_once(path: str, upsert: bool) -> list[dict]:
 def cmd_embed(args) -> int:
     import numpy as np
 
-    from .rag import report_truncated
+    from ..rag.pipeline import report_truncated
 
     texts = list(args.text)
     if args.input:
@@ -117,7 +116,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .rag import chat_wrap, encode_prompt
+    from ..rag.pipeline import chat_wrap, encode_prompt
 
     rt = runtime_from_args(args, {"generation": args.adapter})
     tok = rt.tokenizer
@@ -198,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     # command groups registered by the modules that hold them (their heavy imports stay
     # inside the commands, so --help is fast)
-    from . import bench, eval_command, gguf_import, server
-    from .demo import pipeline
-    from .train import cli as train_cli
+    from .. import server
+    from ..bench import command as bench
+    from ..demo import pipeline
+    from ..model import gguf as gguf_import
+    from . import eval as eval_cli
+    from . import train as train_cli
 
-    for group in (train_cli, eval_command, pipeline, bench, server, gguf_import):
+    for group in (train_cli, eval_cli, pipeline, bench, server, gguf_import):
         group.add_commands(sub)
     _add_threads(sub)
     return ap
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_threads(sub) -> None:
     """--threads and --debug on every command (and on each of a group's commands)."""
-    from .threads import available_cores
+    from ..util.threads import available_cores
 
     for p in sub.choices.values():
         nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
@@ -224,7 +226,7 @@ def _add_threads(sub) -> None:
 
 
 def main(argv=None) -> int:
-    from .threads import set_threads
+    from ..util.threads import set_threads
 
     args = build_parser().parse_args(argv)
     try:

@@ -51,19 +51,19 @@ def _report(result) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from . import PretrainConfig, pretrain
+    from ..train import PretrainConfig, pretrain
 
     return _report(pretrain(_config(PretrainConfig, args)))
 
 
 def cmd_retriever(args) -> int:
-    from . import RetrieverConfig, train_retriever
+    from ..train import RetrieverConfig, train_retriever
 
     return _report(train_retriever(_config(RetrieverConfig, args)))
 
 
 def cmd_generator(args) -> int:
-    from . import GeneratorConfig, train_generator
+    from ..train import GeneratorConfig, train_generator
 
     return _report(train_generator(_config(GeneratorConfig, args)))
 
@@ -71,7 +71,7 @@ def cmd_generator(args) -> int:
 def cmd_mine(args) -> int:
     import torch
 
-    from . import mine_negatives
+    from ..train import mine_negatives
 
     path = mine_negatives(args.model, args.adapter, args.data, args.out, k=args.k, split=args.split, skip=args.skip,
                           query_prefix=args.query_prefix, passage_prefix=args.passage_prefix, pooling=args.pooling,
@@ -83,10 +83,10 @@ def cmd_mine(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `train {pretrain,retriever,generator}` and `mine-negatives` on a subparsers object."""
-    from ..cli_args import add_embedding_format, add_max_length
-    from .generator import GeneratorConfig
-    from .pretrain import PretrainConfig
-    from .retriever import RetrieverConfig
+    from ..train.generator import GeneratorConfig
+    from ..train.pretrain import PretrainConfig
+    from ..train.retriever import RetrieverConfig
+    from .args import add_embedding_format, add_max_length
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     train = sub.add_parser("train", help="train: continual pre-training, the retrieval or the generation LoRA")

@@ -13,7 +13,7 @@ processes 10 s spinning, 5 s passive; beside another torch process (both spinnin
 Passive waiting costs a quiet machine's decode steps ~30% (4 x 64 tokens: 94-106 vs 66-77
 tokens/s), so it is the default only where nobody chose: OMP_WAIT_POLICY is set to PASSIVE
 when the package is imported before torch and the variable is unset (set it to ACTIVE to
-spin). See the README's "Threads" section.
+spin). See docs/cli.md, "Threads".
 """
 from __future__ import annotations
 

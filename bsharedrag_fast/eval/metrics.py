@@ -1,5 +1,5 @@
 """Evaluation: retrieval metrics by trec_eval (pytrec_eval), generation metrics by sacrebleu and
-rouge-score; `bsharedrag eval` is eval_command.py.
+rouge-score; `bsharedrag eval` is cli/eval.py.
 
     metrics = retrieval_metrics(run, qrels, ks=(3, 5, 10))   # {"ndcg@3": ..., "hit@3", "recall@3", "mrr@3", ...}
     write_trec_run(run, "run.trec", tag="bsharedrag")
@@ -35,7 +35,7 @@ import unicodedata
 import warnings
 from typing import Any, Mapping, Sequence
 
-from .rag import DEFAULT_MAX_LENGTH, embed_batches, index_corpus
+from ..rag.pipeline import DEFAULT_MAX_LENGTH, embed_batches, index_corpus
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -153,7 +153,7 @@ def evaluate_retrieval(runtime, index_or_corpus, queries: Mapping[str, str], qre
     run; returns (metrics, run)."""
     import torch
 
-    from .index import HNSWIndex
+    from ..index.hnsw import HNSWIndex
 
     ks = parse_ks(ks)
     depth = max(ks) if depth is None else depth
@@ -321,7 +321,7 @@ def read_predictions(path: str, prediction_field: str = "prediction", references
                      reference_field: str = "answer") -> tuple[list[str], list[str]]:
     """(predictions, references) from one JSONL with both fields, or from two JSONL files matched line by
     line (when records on both sides carry an "id", the ids must agree)."""
-    from .data import enumerate_jsonl
+    from ..rag.data import enumerate_jsonl
 
     preds = list(enumerate_jsonl(path, "predictions"))
     if references is None:

@@ -25,7 +25,7 @@ would decode incrementally).
 Measured (8-layer d=512 Llama, fp32, 1 CPU thread, 8 prompts of 20-120 tokens x 64 new,
 greedy): 1.92 s vs 2.32 s for transformers' batched left-padded generate, same tokens.
 
-Decode attention: see model.DECODE_ATTENTION (per-sequence SDPA on CPU, where it was
+Decode attention: see model/attention.py, DECODE_ATTENTION (per-sequence SDPA on CPU, where it was
 measured faster than one padded batched SDPA; batched on GPU).
 """
 from __future__ import annotations

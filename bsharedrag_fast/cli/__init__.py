@@ -1,0 +1,1 @@
+"""The `bsharedrag` command line (main.py) and the options its commands share (args.py)."""

@@ -1,0 +1,1 @@
+"""The vector index: HNSW (hnswlib) over the embeddings, documents in SQLite."""

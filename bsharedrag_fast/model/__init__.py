@@ -1,0 +1,2 @@
+"""The model layer: the Backbone (one nn.Module for training and serving), attention, PEFT adapters,
+model names and GGUF import, the tokenizer."""

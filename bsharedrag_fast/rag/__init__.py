@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation over one backbone: prompts, the pipeline, corpus readers."""

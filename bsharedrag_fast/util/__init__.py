@@ -1,0 +1,1 @@
+"""Small helpers every layer may use: JSON files, threads, machine info, plots."""
