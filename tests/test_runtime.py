@@ -363,3 +363,64 @@ def test_cancel_frees_cache_and_leaves_others_unchanged(model, tok):
         SharedRuntime(model, tok).cancel(hs[0])
     with pytest.raises(ValueError, match="embedding request"):
         waiting.tokens
+
+
+def test_step_costs_learn_interpolate_and_decide():
+    from bsharedrag_fast.engine.cost import StepCosts
+
+    c = StepCosts(alpha=0.5)
+    assert c.estimate(8) is None and c.mixing_pays(8, 40, 256)  # nothing known: mix (and learn)
+    c.observe(8, 0.010)
+    c.observe(8, 0.012)  # an EMA: halfway with alpha 0.5
+    assert c.estimate(8) == pytest.approx(0.011)
+    for rows, sec in ((48, 0.034), (256, 0.122), (192, 0.091)):
+        c.observe(rows, sec)
+    assert c.estimate(128) == pytest.approx(0.034 + (0.091 - 0.034) * (128 - 48) / (192 - 48))  # between seen buckets
+    assert c.estimate(4) is None and c.estimate(4096) is None  # outside what was seen: unknown
+    # measured on this CPU (engine/cost.py): 40 rows into a decode step cost more a row than in
+    # full steps of their own, 184 rows cost less
+    assert not c.mixing_pays(8, 40, 256) and c.mixing_pays(8, 184, 256)
+    assert c.mixing_pays(0, 40, 256) and c.mixing_pays(8, 0, 256)
+    assert c.bucket(1) == 1 and c.bucket(5) == 6 and c.bucket(11) == 12 and c.bucket(10**9) == c.bucket(10**8)
+
+
+def test_cost_model_defers_embeddings_that_do_not_pay_and_answers_the_same(model, tok, monkeypatch):
+    """With step costs that make mixing a loss, embeddings wait while a generation decodes
+    (no step mixes the two) and run in steps of their own; results equal mixing="always"."""
+    prompts, docs = _prompts([9]), _prompts([5, 7, 3], seed=4)
+    ref = SharedRuntime(model, tok, max_batch_tokens=64, mixing="always")
+    want_g = ref.generate(prompts, adapter="generation", max_new_tokens=6, eos_token_id=[])
+    want_e = ref.embed(docs, adapter="retrieval")
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    for rows in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):  # a bandwidth-free machine: rows cost linearly,
+        rt.costs.observe(rows, 0.001 * rows if rows > 1 else 0.0001)  # and mixing saves nothing
+    monkeypatch.setattr(rt.costs, "observe", lambda rows, seconds: None)  # this machine's timings stay out
+    gen = rt.submit_generate(prompts[0], adapter="generation", max_new_tokens=6, eos_token_id=[])
+    rt.step()  # the prompt's prefill
+    embs = [rt.submit_embed(d, adapter="retrieval") for d in docs]
+    mixed_steps = 0
+    while rt.has_pending():
+        before = dict(rt.stats)
+        rt.step()
+        mixed_steps += rt.stats["embed_rows"] > before["embed_rows"] and rt.stats["decode_rows"] > before["decode_rows"]
+    assert mixed_steps == 0
+    assert gen.result().token_ids == want_g[0].token_ids
+    assert torch.equal(torch.stack([h.result() for h in embs]), want_e)
+    with pytest.raises(ValueError, match="mixing must be"):
+        SharedRuntime(model, tok, mixing="sometimes")
+
+
+def test_deferred_embeddings_join_after_max_defer(model, tok, monkeypatch):
+    rt = SharedRuntime(model, tok, max_batch_tokens=64)
+    monkeypatch.setattr(rt.costs, "mixing_pays", lambda *a: False)
+    monkeypatch.setattr(SharedRuntime, "MAX_EMBED_DEFER", 2)
+    gen = rt.submit_generate(_prompts([6])[0], adapter="generation", max_new_tokens=8, eos_token_id=[])
+    rt.step()
+    emb = rt.submit_embed(_prompts([4], seed=9)[0], adapter="retrieval")
+    steps = 0
+    while not emb.done:
+        rt.step()
+        steps += 1
+    assert steps == 3 and not gen.done  # deferred twice, then mixed into the third decode step
+    rt.run_until_done()
+    assert gen.result().finish_reason == "length"

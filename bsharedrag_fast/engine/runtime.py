@@ -75,6 +75,7 @@ import torch
 
 from .. import ops
 from ..ops.pool import MODES as POOL_MODES
+from .cost import StepCosts
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
                          sample, stop_strings)
 from .kv_cache import KVCache, kv_bytes_per_token
@@ -104,6 +105,7 @@ class _EmbedSpec:
     adapter: object
     pooling: str
     normalize: bool
+    deferred: int = 0  # steps it waited because mixing it in did not pay (see engine/cost.py)
 
 
 @dataclass
@@ -178,13 +180,21 @@ class SharedRuntime:
     max_length: longest prompt / embedding input (default config.max_position_embeddings).
     max_running: most generations admitted at once (always <= max_batch_tokens, so every
         running generation gets its decode row in every step; None: otherwise only the cache limits).
+    mixing: "cost" (default): embedding rows join a step that generates only when the step
+        costs learned so far say it beats running them in full steps of their own (engine/cost.py;
+        an embedding deferred MAX_EMBED_DEFER steps joins anyway); "always": whenever they fit.
     """
+
+    MAX_EMBED_DEFER = 64
 
     def __init__(self, model, tokenizer=None, max_batch_tokens: int = 2048,
                  cache_budget_bytes: Optional[int] = None, block_size: int = 16,
-                 max_length: Optional[int] = None, max_running: Optional[int] = None):
+                 max_length: Optional[int] = None, max_running: Optional[int] = None, mixing: str = "cost"):
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
+        if mixing not in ("cost", "always"):
+            raise ValueError(f"mixing must be 'cost' or 'always', got {mixing!r}")
+        self.mixing, self.costs = mixing, StepCosts()
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.max_batch_tokens = max_batch_tokens
@@ -467,9 +477,12 @@ class SharedRuntime:
                 pack(s.prompt[s.prefilled: s.prefilled + n], s.seq_id, s.adapter,
                      ("gen", h, s.prefilled + n == len(s.prompt)))
                 budget -= n
-        # 3. waiting requests, FIFO per kind
+        # 3. waiting requests, FIFO per kind; embeddings join a step that generates only where
+        # that is cheaper than steps of their own (engine/cost.py), or once they waited long
         free = self.cache.num_free_blocks - self._outstanding_blocks()
         emb_blocked = gen_blocked = False
+        if self.mixing == "cost" and ids:
+            emb_blocked = not self._mixing_pays(len(ids), budget)
         admitted = []
         for h in self._waiting:
             if budget <= 0:
@@ -552,8 +565,28 @@ class SharedRuntime:
         st["embed_rows"] += st_emb
         st["decode_rows"] += n_dec
         st["prefill_rows"] += cu[-1] - n_dec - st_emb
-        st["step_seconds"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        st["step_seconds"] += elapsed
+        self.costs.observe(cu[-1], elapsed)
         return finished
+
+    def _mixing_pays(self, gen_rows: int, budget: int) -> bool:
+        """Whether the waiting embeddings that fit in this step's budget should join its
+        gen_rows generation rows (StepCosts.mixing_pays); those deferred too long always do."""
+        rows, waits = 0, []
+        for h in self._waiting:
+            if h.kind == "embed":
+                if rows + len(h._spec.ids) > budget:
+                    break
+                rows += len(h._spec.ids)
+                waits.append(h._spec)
+        if not waits or self.costs.mixing_pays(gen_rows, rows, self.max_batch_tokens):
+            return True
+        if max(s.deferred for s in waits) >= self.MAX_EMBED_DEFER:
+            return True
+        for s in waits:
+            s.deferred += 1
+        return False
 
     def _finish(self, h: RequestHandle, output, finished: list) -> None:
         h.output, h.done, h.finished_at = output, True, time.perf_counter()
