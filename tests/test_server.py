@@ -257,7 +257,7 @@ def test_stream_text_deltas_add_up_to_the_final_text(assets):
     """_TextStream against full decodes: random token ids (partial UTF-8 bytes included), one
     token per step as the engine emits them, stop strings checked as the runtime does (the
     token completing a stop never reaches the stream: the request finishes with it)."""
-    from bsharedrag_fast.server.app import _TextStream
+    from bsharedrag_fast.server.openai_routes import TextStream as _TextStream
 
     tok = Tokenizer.from_pretrained(assets / BASE)
     rng = torch.Generator().manual_seed(0)
