@@ -42,6 +42,7 @@ import torch
 
 from ..rag.data import passage_text
 from ..util import plots
+from ..util.sysinfo import cpu_has_bf16
 
 RETRIEVAL_KS = (3, 5, 10)
 
@@ -137,15 +138,6 @@ def _stage(log: dict, name: str, what: str):
     yield
     log[name] = round(time.perf_counter() - t0, 2)
     print(f"[{name}] done in {log[name]:.1f} s", flush=True)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matmuls are
-    ~3x fp32's (smollm2-135m forward: 500 -> 1500 tokens/s on 2 Zen 4 cores); elsewhere
-    torch emulates them, slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, p, lambda: False)() for p in probes)
 
 
 def _runtime(model_dir: str, adapters: dict, dtype: torch.dtype = torch.float32):

@@ -106,13 +106,6 @@ def module_key(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{MODULE_PARENT[name]}.{name}"
 
 
-def _registry(model) -> dict:
-    reg = model.__dict__.get("_adapter_infos")
-    if reg is None:
-        reg = model._adapter_infos = {}
-    return reg
-
-
 # ----------------------------------------------------------------------------- config
 
 
@@ -385,7 +378,7 @@ def _build_stacks(model, entries: list) -> list[dict]:
 
 
 def _check_model(model) -> None:
-    reg = _registry(model)
+    reg = model.adapter_infos
     if model.num_lora_slots != len(model.adapter_slots) or set(reg) != set(model.adapter_slots):
         raise ValueError(
             "the LoRA stacks were set with set_lora_stacks directly (slots without named adapters); "
@@ -397,11 +390,11 @@ def _swap(model, entries: list, stacks: Optional[list] = None) -> None:
     stacks = _build_stacks(model, entries) if stacks is None else stacks
     slots = {info.name: i for i, (info, _) in enumerate(entries)}
     model.set_lora_stacks(stacks, len(entries), adapter_slots=slots)
-    model._adapter_infos = {info.name: info for info, _ in entries}
+    model.adapter_infos = {info.name: info for info, _ in entries}
 
 
 def _ordered(model) -> list:
-    reg = _registry(model)
+    reg = model.adapter_infos
     return [reg[n] for n in sorted(model.adapter_slots, key=model.adapter_slots.get)]
 
 
@@ -488,7 +481,7 @@ def _patterns(values: dict, default) -> dict:
 
 
 def save_adapter(model, name: str, out_dir) -> None:
-    reg = _registry(model)
+    reg = model.adapter_infos
     if name not in model.adapter_slots or name not in reg:
         raise ValueError(f"unknown adapter {name!r}; loaded: {model.adapters}")
     info = reg[name]
@@ -547,7 +540,7 @@ def adapter_nbytes(model, name: str, padded: bool = False) -> int:
     (r * (in + out) elements per module, what save_adapter writes). padded=True: its whole
     slot in every stack, zero padding and zero modules included, plus its fp32 scalings;
     summed over all adapters this equals lora_nbytes(model)."""
-    reg = _registry(model)
+    reg = model.adapter_infos
     if name not in model.adapter_slots or name not in reg:
         raise ValueError(f"unknown adapter {name!r}; loaded: {model.adapters}")
     el = torch.tensor([], dtype=model.dtype).element_size()

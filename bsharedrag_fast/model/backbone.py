@@ -567,8 +567,12 @@ class Backbone(nn.Module):
             "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d),
         }  # fmt: skip  (in, out) of every target module
+        # the engine's resident adapters (adapters.py keeps them consistent): how many slots the
+        # per-layer stacks (Layer.lora) hold, each name's slot, and what each adapter holds
+        # (AdapterInfo: its true ranks and alphas, its config), for saving and memory reports
         self.num_lora_slots = 0
-        self.adapter_slots: dict[str, int] = {}  # adapter name -> slot; filled by adapter loading
+        self.adapter_slots: dict[str, int] = {}
+        self.adapter_infos: dict[str, peft_adapters.AdapterInfo] = {}
         self.lora_spec: Optional[LoRASpec] = None  # the trainable LoRA, once add_lora is called
         self.activation_checkpointing = False  # recompute each layer in backward (training memory)
 
@@ -631,7 +635,7 @@ class Backbone(nn.Module):
         self.num_lora_slots = num_slots
         self.adapter_slots = dict(adapter_slots or {})
         if adapter_slots is None:
-            self._adapter_infos = {}
+            self.adapter_infos = {}
 
     # -- PEFT adapters (bsharedrag_fast/adapters.py: format, slots, atomicity) ------------
 
