@@ -26,20 +26,20 @@ import time
 
 import torch
 
-from bsharedrag_fast import Backbone
-from bsharedrag_fast.engine.kv_cache import KVCache
+from bsharedrag_fast import Backbone, KVCache
 from bsharedrag_fast.ops import _backends
-from bsharedrag_fast.bench.synthetic import PRESETS, write_adapter, write_checkpoint
 
 try:
+    from bsharedrag_fast.bench.synthetic import PRESETS, write_adapter, write_checkpoint
     from bsharedrag_fast.engine.step import run_step
-except ImportError:  # a checkout from before the engine owned the step
+    from bsharedrag_fast.util.sysinfo import machine_info
+except ImportError:  # a checkout from before the layer folders and the engine-owned step
+    from bsharedrag_fast.synthetic import PRESETS, write_adapter, write_checkpoint
+    from bsharedrag_fast.sysinfo import machine_info
 
     def run_step(model, *args, **kw):
         return model.step(*args, **kw)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info  # noqa: E402
 
 MICRO = dict(PRESETS["tiny"], hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512)

@@ -3,8 +3,10 @@
 #ifndef BSHAREDRAG_LORA_COMMON_H
 #define BSHAREDRAG_LORA_COMMON_H
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "bsharedrag.h"
 
@@ -92,6 +94,16 @@ struct Scalar<bf16_t> {
   static inline float load(const bf16_t* p) { return bf16_to_f32(p->bits); }
   static inline void store(bf16_t* p, float v) { p->bits = f32_to_bf16(v); }
 };
+
+// d elements of a row in any storage type, as fp32 (the pooled-embedding and attention kernels)
+template <class T>
+inline void load_row(const T* src, int64_t d, float* dst) {
+  if constexpr (std::is_same<T, float>::value) {
+    std::copy(src, src + d, dst);
+  } else {
+    for (int64_t i = 0; i < d; ++i) dst[i] = Scalar<T>::load(src + i);
+  }
+}
 
 // ---- work descriptions ------------------------------------------------------------------
 // Tiles are numbered adapter by adapter: tile_prefix[a] = first tile of adapter a,

@@ -25,15 +25,6 @@ namespace {
 constexpr float kL2Eps = 1e-12f;  // F.normalize's: a zero vector stays zero
 constexpr int64_t kMeanChunkRows = 64;
 
-template <class T>
-inline void load_row(const T* src, int64_t d, float* dst) {
-  if constexpr (std::is_same<T, float>::value) {
-    std::copy(src, src + d, dst);
-  } else {
-    for (int64_t i = 0; i < d; ++i) dst[i] = Scalar<T>::load(src + i);
-  }
-}
-
 inline float sum_squares(const float* v, int64_t d) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)

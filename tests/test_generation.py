@@ -116,7 +116,7 @@ def test_eos_finish_matches_hf(case):
 # ----------------------------------------------------------------------------- step + cache
 
 
-@pytest.fixture(params=["loop", "batched"])
+@pytest.fixture(params=["kernel", "loop", "batched"])
 def decode_mode(request, monkeypatch):
     import bsharedrag_fast.model.attention as model_mod
 

@@ -25,10 +25,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import ops
+
 # How an engine step runs the attention of decode rows (1 new token on a cached sequence):
+# "kernel": every decode row in one ops.paged_decode_attention call (the C++ kernel reads
+# the cache through the block tables: no gather, no padding, no per-sequence loop);
 # "loop": one SDPA per sequence on its own gathered blocks; "batched": one gather of all
-# decode rows' padded block tables + one SDPA with a key-length mask; "auto": loop on CPU,
-# batched elsewhere. Measured on this 2-core CPU (1 thread, fp32, H=32 KV=8 D=128,
+# decode rows' padded block tables + one SDPA with a key-length mask; "auto": the kernel on
+# CPU (fp32 / fp16 / bf16), batched elsewhere (until a GPU kernel is written). Measured on a
+# 2-core CPU before the kernel (1 thread, fp32, H=32 KV=8 D=128,
 # block 16, scattered blocks, min of 20, ms per layer):
 #   decode rows x context     loop   batched(fresh gather)  batched(reused workspace)
 #   4 x 64-128                0.59         1.08                   0.60
@@ -70,10 +75,11 @@ class AttentionPlan:
     - cached sequences with n > 1 new tokens (prefill / chunked prefill): write k/v into
       the cache, gather the sequence's blocks (past + n keys) and run one SDPA with an
       offset causal mask (no gather when past == 0);
-    - cached sequences with 1 new token (decode): with DECODE_ATTENTION "loop" (CPU
-      default) as the previous case, without a mask unless a sliding window cuts; with
-      "batched" (other devices) all of them in ONE SDPA over their gathered, padded block
-      tables [Bd, KV, max_blocks * block_size, D] with a key-length mask. See the
+    - cached sequences with 1 new token (decode): with DECODE_ATTENTION "kernel" (CPU
+      default) all of them in ONE ops.paged_decode_attention call over the cache through
+      their block tables; with "batched" (other devices) in ONE SDPA over their gathered,
+      padded block tables [Bd, KV, max_blocks * block_size, D] with a key-length mask; with
+      "loop" as the previous case, without a mask unless a sliding window cuts. See the
       measurements above DECODE_ATTENTION.
     Sliding windows are applied by masking; the per-sequence path gathers only the blocks
     that still hold keys inside the window (they stay allocated: no eviction yet).
@@ -89,7 +95,8 @@ class AttentionPlan:
     slots: Optional[torch.Tensor]  # their flat cache slots
     dec_rows: Optional[torch.Tensor]  # [Bd]
     dec_table: Optional[torch.Tensor]  # [Bd, max_blocks]
-    dec_mask: Optional[torch.Tensor]  # [Bd, 1, 1, max_blocks * block_size]
+    dec_mask: Optional[torch.Tensor]  # [Bd, 1, 1, max_blocks * block_size] ("batched")
+    dec_lens: Optional[torch.Tensor] = None  # int32 [Bd] keys per decode row ("kernel"; dec_table int32 then)
 
     @classmethod
     def packed(cls, cu: list, window: Optional[int]) -> "AttentionPlan":
@@ -110,14 +117,16 @@ class AttentionPlan:
         chunk_seqs, dec = [], []
         mode = DECODE_ATTENTION
         if mode == "auto":
-            mode = "loop" if torch.device(device).type == "cpu" else "batched"
-        if mode not in ("loop", "batched"):
-            raise ValueError(f"DECODE_ATTENTION must be 'auto', 'loop' or 'batched', got {DECODE_ATTENTION!r}")
-        slot_rows = dec_rows = dec_table = dec_mask = None
+            on_cpu = torch.device(device).type == "cpu" and k_cache[0].dtype in (
+                torch.float32, torch.float16, torch.bfloat16)
+            mode = "kernel" if on_cpu else "batched"
+        if mode not in ("kernel", "loop", "batched"):
+            raise ValueError(f"DECODE_ATTENTION must be 'auto', 'kernel', 'loop' or 'batched', got {DECODE_ATTENTION!r}")
+        slot_rows = dec_rows = dec_table = dec_mask = dec_lens = None
         if cached:
             slot_rows = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in cached]).to(device)
             for b in cached:
-                if lens[b] == 1 and mode == "batched":
+                if lens[b] == 1 and mode != "loop":
                     dec.append(b)
                 else:
                     blocks = torch.tensor(tables[b], dtype=torch.long, device=device)
@@ -128,7 +137,12 @@ class AttentionPlan:
                         k0 = fb * block_size
                         blocks, mask = blocks[fb:], mask[:, k0:]
                     chunk_seqs.append((cu[b], cu[b + 1], past[b], k0, blocks, mask))
-        if dec:
+        if dec and mode == "kernel":
+            nmax = max(len(tables[b]) for b in dec)
+            dec_table = torch.tensor([tables[b] + [0] * (nmax - len(tables[b])) for b in dec], dtype=torch.int32)
+            dec_lens = torch.tensor([past[b] + 1 for b in dec], dtype=torch.int32)
+            dec_rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=device)
+        elif dec:
             nmax = max(len(tables[b]) for b in dec)
             dec_table = torch.tensor([tables[b] + [0] * (nmax - len(tables[b])) for b in dec], dtype=torch.long,
                                      device=device)
@@ -140,7 +154,7 @@ class AttentionPlan:
             dec_mask = mask[:, None, None, :]
             dec_rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=device)
         return cls(cu, window, k_cache, v_cache, self_seqs, chunk_seqs, slot_rows, slots, dec_rows, dec_table,
-                   dec_mask)
+                   dec_mask, dec_lens)
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Layer li: q [T, H, D], k/v [T, KV, D] (rotary applied) -> [T, H * D]; the cached
@@ -176,7 +190,11 @@ class AttentionPlan:
                 ks = kc.index_select(0, blocks).view(-1, KV, D)[:n]
                 vs = vc.index_select(0, blocks).view(-1, KV, D)[:n]
                 out[s:e] = sdpa(q[s:e], ks, vs, mask)
-        if self.dec_rows is not None:
+        if self.dec_lens is not None:  # every decode row in one kernel call
+            o = ops.paged_decode_attention(q.index_select(0, self.dec_rows), kc, vc, self.dec_table, self.dec_lens,
+                                           self.window)
+            out.index_copy_(0, self.dec_rows, o)
+        elif self.dec_rows is not None:
             Bd, nb = self.dec_table.shape
             ks = kc[self.dec_table].view(Bd, -1, KV, D).transpose(1, 2)  # [Bd, KV, L, D]
             vs = vc[self.dec_table].view(Bd, -1, KV, D).transpose(1, 2)

@@ -150,6 +150,29 @@ BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stri
                               int64_t in_features, const void* weight, int64_t out_features,
                               const void* bias, void* y, int64_t y_row_stride);
 
+/* ---- attention ------------------------------------------------------------------------- */
+
+/*
+ * Decode attention over a paged KV cache: sequence b's one new query q[b] [num_heads,
+ * head_dim] attends to the context_lens[b] keys and values it has in the cache (its own
+ * new one included, written there before the call), and out[b] gets
+ *   softmax(scale * q . k) v, per head, in fp32, rounded once into dtype (f32, f16, bf16).
+ *   k_cache / v_cache [num_blocks, block_size, num_kv_heads, head_dim] contiguous: position p
+ *     of sequence b lives in block block_tables[b * table_stride + p / block_size], row
+ *     p % block_size;
+ *   query head h reads KV head h / (num_heads / num_kv_heads) (grouped-query attention);
+ *   window > 0: only the last `window` positions are attended (Mistral's sliding window).
+ * q and out rows: sequence b, head h at b * seq_stride + h * head_stride elements.
+ * Every sequence of a decode step in one call: no per-sequence gather or padding.
+ */
+BSR_API bsr_status bsr_paged_decode_attention(bsr_dtype dtype, const void* q, int64_t q_seq_stride,
+                                              int64_t q_head_stride, const void* k_cache, const void* v_cache,
+                                              int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
+                                              int64_t num_heads, int64_t head_dim, const int32_t* block_tables,
+                                              int64_t table_stride, const int32_t* context_lens, int64_t num_seqs,
+                                              int64_t window, float scale, void* out, int64_t out_seq_stride,
+                                              int64_t out_head_stride);
+
 /* ---- pooled embedding ------------------------------------------------------------------ */
 
 typedef enum bsr_pool_mode {
