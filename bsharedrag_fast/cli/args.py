@@ -120,6 +120,21 @@ def add_prompt_args(p) -> None:
                         "was trained, else whenever the tokenizer has a chat template)")
 
 
+def add_rag_args(p, index_required: bool, k_flag: str = "--k") -> None:
+    """What a RAG pipeline needs (rag_from_args): the model and both adapters, the index, how
+    many documents, the prompt, the context budget, the embedder, the answer length."""
+    add_model_args(p)
+    p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
+    p.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
+    p.add_argument("--index", required=index_required, default=None, help="index directory built by `bsharedrag index`")
+    add_index_load_args(p)
+    p.add_argument(k_flag, type=positive_int, default=3, help="documents retrieved per question (default 3)")
+    add_prompt_args(p)
+    p.add_argument("--context-tokens", type=positive_int, default=768, help="token budget of the retrieved contexts")
+    add_embedder_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest answer (default 128)")
+
+
 # ----------------------------------------------------------------------------- arguments -> library
 
 

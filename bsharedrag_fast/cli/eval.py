@@ -90,7 +90,7 @@ def cmd_eval_generation(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `bsharedrag eval retrieval|generation` on the CLI's subparsers."""
-    from .args import add_embedder_args, add_index_load_args, add_model_args, add_prompt_args
+    from .args import add_embedder_args, add_index_load_args, add_model_args, add_rag_args
 
     ev = sub.add_parser("eval", help="evaluate retrieval (BEIR data) or generation (predictions vs answers)")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -126,16 +126,7 @@ def add_commands(sub) -> None:
     p.add_argument("--question-field", default="question", help='question field of --data (default "question")')
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     rag = p.add_argument_group("RAG generation (with --data)")
-    add_model_args(rag)
-    rag.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
-    rag.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
-    rag.add_argument("--index", default=None, help="index directory built by `bsharedrag index`")
-    add_index_load_args(rag)
-    rag.add_argument("--retrieve-k", type=int, default=3, help="documents retrieved per question (default 3)")
-    add_prompt_args(rag)
-    rag.add_argument("--context-tokens", type=int, default=768, help="token budget of the retrieved contexts")
-    add_embedder_args(rag)
-    rag.add_argument("--max-new-tokens", type=int, default=128)
+    add_rag_args(rag, index_required=False, k_flag="--retrieve-k")
     rag.add_argument("--batch-size", type=int, default=16, help="questions answered together")
     rag.add_argument("--save-predictions", default=None, help="write question, prediction, answer, sources as JSONL")
     p.set_defaults(func=cmd_eval_generation)

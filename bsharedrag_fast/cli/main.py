@@ -24,7 +24,7 @@ import os
 import sys
 
 from ..rag.data import passage_text, read_corpus
-from .args import (add_embedder_args, add_index_load_args, add_max_length, add_model_args, add_pooling, add_prompt_args,
+from .args import (add_embedder_args, add_index_load_args, add_max_length, add_model_args, add_pooling, add_rag_args,
                    embedder_fingerprint, finite_float, index_from_args, positive_int, rag_from_args,
                    resolve_embedding_args, runtime_from_args)
 
@@ -167,17 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("ask", help="answer questions with retrieval + generation over one backbone")
-    add_model_args(p)
     p.add_argument("question", nargs="+", help="one or more questions (answered together)")
-    p.add_argument("--retrieval-adapter", default=None, help="PEFT retrieval LoRA directory")
-    p.add_argument("--generation-adapter", default=None, help="PEFT generation LoRA directory")
-    p.add_argument("--index", required=True, help="index directory built by `bsharedrag index`")
-    add_index_load_args(p)
-    p.add_argument("--k", type=positive_int, default=3, help="documents retrieved per question")
-    add_prompt_args(p)
-    p.add_argument("--context-tokens", type=positive_int, default=768, help="token budget of the retrieved contexts")
-    add_embedder_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_rag_args(p, index_required=True)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("generate", help="generate from prompts (one backbone, optional LoRA)")
