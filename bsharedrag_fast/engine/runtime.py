@@ -47,7 +47,10 @@ Scheduling (each step(), up to max_batch_tokens rows, one step.run_step call):
    rows need no cache). Nothing is dropped: waiting requests wait; a finished generation
    frees its blocks at once. Reserving the worst case means a running sequence can never
    run out of cache (no preemption / recomputation is ever needed); the price is that
-   sequences stopping early at EOS were over-reserved while they ran.
+   sequences stopping early at EOS were over-reserved while they ran. With mixing="cost"
+   (the default) waiting embeddings join a step that already holds generation rows only
+   when the step costs measured so far say that is no dearer than steps of their own
+   (engine/cost.py); one deferred MAX_EMBED_DEFER steps joins anyway.
 One LoRAMeta covers the whole packed batch (each sequence with its own adapter); the LM
 head runs only on the logits rows; embedding rows are gathered from the pre-final-norm
 hidden states and pooled with the final RMSNorm fused (ops.pool(norm_weight=model.norm)).
@@ -82,7 +85,6 @@ from .kv_cache import KVCache, kv_bytes_per_token
 from .step import run_step
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
-
 
 
 class RequestCancelled(Exception):

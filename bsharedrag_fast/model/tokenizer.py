@@ -27,7 +27,6 @@ def _token_str(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-
 def _valid_text(text: str) -> str:
     """text, or a ValueError when it cannot be UTF-8 (a lone surrogate such as JSON's "\\ud800"),
     which the tokenizer library would fail on with an unclear error."""

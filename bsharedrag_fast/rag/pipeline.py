@@ -13,6 +13,11 @@ adapter (PROMPT_FILE), and `ask`, `eval generation` and the server read them fro
 Likewise the retriever trainer saves its pooling and prefixes beside the retrieval adapter
 (EMBEDDING_FILE), and `index`, `embed`, `ask`, `eval`, `mine-negatives` and the server
 embed as it was trained unless told otherwise.
+
+build_prompt is the one prompt builder (a pure function of a tokenizer, the question and its
+documents): RAGPipeline, the server, `eval generation` and generator training all use it.
+load_rag assembles a pipeline from a model, adapters and an index directory; index_corpus
+embeds a corpus into an HNSWIndex as `bsharedrag index` does.
 """
 from __future__ import annotations
 
@@ -290,8 +295,6 @@ def load_rag(model: str, index_dir: str, retrieval_adapter: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- indexing
-
-
 
 
 def embed_batches(runtime, texts: Sequence[str], adapter, pooling: str, prefix: str, batch_size: int,
