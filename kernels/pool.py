@@ -57,7 +57,7 @@ from .lora_shrink import num_sms
 
 __all__ = ["pool_forward", "pool_backward", "pool_config"]
 
-_MEAN = 1  # the mode codes are the C ABI's enum bsr_pool_mode (0 last, 1 mean, 2 cls; ops.pool.POOL_MODES)
+_MEAN = 1  # the mode codes are the C ABI's enum bsr_pool_mode (0 last, 1 mean, 2 cls; bsharedrag_fast/util/pool_modes.py)
 _FINALIZE = 3  # _pool_rows_kernel mode: finish mean pooling from the fp32 scratch
 
 # Widest row held in registers at once (next_pow2(d) above this loops over chunks).

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bsharedrag_fast import ops
-from bsharedrag_fast.ops.pool import POOL_MODES
+from bsharedrag_fast.util.pool_modes import POOL_MODES
 from conftest import triton_device
 
 TRITON_DEV = triton_device()
@@ -186,7 +186,7 @@ def test_matches_model_style_unfused_sequence():
 
 
 def test_modes_are_the_c_abi_enum():
-    """ops.pool.POOL_MODES (what the C++ and the Triton kernels are given) is enum bsr_pool_mode."""
+    """util.pool_modes.POOL_MODES (what ops.pool gives the C++ and the Triton kernels) is enum bsr_pool_mode."""
     import os
     import re
 

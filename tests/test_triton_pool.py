@@ -22,7 +22,7 @@ try:
 except ImportError:  # not installed: import the source tree's kernels/ directly
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kernels import pool_backward, pool_forward  # noqa: E402
-from bsharedrag_fast.ops.pool import POOL_MODES  # noqa: E402  (the kernels take the C ABI's mode codes)
+from bsharedrag_fast.util.pool_modes import POOL_MODES  # noqa: E402  (the kernels take the C ABI's mode codes)
 
 EPS = 1e-6
 # bf16 load/store (no tl.dot here) is right in the interpreter too

@@ -94,7 +94,7 @@ _AS_TRAINED = "default: as the retrieval adapter was trained (its embedding.json
 
 
 def add_pooling(p) -> None:
-    from ..ops.pool import MODES
+    from ..util.pool_modes import MODES
 
     p.add_argument("--pooling", default=None, choices=MODES, help=f"{_AS_TRAINED} last")
 

@@ -77,7 +77,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from ..ops.pool import MODES as POOL_MODES
+from ..util.pool_modes import MODES as POOL_MODES
 from .cost import StepCosts
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
                          sample, stop_strings)

@@ -15,12 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..util.pool_modes import MODES, POOL_MODES
 from . import _backends
 
-# The one numbering of the pooling modes: enum bsr_pool_mode of the C ABI (csrc/include/bsharedrag.h),
-# which the Triton kernels take as well.
-POOL_MODES = {"last": 0, "mean": 1, "cls": 2}
-MODES = tuple(POOL_MODES)
 L2_EPS = 1e-12  # F.normalize's: a zero vector stays zero
 
 # Measured by benchmarks/bench_pool.py: the C++ kernel beats the torch sequence on CPU.

@@ -115,7 +115,7 @@ def save_embedding_format(adapter_dir: str, pooling: str, query_prefix: str, pas
 def read_embedding_format(adapter_dir: Optional[str]) -> dict:
     """{"pooling", "query_prefix", "passage_prefix"} a retrieval adapter was trained with; {}
     when it has no EMBEDDING_FILE."""
-    from ..ops.pool import MODES
+    from ..util.pool_modes import MODES
 
     path, fmt = _read_format(adapter_dir, EMBEDDING_FILE, "an embedding format",
                              lambda rec: {k: rec[k] for k in EMBEDDING_DEFAULTS})

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..ops.pool import MODES
+from ..util.pool_modes import MODES
 
 TokenIds = list[int]
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from ..engine.generation import primary_eos
 from ..model.backbone import pack
 from ..model.tokenizer import Tokenizer
-from ..ops.pool import MODES
 from ..rag.data import enumerate_jsonl, load_beir, passage_text
 from ..rag.pipeline import save_embedding_format
+from ..util.pool_modes import MODES
 from .generator import ExampleSource, PromptOptions, answer_count, load_examples
 from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
 from .pretrain import causal_labels
