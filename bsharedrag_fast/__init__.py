@@ -8,9 +8,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402,F401  imported first: its bundled libgomp.so.1 is then shared with our _C
 
 from . import ops
-from .engine.generation import GenerationResult, generate
+from .engine.generation import GenerationResult
 from .engine.kv_cache import CacheFullError, KVCache
-from .engine.runtime import SharedRuntime
+from .engine.runtime import SharedRuntime, generate
 from .index.hnsw import HNSWIndex
 from .model.backbone import Backbone, ModelConfig
 from .model.tokenizer import Tokenizer

@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
-from bsharedrag_fast.engine.generation import generate, sample, warp_logits  # noqa: E402
+from bsharedrag_fast.engine.generation import sample, warp_logits  # noqa: E402
+from bsharedrag_fast.engine.runtime import generate  # noqa: E402
 from bsharedrag_fast.engine.kv_cache import CacheFullError, KVCache  # noqa: E402
 from bsharedrag_fast.engine.step import run_step  # noqa: E402
 from bsharedrag_fast.model.adapters import LoRAStack  # noqa: E402

@@ -12,9 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from bsharedrag_fast import Backbone, Tokenizer, ops  # noqa: E402
-from bsharedrag_fast.engine.generation import generate  # noqa: E402
 from bsharedrag_fast.model.adapters import LoRAStack  # noqa: E402
-from bsharedrag_fast.engine.runtime import RequestFailed, SharedRuntime  # noqa: E402
+from bsharedrag_fast.engine.runtime import RequestFailed, SharedRuntime, generate  # noqa: E402
 from tiny_models import cu_seqlens, hf_model, write_tokenizer  # noqa: E402
 
 V = 320  # >= the byte-level BPE vocab below

@@ -1,32 +1,15 @@
-"""Sampling and batched generation over engine steps (step.run_step) and a paged `KVCache`.
-
-    results = generate(model, tok_or_None, prompts=[[ids...], ...], adapters="gen" | [per prompt],
-                       max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                       repetition_penalty=1.0, stop=["\\n\\n"], eos_token_id=None, seed=0,
-                       cache_budget_bytes=None)
-    results[i].token_ids, results[i].text (with a tokenizer), results[i].finish_reason
-
-All prompts are prefilled in ONE packed step (logits only for each prompt's last row),
-then every decode step packs all running sequences (one token each, each with its own
-adapter) into one step. Finished sequences leave the batch and free their cache blocks.
+"""Sampling: the logits processors, stop strings and EOS of a generation; the engine
+(runtime.SharedRuntime, and runtime.generate over it) runs the decode loop.
 
 Sampling follows transformers' processors, in its order: repetition penalty (over prompt +
 generated ids: score < 0 -> score * p, else score / p), then temperature, top_k, top_p
 (HF's TopPLogitsWarper: drop the ascending-sorted tokens whose cumulative probability is
 <= 1 - top_p, always keeping the most likely one). temperature == 0 is greedy (argmax
-after the penalty). A seed drives one torch.Generator for the whole call.
+after the penalty).
 
 Finish reasons: "eos" (the EOS id is kept in token_ids, as HF), "stop" (a stop string
 appeared in the decoded text: token_ids end with the token that completed it and text is
-cut before the stop string), "length" (max_new_tokens reached). Stop strings are found by
-decoding a sequence's generated ids after each token (fine for short outputs; an engine
-would decode incrementally).
-
-Measured (8-layer d=512 Llama, fp32, 1 CPU thread, 8 prompts of 20-120 tokens x 64 new,
-greedy): 1.92 s vs 2.32 s for transformers' batched left-padded generate, same tokens.
-
-Decode attention: see model/attention.py, DECODE_ATTENTION (per-sequence SDPA on CPU, where it was
-measured faster than one padded batched SDPA; batched on GPU).
+cut before the stop string), "length" (max_new_tokens reached).
 """
 from __future__ import annotations
 
@@ -36,10 +19,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
-from .step import run_step
 
-__all__ = ["GenerationResult", "generate", "sample", "warp_logits", "apply_repetition_penalty", "CacheFullError"]
+__all__ = ["GenerationResult", "sample", "warp_logits", "apply_repetition_penalty"]
 
 
 @dataclass
@@ -163,93 +144,3 @@ def append_token(result: "GenerationResult", token: int, eos: set, stop: list, t
             result.text = text[: min(hits)]
             return "stop"
     return "length" if len(result.token_ids) >= max_new_tokens else None
-
-
-@torch.inference_mode()
-def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapters=None,
-             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, stop: Union[None, str, Sequence[str]] = None,
-             eos_token_id: Union[None, int, Sequence[int]] = None, seed: Optional[int] = None,
-             cache_budget_bytes: Optional[int] = None, block_size: int = 16) -> list[GenerationResult]:
-    """Generate for every prompt (lists of token ids) together; see the module docstring.
-
-    adapters: None, one adapter (name / slot) for all prompts, or a list with one per prompt.
-    eos_token_id: None -> the tokenizer's EOS, else config.json's; [] disables EOS.
-    cache_budget_bytes: None -> exactly what these prompts need; a budget that cannot hold
-    every prompt + max_new_tokens raises CacheFullError before any work.
-    """
-    prompts = [list(map(int, p)) for p in prompts]
-    B = len(prompts)
-    if B == 0:
-        return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    temperature, top_p, repetition_penalty = check_sampling(temperature, top_k, top_p, repetition_penalty)
-    stop = stop_strings(stop, tokenizer)
-    if adapters is None or isinstance(adapters, (str, int)):
-        adapters = [adapters] * B
-    adapters = list(adapters)
-    if len(adapters) != B:
-        raise ValueError(f"adapters must be one adapter or one per prompt ({B}), got {len(adapters)}")
-    eos = eos_ids(model, tokenizer, eos_token_id)
-    results = [GenerationResult([], "length") for _ in range(B)]
-    if max_new_tokens == 0:
-        for r in results:
-            r.text = "" if tokenizer is not None else None
-        return results
-
-    positions = model.config.max_position_embeddings
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > positions:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"{positions} positions; ask for at most {max(0, positions - longest)} new tokens")
-    need_tokens = [len(p) + max_new_tokens - 1 for p in prompts]  # the last token is never fed back
-    need_blocks = sum(-(-n // block_size) for n in need_tokens)
-    cfg = model.config
-    block_bytes = kv_bytes_per_token(cfg, model.dtype) * block_size
-    if cache_budget_bytes is None:
-        cache_budget_bytes = need_blocks * block_bytes
-    if cache_budget_bytes // block_bytes < need_blocks:
-        raise CacheFullError(
-            f"cache_budget_bytes={cache_budget_bytes} holds {cache_budget_bytes // block_bytes} blocks of "
-            f"{block_size} tokens ({block_bytes} bytes each); these {B} prompts with max_new_tokens="
-            f"{max_new_tokens} need {need_blocks} blocks ({need_blocks * block_bytes} bytes)"
-        )
-    cache = KVCache(cfg, cache_budget_bytes, model.dtype, model.device, block_size)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-
-    seq_ids = [cache.allocate() for _ in range(B)]
-    running = list(range(B))
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
-    lens = torch.tensor([len(p) for p in prompts])
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32)
-    logits = run_step(model, ids, cu, seq_ids, cache, adapters=adapters, logits_rows=cu[1:].long() - 1).logits
-    while True:
-        scores = logits.float()
-        apply_repetition_penalty(scores, [prompts[i] + results[i].token_ids for i in running], repetition_penalty)
-        toks = sample(scores, temperature, top_k, top_p, gen).tolist()
-        still = []
-        for i, t in zip(running, toks):
-            r = results[i]
-            done = append_token(r, int(t), eos, stop, tokenizer, max_new_tokens)
-            if done is None:
-                still.append(i)
-            else:
-                r.finish_reason = done
-                cache.free(seq_ids[i])
-        running = still
-        if not running:
-            break
-        ids = torch.tensor([results[i].token_ids[-1] for i in running], dtype=torch.long)
-        cu = torch.arange(len(running) + 1, dtype=torch.int32)
-        logits = run_step(model, ids, cu, [seq_ids[i] for i in running], cache,
-                          adapters=[adapters[i] for i in running]).logits
-    if tokenizer is not None:
-        for r in results:
-            if r.text is None:
-                r.text = tokenizer.decode_cut(r.token_ids)
-    return results

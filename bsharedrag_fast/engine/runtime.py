@@ -22,12 +22,13 @@ Requests
   unless `truncate=True`, which keeps the first max_embed_tokens - 1 tokens and the EOS
   (the last-token pooling row stays the EOS). Empty text (or only whitespace) is a ValueError.
 - A generation request is a prompt string (tokenized with special tokens) or token ids.
-  The result is a generation.GenerationResult (.token_ids, .finish_reason, .text),
-  with the same semantics as generation.generate: EOS kept in token_ids; stop strings cut
-  from the text; repetition penalty / temperature / top_k / top_p through generate's own
-  helpers. Sampling is per request: `seed` drives a torch.Generator owned by that request
-  (rt.generate(prompts, seed=s) gives prompt i seed s + i), so a request's tokens do not
-  depend on what else shares its steps. Greedy output is token-identical to generate().
+  The result is a generation.GenerationResult (.token_ids, .finish_reason, .text): EOS
+  kept in token_ids; stop strings cut from the text; repetition penalty / temperature /
+  top_k / top_p through generation.py's processors (transformers' order). Sampling is per
+  request: `seed` drives a torch.Generator owned by that request (rt.generate(prompts,
+  seed=s) gives prompt i seed s + i), so a request's tokens do not depend on what else
+  shares its steps: greedy output is the same in any batch (tests hold it to transformers').
+  `generate(model, tok, prompts, ...)` below runs a batch on an engine of its own.
 - Unknown adapters, empty inputs, bad sampling parameters and requests that could never
   fit (prompt longer than max_length, or prompt + max_new_tokens beyond the whole cache)
   are a ValueError at submit time.
@@ -81,10 +82,10 @@ from ..util.pool_modes import MODES as POOL_MODES
 from .cost import StepCosts
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
                          sample, stop_strings)
-from .kv_cache import KVCache, kv_bytes_per_token
+from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
 from .step import run_step
 
-__all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed"]
+__all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed", "generate"]
 
 
 class RequestCancelled(Exception):
@@ -672,3 +673,48 @@ class SharedRuntime:
                 s.seq_id = None
                 self._running.remove(h)
                 self._finish(h, r, finished)
+
+
+def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapters=None,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, stop: Union[None, str, Sequence[str]] = None,
+             eos_token_id: Union[None, int, Sequence[int]] = None, seed: Optional[int] = None,
+             cache_budget_bytes: Optional[int] = None, block_size: int = 16) -> list[GenerationResult]:
+    """Generate for every prompt (lists of token ids) together, on an engine of their own: a
+    SharedRuntime whose step takes every prompt at once (one prefill step, then one decode
+    row per running prompt a step) and whose cache holds exactly their worst case.
+
+    adapters: None, one adapter (name / slot) for all prompts, or a list with one per prompt.
+    eos_token_id: None -> the tokenizer's EOS, else config.json's; [] disables EOS.
+    seed: prompt i samples with its own generator seeded seed + i (as SharedRuntime.generate).
+    cache_budget_bytes: None -> exactly what these prompts need; a budget that cannot hold
+    every prompt + max_new_tokens raises CacheFullError before any work.
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    B = len(prompts)
+    if B == 0:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if adapters is None or isinstance(adapters, (str, int)):
+        adapters = [adapters] * B
+    adapters = list(adapters)
+    if len(adapters) != B:
+        raise ValueError(f"adapters must be one adapter or one per prompt ({B}), got {len(adapters)}")
+    need_blocks = sum(-(-max(1, len(p) + max_new_tokens - 1) // block_size) for p in prompts)
+    block_bytes = kv_bytes_per_token(model.config, model.dtype) * block_size
+    if cache_budget_bytes is None:
+        cache_budget_bytes = need_blocks * block_bytes
+    if cache_budget_bytes // block_bytes < need_blocks:
+        raise CacheFullError(
+            f"cache_budget_bytes={cache_budget_bytes} holds {cache_budget_bytes // block_bytes} blocks of "
+            f"{block_size} tokens ({block_bytes} bytes each); these {B} prompts with max_new_tokens="
+            f"{max_new_tokens} need {need_blocks} blocks ({need_blocks * block_bytes} bytes)"
+        )
+    rt = SharedRuntime(model, tokenizer, max_batch_tokens=sum(len(p) for p in prompts),
+                       cache_budget_bytes=cache_budget_bytes, block_size=block_size)
+    hs = [rt.submit_generate(p, a, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
+                             None if seed is None else seed + i, eos_token_id)
+          for i, (p, a) in enumerate(zip(prompts, adapters))]
+    rt.run_until_done()
+    return [h.result() for h in hs]
