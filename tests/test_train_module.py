@@ -148,7 +148,7 @@ def _ctx(tm, ids, cu):
     meta = ops.LoRAMeta.build(torch.zeros(ids.shape[0], dtype=torch.int32), 1)
     from bsharedrag_fast.model.attention import AttentionPlan
 
-    return ForwardContext(cu.tolist(), torch.zeros(ids.shape[0], dtype=torch.long), AttentionPlan.packed(cu.tolist(), None),
+    return ForwardContext(torch.zeros(ids.shape[0], dtype=torch.long), AttentionPlan.packed(cu.tolist(), None),
                           trained=TrainedLoRA(meta, tm.lora_scaling, tm.lora_spec))
 
 

@@ -88,6 +88,12 @@ from .step import run_step
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed", "generate"]
 
 
+def worst_case_tokens(prompt_len: int, max_new_tokens: int) -> int:
+    """The KV cache rows a generation may take: its prompt and every new token but the last
+    (never fed back), and at least its prompt."""
+    return prompt_len + max(max_new_tokens, 1) - 1
+
+
 class RequestCancelled(Exception):
     """The error of a request withdrawn by SharedRuntime.cancel."""
 
@@ -347,8 +353,7 @@ class SharedRuntime:
         if len(ids) + max_new_tokens > positions:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
                              f"{positions} positions; ask for at most {max(0, positions - len(ids))} new tokens")
-        need = len(ids) + max(max_new_tokens, 1) - 1
-        blocks = self.cache.blocks_needed(need)
+        blocks = self.cache.blocks_needed(worst_case_tokens(len(ids), max_new_tokens))
         if blocks > self.cache.num_blocks:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} needs {blocks} KV cache blocks, "
@@ -701,7 +706,7 @@ def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapt
     adapters = list(adapters)
     if len(adapters) != B:
         raise ValueError(f"adapters must be one adapter or one per prompt ({B}), got {len(adapters)}")
-    need_blocks = sum(-(-max(1, len(p) + max_new_tokens - 1) // block_size) for p in prompts)
+    need_blocks = sum(-(-worst_case_tokens(len(p), max_new_tokens) // block_size) for p in prompts)
     block_bytes = kv_bytes_per_token(model.config, model.dtype) * block_size
     if cache_budget_bytes is None:
         cache_budget_bytes = need_blocks * block_bytes

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..model.attention import AttentionPlan
-from ..model.backbone import Backbone, ForwardContext, check_packed, rms_norm
+from ..model.backbone import Backbone, ForwardContext, check_packed, positions_from_cu_seqlens, rms_norm
 from .kv_cache import KVCache
 
 
@@ -64,10 +64,7 @@ def build_step(model: Backbone, cu: list, seq_ids: Sequence, cache: Optional[KVC
                                    dev)
     else:
         plan = AttentionPlan.packed(cu, cfg.sliding_window)
-    # row r of sequence b sits at position past[b] + (r - cu[b])
-    positions = torch.arange(cu[-1], device=dev) - torch.repeat_interleave(
-        torch.tensor([cu[b] - past[b] for b in range(B)], device=dev), torch.tensor(lens, device=dev))
-    return ForwardContext(cu, positions, plan, lora=lora)
+    return ForwardContext(positions_from_cu_seqlens(cu, dev, past), plan, lora=lora)
 
 
 @torch.inference_mode()

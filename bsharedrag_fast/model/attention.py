@@ -40,9 +40,10 @@ from .. import ops
 #   16 x 256-512             10.7         22-49                  16.6
 #   32 x 256-512             20.6        100                     34.0
 #   64 x 32-96                 8.1        17-25                  13.4
-# On CPU the padded gather costs more than the per-call overhead it saves (SDPA alone on
-# the padded batch is already >= the loop), so CPU loops; on a GPU the launch overhead
-# of B tiny SDPAs dominates and the batched path is the usual choice (not yet measured).
+# On that CPU the padded gather cost more than the per-call overhead it saved (SDPA alone on
+# the padded batch was already >= the loop), so CPU looped until the kernel replaced both
+# (docs/benchmarks.md, decode attention); on a GPU the launch overhead of B tiny SDPAs
+# dominates and the batched path is the usual choice (not yet measured).
 # Whole generate() on an 8-layer d=512 Llama (fp32, 1 thread): 8 prompts of 20-120 tokens
 # x 64 new: loop 1.93 s, batched 2.39 s; 16 prompts of 200-500 x 32 new: 6.49 s vs 7.25 s.
 DECODE_ATTENTION = "auto"
@@ -85,7 +86,6 @@ class AttentionPlan:
     that still hold keys inside the window (they stay allocated: no eviction yet).
     """
 
-    cu: list
     window: Optional[int]
     k_cache: Optional[list]  # per layer [num_blocks, block_size, KV, D] (the engine's KVCache.k / .v)
     v_cache: Optional[list]
@@ -101,7 +101,7 @@ class AttentionPlan:
     @classmethod
     def packed(cls, cu: list, window: Optional[int]) -> "AttentionPlan":
         """Every sequence attends to itself only (no cache)."""
-        return cls(cu, window, None, None, [(cu[b], cu[b + 1]) for b in range(len(cu) - 1)], [],
+        return cls(window, None, None, [(cu[b], cu[b + 1]) for b in range(len(cu) - 1)], [],
                    None, None, None, None, None)
 
     @classmethod
@@ -137,23 +137,22 @@ class AttentionPlan:
                         k0 = fb * block_size
                         blocks, mask = blocks[fb:], mask[:, k0:]
                     chunk_seqs.append((cu[b], cu[b + 1], past[b], k0, blocks, mask))
-        if dec and mode == "kernel":
+        if dec:
             nmax = max(len(tables[b]) for b in dec)
-            dec_table = torch.tensor([tables[b] + [0] * (nmax - len(tables[b])) for b in dec], dtype=torch.int32)
-            dec_lens = torch.tensor([past[b] + 1 for b in dec], dtype=torch.int32)
+            padded = [tables[b] + [0] * (nmax - len(tables[b])) for b in dec]
             dec_rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=device)
-        elif dec:
-            nmax = max(len(tables[b]) for b in dec)
-            dec_table = torch.tensor([tables[b] + [0] * (nmax - len(tables[b])) for b in dec], dtype=torch.long,
-                                     device=device)
-            ctx = torch.tensor([past[b] + 1 for b in dec], device=device)[:, None]
-            kpos = torch.arange(nmax * block_size, device=device)[None, :]
-            mask = kpos < ctx
-            if window is not None:
-                mask &= (ctx - 1 - kpos) < window
-            dec_mask = mask[:, None, None, :]
-            dec_rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=device)
-        return cls(cu, window, k_cache, v_cache, self_seqs, chunk_seqs, slot_rows, slots, dec_rows, dec_table,
+            if mode == "kernel":  # the C ABI's int32 tables and key counts, on the CPU
+                dec_table = torch.tensor(padded, dtype=torch.int32)
+                dec_lens = torch.tensor([past[b] + 1 for b in dec], dtype=torch.int32)
+            else:
+                dec_table = torch.tensor(padded, dtype=torch.long, device=device)
+                ctx = torch.tensor([past[b] + 1 for b in dec], device=device)[:, None]
+                kpos = torch.arange(nmax * block_size, device=device)[None, :]
+                mask = kpos < ctx
+                if window is not None:
+                    mask &= (ctx - 1 - kpos) < window
+                dec_mask = mask[:, None, None, :]
+        return cls(window, k_cache, v_cache, self_seqs, chunk_seqs, slot_rows, slots, dec_rows, dec_table,
                    dec_mask, dec_lens)
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -269,10 +269,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, inv)
 
 
-def positions_from_cu_seqlens(cu: list[int], device) -> torch.Tensor:
-    """int64 [T]: 0..len-1 for each packed sequence."""
-    lens = torch.tensor([cu[b + 1] - cu[b] for b in range(len(cu) - 1)], device=device)
-    starts = torch.tensor(cu[:-1], device=device)
+def positions_from_cu_seqlens(cu: list[int], device, past: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """int64 [T]: past[b] .. past[b] + len - 1 for each packed sequence b (past: the tokens a
+    sequence already has in the KV cache; None: 0 for all)."""
+    B = len(cu) - 1
+    lens = torch.tensor([cu[b + 1] - cu[b] for b in range(B)], device=device)
+    starts = torch.tensor([cu[b] - (past[b] if past else 0) for b in range(B)], device=device)
     return torch.arange(cu[-1], device=device) - torch.repeat_interleave(starts, lens)
 
 
@@ -342,7 +344,6 @@ class ForwardContext:
     model runs (by Backbone.hidden, or by the engine for one step: engine/step.py) and read
     by every layer: the model only computes."""
 
-    cu: list  # packed sequence offsets [B + 1]
     positions: torch.Tensor  # int64 [T]: each row's position in its sequence
     attention: AttentionPlan  # who attends to what: packed self-attention, or over the paged KV cache
     lora: Optional[LoRAMeta] = None  # the engine's multi-LoRA rows (Layer.lora stacks); None: base only
@@ -460,7 +461,7 @@ class Layer(nn.Module):
                 r = st.lora_a.shape[1]
                 if copied:
                     lora[n] = LoRAStack(stacked[:, off : off + r], st.lora_b, st.scaling)
-                slices.append(ops.LoRASlice(off, st.lora_b.contiguous(), st.scaling, col))
+                slices.append(ops.LoRASlice(off, st.lora_b, st.scaling, col))
                 off += r
             groups[group] = ops.MergedLoRA(stacked, slices)
         self.lora, self.lora_groups = lora, groups
@@ -739,7 +740,7 @@ class Backbone(nn.Module):
         if self.lora_spec is not None:
             meta = LoRAMeta.build(torch.zeros(cu[-1], dtype=torch.int32, device=dev), 1)
             trained = TrainedLoRA(meta, self.lora_scaling, self.lora_spec)
-        ctx = ForwardContext(cu, positions_from_cu_seqlens(cu, dev), AttentionPlan.packed(cu, self.config.sliding_window),
+        ctx = ForwardContext(positions_from_cu_seqlens(cu, dev), AttentionPlan.packed(cu, self.config.sliding_window),
                              lora=self.lora_meta(adapters, cu), trained=trained, autocast=autocast)
         return self.compute(input_ids, ctx)
 
