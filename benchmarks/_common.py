@@ -35,9 +35,10 @@ def _calibrate(fn, device: str) -> int:
     return per_batch
 
 
-def time_methods(methods: dict, device: str, budget_s: float) -> dict:
+def time_methods(methods: dict, device: str, budget_s: float, with_min: bool = False) -> dict:
     """Median seconds per call of each method, measured round-robin (one batch of each per
-    round) so that drift in machine load hits every method alike."""
+    round) so that drift in machine load hits every method alike; with_min: {name: {"median",
+    "min"}} instead."""
     batches = {name: _calibrate(fn, device) for name, fn in methods.items()}
     samples = {name: [] for name in methods}
     spent, rounds = 0.0, 0
@@ -51,6 +52,8 @@ def time_methods(methods: dict, device: str, budget_s: float) -> dict:
             samples[name].append(dt / batches[name])
             spent += dt
         rounds += 1
+    if with_min:
+        return {name: {"median": statistics.median(v), "min": min(v)} for name, v in samples.items()}
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

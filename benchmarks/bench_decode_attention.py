@@ -1,6 +1,6 @@
 """Batch decoding through the engine with each decode-attention mode, interleaved.
 
-"kernel": every decode row of a step in one ops.paged_decode_attention call (C++);
+"kernel": every row of a step in one ops.paged_attention call per source (C++: prefill and decode);
 "loop": one SDPA per sequence on its gathered blocks (the CPU path before the kernel);
 "batched": one SDPA over the padded, gathered block tables.
 B prompts of 32-128 tokens each generate N tokens greedily (the same tokens in every mode,
@@ -47,7 +47,7 @@ def main() -> int:
     times, tokens = {m: [] for m in modes}, {}
     for r in range(args.rounds + 1):  # round 0 warms up
         for m in modes:
-            attention.DECODE_ATTENTION = m
+            attention.ATTENTION = m
             t0 = time.perf_counter()
             out = rt.generate(prompts, adapter=None, max_new_tokens=args.new_tokens, eos_token_id=[])
             dt = time.perf_counter() - t0

@@ -1,13 +1,20 @@
-// bsr_paged_decode_attention: one new query per sequence against its keys and values in the
-// paged KV cache (see bsharedrag.h), every sequence of a decode step in one call.
+// bsr_paged_attention: causal attention of packed new query rows (prefill chunks, decode
+// rows, cache-less sequences) over their keys and values in a paged KV cache, every
+// sequence of a step in one call (see bsharedrag.h).
 //
-// For each (sequence, KV head) the H / KV query heads of its group are done together, so
-// each cached key and value row is read once per group: scores q.k over the sequence's
-// blocks, a softmax in fp32 (max subtracted), then the weighted sum of the value rows. Work
-// is split over (sequence, KV head) pairs; fp32 accumulation whatever the storage type.
+// Work is split over (sequence, KV head, tile of query positions). A tile holds up to
+// kTileRows query vectors: the G = H / KV heads of its group times consecutive positions,
+// so each key and value row is read once per tile. Keys are visited in chunks of kChunk
+// with an online softmax (flash attention's running max and sum), fp32 whatever the
+// storage type, rounded once into out. Scores: with many query vectors in a tile the
+// queries are kept transposed ([d][M]) and each key element is broadcast against a block
+// of them (no horizontal sums); with few (decode: M = G) one dot product per (query, key).
+// The kernels (attention_kernels.h) are compiled per ISA like the LoRA kernels (lora.cpp)
+// and the same one is used.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -20,100 +27,109 @@
 #include "lora_common.h"
 #include "runtime.h"
 
+// The softmax's exp and selects vectorize only when compares may not trap (GCC keeps them as
+// branches otherwise; the loop ran scalar, 45% of a long prefill). No code here reads the FP
+// exception flags. Clang's default already.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace bsr {
-namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
-  return acc;
-}
+constexpr int64_t kTileRows = 64;  // query vectors (positions x group heads) per work item
+constexpr int64_t kChunk = 64;     // keys per online-softmax step
 
-struct DecodeArgs {
+struct AttentionArgs {
   const void* q;
-  int64_t q_seq_stride, q_head_stride;
+  int64_t q_row_stride, q_head_stride;
   const void* k_cache;
   const void* v_cache;
+  int64_t k_token_stride, v_token_stride;
   int64_t block_size, num_kv_heads, num_heads, head_dim;
   const int32_t* block_tables;
   int64_t table_stride;
+  const int32_t* cu_seqlens_q;
   const int32_t* context_lens;
   int64_t window;
   float scale;
   void* out;
-  int64_t out_seq_stride, out_head_stride;
+  int64_t out_row_stride, out_head_stride;
 };
 
-// One (sequence b, KV head g): its G = H / KV query heads; scratch: G * (len + 2 d) floats.
-template <class T>
-void decode_group(const DecodeArgs& A, int64_t b, int64_t g, std::vector<float>& scratch) {
-  const int64_t d = A.head_dim, G = A.num_heads / A.num_kv_heads, len = A.context_lens[b];
-  const int64_t first = A.window > 0 ? std::max<int64_t>(0, len - A.window) : 0;  // keys inside the window
-  const int64_t n = len - first;
-  scratch.resize(static_cast<size_t>(G * (n + 2 * d) + d));
-  float* qs = scratch.data();           // [G, d] queries, pre-scaled
-  float* acc = qs + G * d;              // [G, d] weighted values
-  float* scores = acc + G * d;          // [G, n]
-  float* row = scores + G * n;          // [d] one key / value row in fp32
-  const T* q = static_cast<const T*>(A.q) + b * A.q_seq_stride;
-  for (int64_t h = 0; h < G; ++h) {
-    load_row(q + (g * G + h) * A.q_head_stride, d, qs + h * d);
-    for (int64_t i = 0; i < d; ++i) qs[h * d + i] *= A.scale;
-  }
-  const int32_t* table = A.block_tables + b * A.table_stride;
-  const int64_t token_stride = A.num_kv_heads * d, block_stride = A.block_size * token_stride;
-  auto kv_row = [&](const void* cache, int64_t pos) {
-    const int64_t blk = table[pos / A.block_size];
-    return static_cast<const T*>(cache) + blk * block_stride + (pos % A.block_size) * token_stride + g * d;
-  };
-  for (int64_t j = 0; j < n; ++j) {
-    load_row(kv_row(A.k_cache, first + j), d, row);
-    for (int64_t h = 0; h < G; ++h) scores[h * n + j] = dot(qs + h * d, row, d);
-  }
-  for (int64_t h = 0; h < G; ++h) {  // softmax in place
-    float* s = scores + h * n;
-    float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - m);
-      sum += s[j];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-  }
-  std::fill(acc, acc + G * d, 0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    load_row(kv_row(A.v_cache, first + j), d, row);
-    for (int64_t h = 0; h < G; ++h) {
-      const float p = scores[h * n + j];
-      float* a = acc + h * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
-    }
-  }
-  T* out = static_cast<T*>(A.out) + b * A.out_seq_stride;
-  for (int64_t h = 0; h < G; ++h)
-    for (int64_t i = 0; i < d; ++i) Scalar<T>::store(out + (g * G + h) * A.out_head_stride + i, acc[h * d + i]);
+struct AttentionTile {
+  int64_t b, i0, i1;  // sequence b, its new rows [i0, i1)
+};
+
+namespace attn_generic {
+#include "lora_simd_generic.h"
+#include "attention_kernels.h"
+}  // namespace attn_generic
+
+#if BSR_X86_DISPATCH
+// GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized on _mm512_undefined_*().
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace attn_avx2 {
+#include "lora_simd_avx2.h"
+#include "attention_kernels.h"
+}  // namespace attn_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
+namespace attn_avx512 {
+#include "lora_simd_avx512.h"
+#include "attention_kernels.h"
+}  // namespace attn_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif  // BSR_X86_DISPATCH
+
+namespace {
+
+// The ISA the LoRA kernels picked (BSHAREDRAG_ISA lowers it for tests).
+void attend(const AttentionArgs& A, bsr_dtype dtype, const std::vector<AttentionTile>& tiles, int nt) {
+#if BSR_X86_DISPATCH
+  static const char* isa = active_isa_name();
+  if (std::strcmp(isa, "avx512") == 0) return attn_avx512::attend(A, dtype, tiles, nt);
+  if (std::strcmp(isa, "avx2") == 0) return attn_avx2::attend(A, dtype, tiles, nt);
+#endif
+  attn_generic::attend(A, dtype, tiles, nt);
 }
 
-template <class T>
-void decode_all(const DecodeArgs& A, int64_t B) {
-  const int64_t pairs = B * A.num_kv_heads;
-  int64_t keys = 0;
-  for (int64_t b = 0; b < B; ++b) keys += A.context_lens[b];
-  // below ~a few thousand key rows a parallel region costs more than it saves
-  const int nt = keys * A.num_kv_heads * A.head_dim >= (1 << 16) ? std::min<int64_t>(num_threads(), pairs) : 1;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
-#endif
-  {
-    std::vector<float> scratch;
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t p = 0; p < pairs; ++p) decode_group<T>(A, p / A.num_kv_heads, p % A.num_kv_heads, scratch);
+void attend_all(const AttentionArgs& A, bsr_dtype dtype, int64_t B) {
+  const int64_t G = A.num_heads / A.num_kv_heads, per_tile = std::max<int64_t>(1, kTileRows / G);
+  std::vector<AttentionTile> tiles;
+  double work = 0;  // query-key pairs x head_dim, to decide whether threads pay
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = A.cu_seqlens_q[b + 1] - A.cu_seqlens_q[b];
+    for (int64_t i0 = 0; i0 < n; i0 += per_tile) tiles.push_back({b, i0, std::min(n, i0 + per_tile)});
+    work += static_cast<double>(n) * A.context_lens[b] * A.num_heads * A.head_dim;
   }
+  const int64_t items = static_cast<int64_t>(tiles.size()) * A.num_kv_heads;
+  // below ~a few thousand key rows a parallel region costs more than it saves
+  const int nt = work >= (1 << 17) ? static_cast<int>(std::min<int64_t>(num_threads(), items)) : 1;
+  attend(A, dtype, tiles, nt);
 }
 
 }  // namespace
@@ -121,14 +137,15 @@ void decode_all(const DecodeArgs& A, int64_t B) {
 
 using namespace bsr;
 
-BSR_API bsr_status bsr_paged_decode_attention(bsr_dtype dtype, const void* q, int64_t q_seq_stride,
-                                              int64_t q_head_stride, const void* k_cache, const void* v_cache,
-                                              int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
-                                              int64_t num_heads, int64_t head_dim, const int32_t* block_tables,
-                                              int64_t table_stride, const int32_t* context_lens, int64_t num_seqs,
-                                              int64_t window, float scale, void* out, int64_t out_seq_stride,
-                                              int64_t out_head_stride) {
-  static const char* fn = "bsr_paged_decode_attention";
+BSR_API bsr_status bsr_paged_attention(bsr_dtype dtype, const void* q, int64_t q_row_stride, int64_t q_head_stride,
+                                       const void* k_cache, const void* v_cache, int64_t k_token_stride,
+                                       int64_t v_token_stride, int64_t num_blocks, int64_t block_size,
+                                       int64_t num_kv_heads, int64_t num_heads, int64_t head_dim,
+                                       const int32_t* block_tables, int64_t table_stride,
+                                       const int32_t* cu_seqlens_q, const int32_t* context_lens, int64_t num_seqs,
+                                       int64_t window, float scale, void* out, int64_t out_row_stride,
+                                       int64_t out_head_stride) {
+  static const char* fn = "bsr_paged_attention";
   clear_error();
   BSR_GUARD_BEGIN
   if (dtype != BSR_DTYPE_F32 && dtype != BSR_DTYPE_F16 && dtype != BSR_DTYPE_BF16)
@@ -143,20 +160,31 @@ BSR_API bsr_status bsr_paged_decode_attention(bsr_dtype dtype, const void* q, in
   if (num_heads < num_kv_heads || num_heads % num_kv_heads != 0)
     return fail(BSR_ERR_INVALID_ARGUMENT, "%s: num_heads (%lld) must be a multiple of num_kv_heads (%lld)", fn,
                 static_cast<long long>(num_heads), static_cast<long long>(num_kv_heads));
-  if (q_head_stride < head_dim || q_seq_stride < num_heads * q_head_stride || out_head_stride < head_dim ||
-      out_seq_stride < num_heads * out_head_stride)
-    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: q / out strides must hold num_heads x head_dim per sequence", fn);
+  if (q_head_stride < head_dim || q_row_stride < num_heads * q_head_stride || out_head_stride < head_dim ||
+      out_row_stride < num_heads * out_head_stride)
+    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: q / out strides must hold num_heads x head_dim per row", fn);
+  if (k_token_stride < num_kv_heads * head_dim || v_token_stride < num_kv_heads * head_dim)
+    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: k_token_stride / v_token_stride must be >= num_kv_heads x head_dim",
+                fn);
   BSR_CHECK_PTR(q, fn);
   BSR_CHECK_PTR(k_cache, fn);
   BSR_CHECK_PTR(v_cache, fn);
   BSR_CHECK_PTR(block_tables, fn);
+  BSR_CHECK_PTR(cu_seqlens_q, fn);
   BSR_CHECK_PTR(context_lens, fn);
   BSR_CHECK_PTR(out, fn);
-  for (int64_t b = 0; b < num_seqs; ++b) {  // every block a sequence reads must exist
-    const int64_t len = context_lens[b];
-    if (len < 1 || (len + block_size - 1) / block_size > table_stride)
-      return fail(BSR_ERR_INVALID_ARGUMENT, "%s: context_lens[%lld] = %lld must be in [1, table_stride * block_size]",
-                  fn, static_cast<long long>(b), static_cast<long long>(len));
+  if (cu_seqlens_q[0] != 0)
+    return fail(BSR_ERR_INVALID_ARGUMENT, "%s: cu_seqlens_q[0] must be 0, got %d", fn, cu_seqlens_q[0]);
+  for (int64_t b = 0; b < num_seqs; ++b) {  // every row's keys must exist, every block a row reads too
+    const int64_t n = static_cast<int64_t>(cu_seqlens_q[b + 1]) - cu_seqlens_q[b], len = context_lens[b];
+    if (n < 0)
+      return fail(BSR_ERR_INVALID_ARGUMENT, "%s: cu_seqlens_q must be nondecreasing (cu_seqlens_q[%lld] > [%lld])",
+                  fn, static_cast<long long>(b), static_cast<long long>(b + 1));
+    if (n == 0) continue;
+    if (len < n || (len + block_size - 1) / block_size > table_stride)
+      return fail(BSR_ERR_INVALID_ARGUMENT,
+                  "%s: context_lens[%lld] = %lld must be in [%lld new rows, table_stride * block_size]", fn,
+                  static_cast<long long>(b), static_cast<long long>(len), static_cast<long long>(n));
     const int32_t* table = block_tables + b * table_stride;
     for (int64_t i = 0; i < (len + block_size - 1) / block_size; ++i)
       if (table[i] < 0 || table[i] >= num_blocks)
@@ -164,12 +192,10 @@ BSR_API bsr_status bsr_paged_decode_attention(bsr_dtype dtype, const void* q, in
                     static_cast<long long>(b), static_cast<long long>(i), table[i],
                     static_cast<long long>(num_blocks - 1));
   }
-  const DecodeArgs A{q, q_seq_stride, q_head_stride, k_cache, v_cache, block_size, num_kv_heads, num_heads,
-                     head_dim, block_tables, table_stride, context_lens, window, scale, out, out_seq_stride,
-                     out_head_stride};
-  if (dtype == BSR_DTYPE_F32) decode_all<float>(A, num_seqs);
-  else if (dtype == BSR_DTYPE_F16) decode_all<f16_t>(A, num_seqs);
-  else decode_all<bf16_t>(A, num_seqs);
+  const AttentionArgs A{q, q_row_stride, q_head_stride, k_cache, v_cache, k_token_stride, v_token_stride, block_size,
+               num_kv_heads, num_heads, head_dim, block_tables, table_stride, cu_seqlens_q, context_lens, window,
+               scale, out, out_row_stride, out_head_stride};
+  attend_all(A, dtype, num_seqs);
   return BSR_OK;
   BSR_GUARD_END(fn)
 }

@@ -152,27 +152,30 @@ PYBIND11_MODULE(_C, m) {
       py::arg("y_ptr"), py::arg("y_cols"), py::arg("y_row_stride"));
 
   m.def(
-      "paged_decode_attention",
-      [](int dtype, std::uintptr_t q, int64_t q_seq_stride, int64_t q_head_stride, std::uintptr_t k_cache,
-         std::uintptr_t v_cache, int64_t num_blocks, int64_t block_size, int64_t num_kv_heads, int64_t num_heads,
-         int64_t head_dim, std::uintptr_t block_tables, int64_t table_stride, std::uintptr_t context_lens,
-         int64_t num_seqs, int64_t window, float scale, std::uintptr_t out, int64_t out_seq_stride,
-         int64_t out_head_stride) {
+      "paged_attention",
+      [](int dtype, std::uintptr_t q, int64_t q_row_stride, int64_t q_head_stride, std::uintptr_t k_cache,
+         std::uintptr_t v_cache, int64_t k_token_stride, int64_t v_token_stride, int64_t num_blocks,
+         int64_t block_size, int64_t num_kv_heads, int64_t num_heads, int64_t head_dim, std::uintptr_t block_tables,
+         int64_t table_stride, std::uintptr_t cu_seqlens_q, std::uintptr_t context_lens, int64_t num_seqs,
+         int64_t window, float scale, std::uintptr_t out, int64_t out_row_stride, int64_t out_head_stride) {
         bsr_status st;
         {
           py::gil_scoped_release nogil;
-          st = bsr_paged_decode_attention(to_dtype(dtype), ptr<const void>(q), q_seq_stride, q_head_stride,
-                                          ptr<const void>(k_cache), ptr<const void>(v_cache), num_blocks, block_size,
-                                          num_kv_heads, num_heads, head_dim, ptr<const int32_t>(block_tables),
-                                          table_stride, ptr<const int32_t>(context_lens), num_seqs, window, scale,
-                                          ptr<void>(out), out_seq_stride, out_head_stride);
+          st = bsr_paged_attention(to_dtype(dtype), ptr<const void>(q), q_row_stride, q_head_stride,
+                                   ptr<const void>(k_cache), ptr<const void>(v_cache), k_token_stride, v_token_stride,
+                                   num_blocks, block_size, num_kv_heads, num_heads, head_dim,
+                                   ptr<const int32_t>(block_tables), table_stride, ptr<const int32_t>(cu_seqlens_q),
+                                   ptr<const int32_t>(context_lens), num_seqs, window, scale, ptr<void>(out),
+                                   out_row_stride, out_head_stride);
         }
         check(st);
       },
-      py::arg("dtype"), py::arg("q_ptr"), py::arg("q_seq_stride"), py::arg("q_head_stride"), py::arg("k_ptr"),
-      py::arg("v_ptr"), py::arg("num_blocks"), py::arg("block_size"), py::arg("num_kv_heads"), py::arg("num_heads"),
-      py::arg("head_dim"), py::arg("tables_ptr"), py::arg("table_stride"), py::arg("lens_ptr"), py::arg("num_seqs"),
-      py::arg("window"), py::arg("scale"), py::arg("out_ptr"), py::arg("out_seq_stride"), py::arg("out_head_stride"));
+      py::arg("dtype"), py::arg("q_ptr"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_ptr"),
+      py::arg("v_ptr"), py::arg("k_token_stride"), py::arg("v_token_stride"), py::arg("num_blocks"),
+      py::arg("block_size"), py::arg("num_kv_heads"), py::arg("num_heads"), py::arg("head_dim"),
+      py::arg("tables_ptr"), py::arg("table_stride"), py::arg("cu_ptr"), py::arg("lens_ptr"), py::arg("num_seqs"),
+      py::arg("window"), py::arg("scale"), py::arg("out_ptr"), py::arg("out_row_stride"),
+      py::arg("out_head_stride"));
 
   m.def(
       "lora_add",

@@ -23,13 +23,6 @@
 #include <omp.h>
 #endif
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
-#define BSR_X86_DISPATCH 1
-#include <immintrin.h>
-#else
-#define BSR_X86_DISPATCH 0
-#endif
-
 #include "bsharedrag.h"
 #include "lora_common.h"
 #include "runtime.h"

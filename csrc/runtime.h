@@ -1,5 +1,6 @@
-// Shared by the C ABI's translation units (lora.cpp, pool.cpp): the thread-local last
-// error, the worker-thread count, and the guards that keep C++ exceptions inside the ABI.
+// Shared by the C ABI's translation units (lora.cpp, pool.cpp, attention.cpp): the ISA, the
+// thread-local last error, the worker-thread count, and the guards that keep C++
+// exceptions inside the ABI.
 #ifndef BSHAREDRAG_RUNTIME_H
 #define BSHAREDRAG_RUNTIME_H
 
@@ -8,8 +9,18 @@
 
 #include "bsharedrag.h"
 
+// Per-ISA kernel copies (lora.cpp, attention.cpp) on x86 with GCC / Clang.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#define BSR_X86_DISPATCH 1
+#include <immintrin.h>
+#else
+#define BSR_X86_DISPATCH 0
+#endif
+
 namespace bsr {
 
+// The ISA the kernels run at ("avx512", "avx2" or "generic"), chosen once (lora.cpp).
+const char* active_isa_name();
 void clear_error();
 // Records the message for bsr_last_error() and returns st.
 #if defined(__GNUC__)

@@ -68,7 +68,7 @@ def model(qwen):
     yield m
     for n in list(m.adapters):
         m.unload_adapter(n)
-    assert m.num_lora_slots == 0 and all(not layer.lora for layer in m.layers)
+    assert m.num_lora_slots == 0 and all(not layer.stacks for layer in m.resident_adapters.layers)
 
 
 # ----------------------------------------------------------------------------- parity
@@ -122,10 +122,10 @@ def test_config_variants_match_peft(qwen, model, tmp_path, variant):
     print(f"{variant}: max|dlogits| vs peft = {diff:.2e}")
     assert diff <= TOL
     if variant == "rank-alpha-patterns":
-        assert model.layers[0].lora["q_proj"].lora_a.shape[1] == 4
-        assert model.layers[1].lora["down_proj"].lora_a.shape[1] == 2
+        assert model.resident_adapters.layers[0].stacks["q_proj"].lora_a.shape[1] == 4
+        assert model.resident_adapters.layers[1].stacks["down_proj"].lora_a.shape[1] == 2
     if variant == "qv-only":
-        assert set(model.layers[0].lora) == {"q_proj", "v_proj"}
+        assert set(model.resident_adapters.layers[0].stacks) == {"q_proj", "v_proj"}
 
 
 def test_default_adapter_name_in_keys(qwen, model, tmp_path):
@@ -226,7 +226,7 @@ def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
     nb_a = model.adapter_nbytes("a")
     model.load_adapter(tmp_path / "b", "b")
     assert model.adapters == ["a", "b"] and model.adapter_slots == {"a": 0, "b": 1}
-    assert model.layers[0].lora["q_proj"].lora_a.shape == (2, 16, 64)
+    assert model.resident_adapters.layers[0].stacks["q_proj"].lora_a.shape == (2, 16, 64)
     assert _maxdiff(model(ids, cu, adapters=["a"] * 4), out_a) <= 1e-6  # zero padding only
     out_b = model(ids, cu, adapters=["b"] * 4)
     assert _maxdiff(out_b, _peft_logits(pb, ids, cu, ["default"] * 4)) <= TOL
@@ -237,14 +237,14 @@ def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
     assert sum(model.adapter_nbytes(n, padded=True) for n in model.adapters) == lora_nbytes(model)
     model.unload_adapter("a")
     assert model.adapters == ["b", "c"] and model.adapter_slots == {"b": 0, "c": 1}  # compacted
-    assert "up_proj" in model.layers[0].lora  # b still has it
+    assert "up_proj" in model.resident_adapters.layers[0].stacks  # b still has it
     again = model(ids, cu, adapters=[None, None, "b", "c"])
     assert _maxdiff(again[5:], mixed[5:]) <= 1e-6 and torch.equal(again[:5], base[:5])
     with pytest.raises(ValueError, match="unknown adapter 'a'"):
         model(ids, cu, adapters=["a", None, None, None])
     model.unload_adapter("b")
-    assert model.layers[0].lora["v_proj"].lora_a.shape == (1, 2, 64)  # r_max shrank to c's
-    assert set(model.layers[0].lora) == {"v_proj"}
+    assert model.resident_adapters.layers[0].stacks["v_proj"].lora_a.shape == (1, 2, 64)  # r_max shrank to c's
+    assert set(model.resident_adapters.layers[0].stacks) == {"v_proj"}
     model.unload_adapter("c")
     assert model.adapters == [] and model.num_lora_slots == 0
     assert torch.equal(model(ids, cu), base)
@@ -258,11 +258,11 @@ def test_prepare_then_commit_is_load_even_when_the_residents_changed(qwen, model
         peft_adapter(hf, tmp_path / name, seed=seed, r=r, lora_alpha=8)
     ids, cu = packed(LENS)
     model.load_adapter(tmp_path / "a", "a")
-    stacks_before = model.layers[0].lora["q_proj"].lora_a
+    stacks_before = model.resident_adapters.layers[0].stacks["q_proj"].lora_a
     prepared = adapters.prepare_adapter(model, tmp_path / "b", "b")
-    assert model.adapters == ["a"] and model.layers[0].lora["q_proj"].lora_a is stacks_before
+    assert model.adapters == ["a"] and model.resident_adapters.layers[0].stacks["q_proj"].lora_a is stacks_before
     adapters.commit_adapter(model, prepared)  # residents unchanged: the prepared stacks go in as they are
-    assert model.layers[0].lora["q_proj"].lora_a is prepared.stacks[0]["q_proj"].lora_a
+    assert model.resident_adapters.layers[0].stacks["q_proj"].lora_a is prepared.stacks[0]["q_proj"].lora_a
     want = model(ids, cu, adapters=["a", "b", None, "b"])
 
     hf.save_pretrained(tmp_path / "base")
@@ -344,7 +344,7 @@ def test_bad_inputs_leave_model_unchanged(qwen, model, tmp_path):
     ids, cu = packed(LENS)
     names = ["first", None, "second", "first"]
     before = model(ids, cu, adapters=names)
-    stacks_before = [{n: (s.lora_a, s.lora_b, s.scaling) for n, s in layer.lora.items()} for layer in model.layers]
+    stacks_before = [{n: (s.lora_a, s.lora_b, s.scaling) for n, s in layer.stacks.items()} for layer in model.resident_adapters.layers]
     for i, (case, (cfg, sd, msg)) in enumerate(sorted(_bad_cases(tmp_path / "good").items())):
         d = tmp_path / f"bad{i}"
         name = "new"
@@ -363,8 +363,8 @@ def test_bad_inputs_leave_model_unchanged(qwen, model, tmp_path):
         with pytest.raises(ValueError, match=msg):
             model.load_adapter(d, name)
         assert model.adapters == ["first", "second"], case
-        for layer, st in zip(model.layers, stacks_before):
-            assert {n: (s.lora_a, s.lora_b, s.scaling) for n, s in layer.lora.items()} == st, case
+        for layer, st in zip(model.resident_adapters.layers, stacks_before):
+            assert {n: (s.lora_a, s.lora_b, s.scaling) for n, s in layer.stacks.items()} == st, case
         assert torch.equal(model(ids, cu, adapters=names), before), case
     for bad in ("nope", None):
         with pytest.raises(ValueError, match="unknown adapter"):
@@ -382,7 +382,7 @@ def test_bad_inputs_leave_model_unchanged(qwen, model, tmp_path):
 def test_hand_set_stacks_refuse_named_loading(qwen, model, tmp_path):
     peft_adapter(qwen[0], tmp_path, seed=41, r=2, lora_alpha=2, target_modules=["q_proj"])
     model.load_adapter(tmp_path, "a")
-    stacks = [dict(layer.lora) for layer in model.layers]
+    stacks = [dict(layer.stacks) for layer in model.resident_adapters.layers]
     model.set_lora_stacks(stacks, 1)  # without names: the stacks are the caller's, by slot
     assert model.adapters == []
     with pytest.raises(ValueError, match="set_lora_stacks directly"):
@@ -396,7 +396,7 @@ def test_bf16_model_loads_and_saves(qwen, tmp_path):
     m = Backbone.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
     peft_adapter(hf, tmp_path / "a", seed=51, r=4, lora_alpha=8)
     m.load_adapter(tmp_path / "a", "a")
-    assert m.layers[0].lora["q_proj"].lora_a.dtype == torch.bfloat16
+    assert m.resident_adapters.layers[0].stacks["q_proj"].lora_a.dtype == torch.bfloat16
     m.save_adapter("a", tmp_path / "out")
     out = safetensors_torch.load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in out.values())

@@ -1,6 +1,7 @@
-"""ops.paged_decode_attention (the C++ kernel) against the per-sequence SDPA reference and a
-fp64 softmax by hand, over odd shapes, GQA ratios, block sizes, windows and dtypes; and the
-engine's decode path through it against the per-sequence loop."""
+"""ops.paged_attention (the C++ varlen kernel) against the per-sequence SDPA reference and a
+fp64 softmax by hand, over decode rows, prefill chunks on a cached past and cache-less
+packed sequences; odd shapes, GQA ratios, block sizes, windows and dtypes; and the engine
+and Backbone paths through it against the per-sequence SDPA loop."""
 from __future__ import annotations
 
 import math
@@ -13,10 +14,12 @@ from bsharedrag_fast import ops
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _case(lens, H, KV, D, bs, dtype, seed=0):
-    """Random caches with scattered blocks: each sequence's blocks are a random subset."""
+def _case(new, past, H, KV, D, bs, dtype, seed=0):
+    """Sequence b: new[b] query rows after past[b] cached keys. Random caches with scattered
+    blocks: each sequence's blocks are a random subset."""
     g = torch.Generator().manual_seed(seed)
-    need = [-(-n // bs) for n in lens]
+    lens = [n + p for n, p in zip(new, past)]
+    need = [max(1, -(-n // bs)) for n in lens]
     num_blocks = sum(need) + 3
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, i = [], 0
@@ -27,68 +30,94 @@ def _case(lens, H, KV, D, bs, dtype, seed=0):
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     k = torch.randn(num_blocks, bs, KV, D, generator=g).to(dtype)
     v = torch.randn(num_blocks, bs, KV, D, generator=g).to(dtype)
-    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
-    return q, k, v, table, torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(sum(new), H, D, generator=g).to(dtype)
+    cu = torch.tensor([0] + new, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return q, k, v, table, cu, torch.tensor(lens, dtype=torch.int32)
 
 
-def _by_hand(q, k, v, table, lens, window):
-    """fp64 softmax(q k^T / sqrt(D)) v, position by position."""
-    B, H, D = q.shape
+def _by_hand(q, k, v, table, cu, lens, window):
+    """fp64 softmax(q k^T / sqrt(D)) v, query row by query row, key position by position."""
+    T, H, D = q.shape
     bs, KV = k.shape[1], k.shape[2]
-    out = torch.zeros(B, H, D, dtype=torch.float64)
-    for b in range(B):
-        n = int(lens[b])
-        keep = range(max(0, n - window) if window else 0, n)
-        for h in range(H):
-            kh = h // (H // KV)
-            ks = torch.stack([k[table[b, p // bs], p % bs, kh].double() for p in keep])
-            vs = torch.stack([v[table[b, p // bs], p % bs, kh].double() for p in keep])
-            w = torch.softmax(ks @ q[b, h].double() / math.sqrt(D), 0)
-            out[b, h] = w @ vs
+    out = torch.zeros(T, H, D, dtype=torch.float64)
+    for b in range(len(lens)):
+        s, e, n = int(cu[b]), int(cu[b + 1]), int(lens[b])
+        for t in range(s, e):
+            pos = n - (e - s) + (t - s)
+            keep = [p for p in range(pos + 1) if not window or pos - p < window]
+            for h in range(H):
+                kh = h // (H // KV)
+                ks = torch.stack([k[table[b, p // bs], p % bs, kh].double() for p in keep])
+                vs = torch.stack([v[table[b, p // bs], p % bs, kh].double() for p in keep])
+                w = torch.softmax(ks @ q[t, h].double() / math.sqrt(D), 0)
+                out[t, h] = w @ vs
     return out
 
 
-@pytest.mark.parametrize("lens,H,KV,D,bs", [
-    ([1], 1, 1, 8, 1),                      # one key
-    ([5, 1, 33], 4, 2, 64, 16),             # GQA 2, sequences across blocks, a length-1 one
-    ([17, 64, 3, 40], 9, 3, 64, 16),        # smollm2's heads (9 / 3)
-    ([100, 7], 8, 8, 128, 4),               # no GQA, head_dim 128, small blocks
-    ([31, 29], 6, 1, 80, 32),               # multi-query, an odd head_dim
+@pytest.mark.parametrize("new,past,H,KV,D,bs", [
+    ([1], [0], 1, 1, 8, 1),                             # one key
+    ([1, 1, 1], [4, 0, 32], 4, 2, 64, 16),              # decode rows, GQA 2, across blocks
+    ([17, 1, 3, 40], [0, 63, 5, 0], 9, 3, 64, 16),      # smollm2's heads: prefill, decode, a chunk
+    ([70, 7], [30, 93], 8, 8, 128, 4),                  # no GQA, head_dim 128, tiles of many chunks
+    ([31, 0, 29], [0, 5, 2], 6, 1, 80, 32),             # multi-query, odd head_dim, a sequence with no rows
+    ([130], [0], 9, 3, 24, 1),                          # one long cache-less sequence, blocks of one token
 ])  # fmt: skip
 @pytest.mark.parametrize("window", [None, 8])
-def test_decode_attention_matches_the_reference(lens, H, KV, D, bs, window):
+def test_paged_attention_matches_the_reference(new, past, H, KV, D, bs, window):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        q, k, v, table, ctx = _case(lens, H, KV, D, bs, dtype)
-        got = ops.paged_decode_attention(q, k, v, table, ctx, window=window, backend="cpp")
-        ref = ops.paged_decode_attention_reference(q, k, v, table, ctx, window=window)
+        q, k, v, table, cu, lens = _case(new, past, H, KV, D, bs, dtype)
+        got = ops.paged_attention(q, k, v, table, cu, lens, window=window, backend="cpp")
+        ref = ops.paged_attention_reference(q, k, v, table, cu, lens, window=window)
         assert got.dtype == dtype and got.shape == q.shape
         torch.testing.assert_close(got.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
-        if dtype == torch.float32:
-            torch.testing.assert_close(got.double(), _by_hand(q, k, v, table, ctx, window), rtol=1e-5, atol=1e-5)
+        if dtype == torch.float32 and D <= 64:
+            torch.testing.assert_close(got.double(), _by_hand(q, k, v, table, cu, lens, window), rtol=1e-5,
+                                       atol=1e-5)
 
 
-def test_decode_attention_reads_strided_queries_and_checks_its_inputs():
-    q, k, v, table, ctx = _case([9, 4], 4, 2, 16, 4, torch.float32)
-    wide = torch.randn(2, 4, 32)
+def test_packed_tables_read_cacheless_sequences():
+    """Packed k / v seen as a cache of one-token blocks (packed_tables) == one causal SDPA per sequence."""
+    g = torch.Generator().manual_seed(1)
+    cu = [0, 5, 6, 40]
+    q, k, v = torch.randn(40, 6, 32, generator=g), torch.randn(40, 2, 32, generator=g), torch.randn(40, 2, 32, generator=g)
+    tables, lens = ops.packed_tables(cu)
+    got = ops.paged_attention(q, k[:, None], v[:, None], tables, torch.tensor(cu, dtype=torch.int32), lens)
+    for s, e in zip(cu[:-1], cu[1:]):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
+            is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(got[s:e], want, rtol=2e-5, atol=2e-5)
+
+
+def test_paged_attention_reads_strided_rows_and_checks_its_inputs():
+    q, k, v, table, cu, lens = _case([3, 1], [6, 3], 4, 2, 16, 4, torch.float32)
+    wide = torch.randn(4, 4, 32)
     wide[:, :, :16] = q  # a strided view of q: head_dim 16 of 32 columns
-    torch.testing.assert_close(ops.paged_decode_attention(wide[:, :, :16], k, v, table, ctx, backend="cpp"),
-                               ops.paged_decode_attention(q, k, v, table, ctx, backend="cpp"))
+    kv = torch.randn(k.shape[0], k.shape[1], 2, 2, 16)  # k and v as views of one [.., 2, KV, D] tensor
+    kv[:, :, 0], kv[:, :, 1] = k, v
+    want = ops.paged_attention(q, k, v, table, cu, lens, backend="cpp")
+    torch.testing.assert_close(ops.paged_attention(wide[:, :, :16], kv[:, :, 0], kv[:, :, 1], table, cu, lens,
+                                                   backend="cpp"), want)
     with pytest.raises(ValueError, match="block_tables"):
-        ops.paged_decode_attention(q, k, v, table.long(), ctx)
+        ops.paged_attention(q, k, v, table.long(), cu, lens)
     with pytest.raises(ValueError, match="multiple"):
-        ops.paged_decode_attention(torch.randn(2, 3, 16), k, v, table, ctx)
-    with pytest.raises(ValueError, match="context_lens"):  # the C ABI's own check: a length past the table
-        ops.paged_decode_attention(q, k, v, table, torch.tensor([9, 99], dtype=torch.int32), backend="cpp")
+        ops.paged_attention(torch.randn(4, 3, 16), k, v, table, cu, lens)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        ops.paged_attention(q, k, v, table, torch.tensor([0, 3, 5], dtype=torch.int32), lens)
+    with pytest.raises(ValueError, match="context_lens"):  # the C ABI's own check: fewer keys than new rows
+        ops.paged_attention(q, k, v, table, cu, torch.tensor([2, 4], dtype=torch.int32), backend="cpp")
+    with pytest.raises(ValueError, match="context_lens"):  # a length past the table
+        ops.paged_attention(q, k, v, table, cu, torch.tensor([9, 99], dtype=torch.int32), backend="cpp")
     with pytest.raises(ValueError, match="block_tables"):  # a block id that is not a block
         bad = table.clone()
         bad[0, 0] = 1000
-        ops.paged_decode_attention(q, k, v, bad, ctx, backend="cpp")
+        ops.paged_attention(q, k, v, bad, cu, lens, backend="cpp")
 
 
 @pytest.mark.parametrize("mode", ["kernel", "loop"])
 def test_engine_decode_through_the_kernel_equals_the_loop(mode, monkeypatch, tmp_path):
     """Greedy decoding of mixed-length prompts (GQA, a sliding window model) gives the same
-    tokens with the C++ decode kernel as with the per-sequence SDPA loop."""
+    tokens with the C++ kernel (prefill and decode) as with the per-sequence SDPA loop."""
     import bsharedrag_fast.model.attention as attention
     from bsharedrag_fast import Backbone, SharedRuntime
     from tiny_models import hf_model
@@ -98,10 +127,52 @@ def test_engine_decode_through_the_kernel_equals_the_loop(mode, monkeypatch, tmp
     model = Backbone.from_pretrained(str(tmp_path))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
-    monkeypatch.setattr(attention, "DECODE_ATTENTION", "loop")
+    monkeypatch.setattr(attention, "ATTENTION", "loop")
     want = [r.token_ids for r in SharedRuntime(model).generate(prompts, adapter=None, max_new_tokens=12,
                                                                eos_token_id=[])]
-    monkeypatch.setattr(attention, "DECODE_ATTENTION", mode)
+    monkeypatch.setattr(attention, "ATTENTION", mode)
     got = [r.token_ids for r in SharedRuntime(model).generate(prompts, adapter=None, max_new_tokens=12,
                                                               eos_token_id=[])]
     assert got == want
+
+
+def test_cacheless_and_mixed_steps_through_the_kernel_equal_the_loop(monkeypatch, tmp_path):
+    """Backbone.hidden over packed cache-less sequences (sliding window, GQA), and an engine
+    step mixing cache-less rows with a prefill chunk and a decode row: the kernel's hidden
+    states equal the SDPA loop's; under autograd the cache-less rows keep the SDPA path."""
+    import bsharedrag_fast.model.attention as attention
+    from bsharedrag_fast import Backbone
+    from bsharedrag_fast.engine.kv_cache import KVCache
+    from bsharedrag_fast.engine.step import run_step
+    from bsharedrag_fast.model.backbone import pack
+    from tiny_models import hf_model
+
+    hf_model("mistral", sliding_window=6).save_pretrained(tmp_path)
+    model = Backbone.from_pretrained(str(tmp_path))
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (9, 1, 20, 4)]
+    ids, cu = pack(seqs)
+
+    def run(mode):
+        monkeypatch.setattr(attention, "ATTENTION", mode)
+        with torch.no_grad():
+            h = model.hidden(ids, cu)
+        cache = KVCache(model.config, 1 << 20, block_size=4)
+        a, b = cache.allocate(), cache.allocate()
+        run_step(model, ids[:9], cu[:2], [a], cache)  # a: 9 cached tokens
+        run_step(model, ids[9:10], torch.tensor([0, 1], dtype=torch.int32), [b], cache)
+        # one step: a cache-less sequence, a's chunk of 5, b's decode row, another cache-less one
+        step_ids = torch.cat([ids[10:30], ids[:5], ids[30:31], ids[30:34]])
+        step_cu = torch.tensor([0, 20, 25, 26, 30], dtype=torch.int32)
+        mixed = run_step(model, step_ids, step_cu, [None, a, b, None], cache, return_hidden=True).hidden
+        return h, mixed
+
+    want, got = run("loop"), run("kernel")
+    for w, x in zip(want, got):
+        torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-5)
+    model.requires_grad_(True)  # autograd: the cache-less rows take the differentiable SDPA path
+    h = model.hidden(ids, cu)
+    h.sum().backward()
+    torch.testing.assert_close(h.detach(), want[0], rtol=1e-5, atol=1e-5)
+    q_rows = model.config.num_attention_heads * model.config.head_dim  # q reaches h only through attention
+    assert model.layers[0].qkv_weight.grad[:q_rows].abs().sum() > 0

@@ -121,7 +121,7 @@ def test_eos_finish_matches_hf(case):
 def decode_mode(request, monkeypatch):
     import bsharedrag_fast.model.attention as model_mod
 
-    monkeypatch.setattr(model_mod, "DECODE_ATTENTION", request.param)
+    monkeypatch.setattr(model_mod, "ATTENTION", request.param)
     return request.param
 
 
@@ -299,7 +299,7 @@ def test_failed_step_restores_cache(case, monkeypatch):
     sid = cache.allocate()
     run_step(model, torch.tensor([1, 2, 3]), cu_seqlens([3]), [sid], cache)
     free, table = cache.num_free_blocks, cache.block_table(sid)
-    monkeypatch.setattr(model_mod, "DECODE_ATTENTION", "bogus")  # fails after the reserve
-    with pytest.raises(ValueError, match="DECODE_ATTENTION"):
+    monkeypatch.setattr(model_mod, "ATTENTION", "bogus")  # fails after the reserve
+    with pytest.raises(ValueError, match="ATTENTION"):
         run_step(model, torch.tensor([4, 5, 6]), cu_seqlens([3]), [sid], cache)
     assert cache.length(sid) == 3 and cache.num_free_blocks == free and cache.block_table(sid) == table

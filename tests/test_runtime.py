@@ -273,7 +273,7 @@ def test_a_row_with_non_finite_logits_fails_alone(model, tok):
     error, its KV blocks are freed, and the other rows of the same steps are unchanged."""
     prompts = _prompts([9, 5, 12])
     ref = _standalone_generate(model, [prompts[0], prompts[2]], "generation", 6)
-    stack = model.layers[-1].lora["down_proj"]  # (NaN queries would not do: torch's CPU SDPA drops them)
+    stack = model.resident_adapters.layers[-1].stacks["down_proj"]  # (NaN queries would not do: torch's CPU SDPA drops them)
     saved = stack.lora_b[ADAPTERS["other"]].clone()
     stack.lora_b[ADAPTERS["other"]].fill_(float("nan"))
     try:

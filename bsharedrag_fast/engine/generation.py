@@ -19,7 +19,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-
 __all__ = ["GenerationResult", "sample", "warp_logits", "apply_repetition_penalty"]
 
 

@@ -20,7 +20,7 @@ H=32 KV=8 D=128, block 16, scattered blocks, decode attention per layer, min of 
 so the gather costs 3-25% of the attention alone; in a whole decode step GEMMs dominate
 (8-layer d=512 Llama, 8 sequences: aten::mm 67% of step time, gathers + SDPA 17%).
 The memory win decides it. Both paths of step's decode attention are in
-model.DECODE_ATTENTION.
+model.attention.ATTENTION.
 
 API:
     cache = KVCache(model.config, budget_bytes, dtype, device, block_size=16)

@@ -24,8 +24,9 @@ until the next unload: pass adapter *names* to forward (or re-read adapter_slots
 not keep a LoRAMeta built before an unload.
 
 Atomicity. Every operation reads and validates everything, builds the complete new stacks
-aside, and swaps them in with one `Backbone.set_lora_stacks(..., adapter_slots=...)`
-call, then updates the registry; any error before that leaves the model untouched.
+aside, and swaps them in with one `Backbone.set_lora_stacks(..., adapter_slots=...,
+infos=...)` call, which replaces the model's one ResidentAdapters object (stacks, merged
+projections, slot table, records); any error before that leaves the model untouched.
 
 Per-adapter bookkeeping is kept in `AdapterInfo` (true rank and alpha of every (layer,
 module) it has), so save_adapter slices the padding off and writes each module at its
@@ -84,6 +85,34 @@ class LoRAStack:
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scaling: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerLoRA:
+    """One layer's share of the resident adapters: the stacks (target module -> LoRAStack)
+    and the merged projections over them (group -> ops.MergedLoRA: one shrink over the
+    stacked A of q/k/v or gate/up, one expand writing each module's output slice)."""
+
+    stacks: dict
+    merged: dict
+
+
+@dataclass(frozen=True)
+class ResidentAdapters:
+    """Every adapter the engine holds, as one object that is replaced whole
+    (Backbone.set_lora_stacks), never edited: per layer the stacked A / B and scalings
+    (LayerLoRA), the slot table (name -> slot, a bijection onto 0..num_slots - 1, or empty
+    for stacks set by slot alone) and each named adapter's record (AdapterInfo). A forward
+    reads it once, so an adapter swapped in between two forwards never mixes into one."""
+
+    num_slots: int
+    layers: tuple  # LayerLoRA per layer
+    slots: dict  # name -> slot
+    infos: dict  # name -> AdapterInfo
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "ResidentAdapters":
+        return cls(0, tuple(LayerLoRA({}, {}) for _ in range(num_layers)), {}, {})
 
 
 @dataclass
@@ -336,7 +365,7 @@ def _resident_weights(model, info: AdapterInfo) -> dict:
     slot = model.adapter_slots[info.name]
     out = {}
     for (l, n), (r, _) in info.modules.items():
-        st = model.layers[l].lora[n]
+        st = model.resident_adapters.layers[l].stacks[n]
         out[(l, n)] = (st.lora_a[slot, :r], st.lora_b[slot, :, :r])
     return out
 
@@ -389,8 +418,7 @@ def _check_model(model) -> None:
 def _swap(model, entries: list, stacks: Optional[list] = None) -> None:
     stacks = _build_stacks(model, entries) if stacks is None else stacks
     slots = {info.name: i for i, (info, _) in enumerate(entries)}
-    model.set_lora_stacks(stacks, len(entries), adapter_slots=slots)
-    model.adapter_infos = {info.name: info for info, _ in entries}
+    model.set_lora_stacks(stacks, len(entries), adapter_slots=slots, infos={info.name: info for info, _ in entries})
 
 
 def _ordered(model) -> list:
@@ -547,8 +575,8 @@ def adapter_nbytes(model, name: str, padded: bool = False) -> int:
     if not padded:
         return sum(r * sum(model.module_shapes[n]) * el for (l, n), (r, _) in reg[name].modules.items())
     total = 0
-    for layer in model.layers:
-        for st in layer.lora.values():
+    for layer in model.resident_adapters.layers:
+        for st in layer.stacks.values():
             total += (st.lora_a[0].numel() + st.lora_b[0].numel()) * el + 4
     return total
 
@@ -557,7 +585,7 @@ def lora_nbytes(model) -> int:
     """Bytes held by all LoRA stacks of the model (every slot, padding included)."""
     return sum(
         t.numel() * t.element_size()
-        for layer in model.layers
-        for st in layer.lora.values()
+        for layer in model.resident_adapters.layers
+        for st in layer.stacks.values()
         for t in (st.lora_a, st.lora_b, st.scaling)
     )

@@ -36,7 +36,7 @@ from .. import ops
 from ..ops.lora_meta import LoRAMeta
 from ..util.jsonfile import read_json, write_json
 from . import adapters as peft_adapters
-from .adapters import TARGET_MODULES, LoRAStack
+from .adapters import TARGET_MODULES, LayerLoRA, LoRAStack, ResidentAdapters
 from .attention import AttentionPlan
 from .store import copy_tokenizer, resolve_model
 
@@ -346,7 +346,7 @@ class ForwardContext:
 
     positions: torch.Tensor  # int64 [T]: each row's position in its sequence
     attention: AttentionPlan  # who attends to what: packed self-attention, or over the paged KV cache
-    lora: Optional[LoRAMeta] = None  # the engine's multi-LoRA rows (Layer.lora stacks); None: base only
+    lora: Optional[LoRAMeta] = None  # the rows with an engine adapter (resident_adapters); None: base only
     trained: Optional[TrainedLoRA] = None  # the trainable LoRA (Layer.lora_A / lora_B)
     autocast: Optional[torch.dtype] = None  # training under autocast: one dtype for the fused LoRA op
 
@@ -380,10 +380,37 @@ def _stacked_rows(parts: list) -> Optional[torch.Tensor]:
     return parts[0].as_strided((L, R, fin), (R * fin, fin, 1))
 
 
+def merge_layer(groups: dict, stacks: dict) -> LayerLoRA:
+    """One layer's stacks (module -> LoRAStack), merged per projection: where a group's
+    lora_a are views of one tensor (as adapters.py builds them) that tensor is used, else
+    they are copied into one and the stacks become views of it."""
+    lora, merged = dict(stacks), {}
+    for group, (_, _, mods) in groups.items():
+        present = [(n, s) for n, s, _ in mods if n in lora]
+        if not present:
+            continue
+        parts = [lora[n].lora_a for n, _ in present]
+        stacked = _stacked_rows(parts)
+        copied = stacked is None
+        if copied:
+            stacked = torch.cat(parts, 1)
+        slices, off = [], 0
+        for n, col in present:
+            st = lora[n]
+            r = st.lora_a.shape[1]
+            if copied:
+                lora[n] = LoRAStack(stacked[:, off : off + r], st.lora_b, st.scaling)
+            slices.append(ops.LoRASlice(off, st.lora_b, st.scaling, col))
+            off += r
+        merged[group] = ops.MergedLoRA(stacked, slices)
+    return LayerLoRA(lora, merged)
+
+
 class Layer(nn.Module):
-    """One decoder layer: its merged base weights (frozen unless the whole model trains),
-    the engine's multi-LoRA stacks `lora` (target module -> LoRAStack, filled by adapter
-    loading) and an optional trainable LoRA `lora_A` / `lora_B` (Backbone.add_lora)."""
+    """One decoder layer: its merged base weights (frozen unless the whole model trains)
+    and an optional trainable LoRA `lora_A` / `lora_B` (Backbone.add_lora). The engine's
+    adapters are not held here: each forward passes the layer its LayerLoRA (stacks and
+    merged projections) from the model's one ResidentAdapters."""
 
     def __init__(self, cfg: ModelConfig, sd: dict, l: int, groups: dict):
         super().__init__()
@@ -408,8 +435,6 @@ class Layer(nn.Module):
         self.gate_up_bias = cat(m + "gate_proj.bias", m + "up_proj.bias")
         self.down_weight = param(sd[m + "down_proj.weight"])
         self.down_bias = param(sd.get(m + "down_proj.bias"))
-        self.lora: dict = {}  # target module -> LoRAStack
-        self.lora_groups: dict = {}  # merged projection -> ops.MergedLoRA over the same stacks
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
 
     def add_lora(self, spec: LoRASpec, module_shapes: dict) -> None:
@@ -425,8 +450,10 @@ class Layer(nn.Module):
 
     # -- projections ----------------------------------------------------------------------
 
-    def proj(self, group: str, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """The merged projection `group` of x: one base matmul, plus each LoRA in its slice."""
+    def proj(self, group: str, x: torch.Tensor, ctx: ForwardContext,
+             lora: Optional[LayerLoRA] = None) -> torch.Tensor:
+        """The merged projection `group` of x: one base matmul, plus each LoRA in its slice
+        (the engine's adapters `lora`, for the rows ctx.lora gives one)."""
         w_name, b_name, mods = self.groups[group]
         w, b = getattr(self, w_name), getattr(self, b_name)
         if ctx.autocast is not None:
@@ -435,36 +462,11 @@ class Layer(nn.Module):
         if ctx.trained is not None and any(n in self.lora_A for n, _, _ in mods):
             return self._trained_proj(mods, x, w, b, ctx.trained)
         y = ops.linear(x, w, b)
-        if ctx.lora is not None and not ctx.lora.no_lora:
-            merged = self.lora_groups.get(group)
+        if lora is not None and ctx.lora is not None and not ctx.lora.no_lora:
+            merged = lora.merged.get(group)
             if merged is not None:  # one shrink and one expand for the whole group, in place
                 merged.add_(y, x, ctx.lora)
         return y
-
-    def set_lora(self, stacks: dict) -> None:
-        """The engine's stacks (module -> LoRAStack), merged per projection: where a group's
-        lora_a are views of one tensor (as adapters.py builds them) that tensor is used,
-        else they are copied into one and the stacks become views of it."""
-        lora, groups = dict(stacks), {}
-        for group, (_, _, mods) in self.groups.items():
-            present = [(n, s) for n, s, _ in mods if n in lora]
-            if not present:
-                continue
-            parts = [lora[n].lora_a for n, _ in present]
-            stacked = _stacked_rows(parts)
-            copied = stacked is None
-            if copied:
-                stacked = torch.cat(parts, 1)
-            slices, off = [], 0
-            for n, col in present:
-                st = lora[n]
-                r = st.lora_a.shape[1]
-                if copied:
-                    lora[n] = LoRAStack(stacked[:, off : off + r], st.lora_b, st.scaling)
-                slices.append(ops.LoRASlice(off, st.lora_b, st.scaling, col))
-                off += r
-            groups[group] = ops.MergedLoRA(stacked, slices)
-        self.lora, self.lora_groups = lora, groups
 
     def _trained_proj(self, mods, x, w, b, lora: TrainedLoRA) -> torch.Tensor:
         """Base + trainable LoRA. Without dropout, ONE ops.lora_linear on the merged weight:
@@ -500,20 +502,20 @@ class Layer(nn.Module):
 
     # -- the layer ------------------------------------------------------------------------
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext,
-                li: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext, li: int,
+                lora: Optional[LayerLoRA] = None) -> torch.Tensor:
         cfg = self.cfg
         T = h.shape[0]
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
-        q, k, v = self.proj("qkv", x, ctx).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=1)
+        q, k, v = self.proj("qkv", x, ctx, lora).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=1)
         q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         attn = ctx.attention.attend(li, q, k, v)
-        h = h + self.proj("o", attn, ctx)
+        h = h + self.proj("o", attn, ctx, lora)
         x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
-        gate, up = self.proj("gate_up", x, ctx).split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
-        return h + self.proj("down", F.silu(gate) * up, ctx)
+        gate, up = self.proj("gate_up", x, ctx, lora).split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
+        return h + self.proj("down", F.silu(gate) * up, ctx, lora)
 
 
 def check_packed(input_ids, cu_seqlens) -> list[int]:
@@ -547,8 +549,9 @@ class Backbone(nn.Module):
     Loaded frozen. Training either unfreezes the base (`requires_grad_(True)`: continual
     pre-training) or adds one trainable LoRA on the frozen base (`add_lora`); autograd runs
     through the same layers and ops the engine runs (ops.linear falls back to F.linear in
-    a graph). The engine's adapters are stacked per target module (`Layer.lora`, filled by
-    adapters.py) and picked per row through a LoRAMeta."""
+    a graph). The engine's adapters are one ResidentAdapters object (`resident_adapters`:
+    per-layer stacks per target module, the slot table, the records; filled by adapters.py)
+    and picked per row through a LoRAMeta."""
 
     def __init__(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]):
         """state_dict: HF names -> tensors (see load_state_dict); the q/k/v and gate/up
@@ -568,18 +571,28 @@ class Backbone(nn.Module):
             "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d),
         }  # fmt: skip  (in, out) of every target module
-        # the engine's resident adapters (adapters.py keeps them consistent): how many slots the
-        # per-layer stacks (Layer.lora) hold, each name's slot, and what each adapter holds
-        # (AdapterInfo: its true ranks and alphas, its config), for saving and memory reports
-        self.num_lora_slots = 0
-        self.adapter_slots: dict[str, int] = {}
-        self.adapter_infos: dict[str, peft_adapters.AdapterInfo] = {}
+        # the engine's resident adapters, one object replaced whole (set_lora_stacks; adapters.py)
+        self.resident_adapters = ResidentAdapters.empty(cfg.num_hidden_layers)
         self.lora_spec: Optional[LoRASpec] = None  # the trainable LoRA, once add_lora is called
         self.activation_checkpointing = False  # recompute each layer in backward (training memory)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    @property
+    def num_lora_slots(self) -> int:
+        return self.resident_adapters.num_slots
+
+    @property
+    def adapter_slots(self) -> dict:
+        """Resident adapter name -> slot (read-only view of resident_adapters)."""
+        return self.resident_adapters.slots
+
+    @property
+    def adapter_infos(self) -> dict:
+        """Resident adapter name -> AdapterInfo (its true ranks and alphas, its config)."""
+        return self.resident_adapters.infos
 
     @property
     def device(self) -> torch.device:
@@ -606,12 +619,14 @@ class Backbone(nn.Module):
 
     # -- LoRA stacks (filled by adapter loading; see LoRAStack) --------------------------
 
-    def set_lora_stacks(self, stacks: Sequence[dict], num_slots: int, adapter_slots: Optional[dict] = None) -> None:
-        """Attach per-layer stacks: stacks[l][module] = LoRAStack with L = num_slots slots.
-        Modules absent from a layer's dict run base only. Shapes / dtypes are checked, and
-        nothing changes unless all checks pass. adapter_slots (name -> slot, a bijection onto
-        range(num_slots)) is swapped in with the stacks; without it the named adapters are
-        forgotten (the stacks are the caller's own, addressed by slot)."""
+    def set_lora_stacks(self, stacks: Sequence[dict], num_slots: int, adapter_slots: Optional[dict] = None,
+                        infos: Optional[dict] = None) -> None:
+        """Replace the resident adapters (one ResidentAdapters object) with per-layer stacks:
+        stacks[l][module] = LoRAStack with L = num_slots slots. Modules absent from a layer's
+        dict run base only. Shapes / dtypes are checked, and nothing changes unless all checks
+        pass. adapter_slots (name -> slot, a bijection onto range(num_slots)) and infos (name
+        -> AdapterInfo) come with the stacks; without them the stacks are the caller's own,
+        addressed by slot."""
         if adapter_slots is not None and sorted(adapter_slots.values()) != list(range(num_slots)):
             raise ValueError(f"adapter_slots must map names onto slots 0..{num_slots - 1}, got {adapter_slots}")
         if len(stacks) != len(self.layers):
@@ -631,12 +646,10 @@ class Backbone(nn.Module):
                     )
                 if s.lora_a.dtype != self.dtype or s.lora_b.dtype != self.dtype or s.scaling.dtype != torch.float32:
                     raise ValueError(f"layer {l} {name}: lora_a/lora_b must be {self.dtype}, scaling float32")
-        for layer, st in zip(self.layers, stacks):
-            layer.set_lora(st)
-        self.num_lora_slots = num_slots
-        self.adapter_slots = dict(adapter_slots or {})
-        if adapter_slots is None:
-            self.adapter_infos = {}
+        if infos is not None and set(infos) != set(adapter_slots or {}):
+            raise ValueError("infos must name the same adapters as adapter_slots")
+        self.resident_adapters = ResidentAdapters(num_slots, tuple(merge_layer(self.groups, st) for st in stacks),
+                                                  dict(adapter_slots or {}), dict(infos or {}))
 
     # -- PEFT adapters (bsharedrag_fast/adapters.py: format, slots, atomicity) ------------
 
@@ -722,11 +735,12 @@ class Backbone(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, ctx.positions, ctx.autocast or self.dtype)
         h = F.embedding(input_ids.to(self.device), self.embed)
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for li, layer in enumerate(self.layers):
+        adapters = self.resident_adapters.layers if ctx.lora is not None else [None] * len(self.layers)  # read once
+        for li, (layer, lora) in enumerate(zip(self.layers, adapters)):
             if checkpointed:
-                h = checkpoint(layer, h, cos, sin, ctx, li, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, ctx, li, lora, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, ctx, li)
+                h = layer(h, cos, sin, ctx, li, lora)
         return h
 
     def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, adapters=None) -> torch.Tensor:

@@ -153,25 +153,30 @@ BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stri
 /* ---- attention ------------------------------------------------------------------------- */
 
 /*
- * Decode attention over a paged KV cache: sequence b's one new query q[b] [num_heads,
- * head_dim] attends to the context_lens[b] keys and values it has in the cache (its own
- * new one included, written there before the call), and out[b] gets
- *   softmax(scale * q . k) v, per head, in fp32, rounded once into dtype (f32, f16, bf16).
- *   k_cache / v_cache [num_blocks, block_size, num_kv_heads, head_dim] contiguous: position p
- *     of sequence b lives in block block_tables[b * table_stride + p / block_size], row
- *     p % block_size;
- *   query head h reads KV head h / (num_heads / num_kv_heads) (grouped-query attention);
- *   window > 0: only the last `window` positions are attended (Mistral's sliding window).
- * q and out rows: sequence b, head h at b * seq_stride + h * head_stride elements.
- * Every sequence of a decode step in one call: no per-sequence gather or padding.
+ * Causal attention over a paged KV cache for every sequence of a step in one call: prefill
+ * chunks, decode rows and cache-less sequences alike. Sequence b has n_b = cu_seqlens_q[b + 1]
+ * - cu_seqlens_q[b] new query rows (0 skips it), packed in q from row cu_seqlens_q[b], and
+ * context_lens[b] >= n_b keys and values in the cache (its new ones included, written there
+ * before the call); its new row i sits at position p = context_lens[b] - n_b + i and attends
+ * to the positions k <= p (and p - k < window when window > 0: Mistral's sliding window):
+ *   out = softmax(scale * q . k) v, per head, in fp32, rounded once into dtype (f32, f16, bf16).
+ *   k_cache / v_cache: num_blocks blocks of block_size tokens, a token's num_kv_heads x
+ *     head_dim values contiguous, tokens k_token_stride / v_token_stride elements apart
+ *     (num_kv_heads * head_dim for a contiguous [num_blocks, block_size, KV, D] cache);
+ *     position p of sequence b lives in block block_tables[b * table_stride + p / block_size],
+ *     row p % block_size (a cache-less batch is block_size 1 over its packed k / v);
+ *   query head h reads KV head h / (num_heads / num_kv_heads) (grouped-query attention).
+ * q and out: row t, head h at t * row_stride + h * head_stride elements. No per-sequence
+ * gather, padding or mask tensor.
  */
-BSR_API bsr_status bsr_paged_decode_attention(bsr_dtype dtype, const void* q, int64_t q_seq_stride,
-                                              int64_t q_head_stride, const void* k_cache, const void* v_cache,
-                                              int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
-                                              int64_t num_heads, int64_t head_dim, const int32_t* block_tables,
-                                              int64_t table_stride, const int32_t* context_lens, int64_t num_seqs,
-                                              int64_t window, float scale, void* out, int64_t out_seq_stride,
-                                              int64_t out_head_stride);
+BSR_API bsr_status bsr_paged_attention(bsr_dtype dtype, const void* q, int64_t q_row_stride, int64_t q_head_stride,
+                                       const void* k_cache, const void* v_cache, int64_t k_token_stride,
+                                       int64_t v_token_stride, int64_t num_blocks, int64_t block_size,
+                                       int64_t num_kv_heads, int64_t num_heads, int64_t head_dim,
+                                       const int32_t* block_tables, int64_t table_stride,
+                                       const int32_t* cu_seqlens_q, const int32_t* context_lens, int64_t num_seqs,
+                                       int64_t window, float scale, void* out, int64_t out_row_stride,
+                                       int64_t out_head_stride);
 
 /* ---- pooled embedding ------------------------------------------------------------------ */
 

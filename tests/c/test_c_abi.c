@@ -512,53 +512,60 @@ static void test_expand_slices(void) {
   }
 }
 
-/* bsr_paged_decode_attention against a double softmax by hand: 3 sequences over scattered
- * blocks, GQA (6 query heads on 2 KV heads), a window; then its checks. */
-static void test_paged_decode_attention(void) {
-  enum { B = 3, H = 6, KV = 2, D = 20, BS = 4, NB = 12, W = 5 };
-  static const int32_t lens[B] = {1, 9, 13};
-  static const int32_t tables[B][4] = {{7, 0, 0, 0}, {3, 11, 5, 0}, {2, 9, 0, 4}};
+/* bsr_paged_attention against a double softmax by hand: 3 sequences over scattered blocks
+ * (a single row, a chunk of 4 rows after 5 cached keys, 30 rows after 40: two query tiles
+ * and two key chunks), GQA (6 query heads on 2 KV heads), head_dim 20 (not a multiple of
+ * any vector width), tokens 44 elements apart in the cache (4 of padding), with and without
+ * a window; then its checks. */
+static void test_paged_attention(void) {
+  enum { B = 3, H = 6, KV = 2, D = 20, BS = 4, NB = 32, W = 5, TW = 18, TS = KV * D + 4, T = 35 };
+  static const int32_t cu[B + 1] = {0, 1, 5, 35};
+  static const int32_t lens[B] = {1, 9, 70};
   static const bsr_dtype dts[2] = {BSR_DTYPE_F32, BSR_DTYPE_BF16};
-  int d;
+  int32_t tables[B][TW];
+  int d, b, i;
+  for (b = 0; b < B; ++b)  /* scattered blocks, distinct within a sequence (read-only: sequences may share) */
+    for (i = 0; i < TW; ++i) tables[b][i] = (int32_t)((b * 7 + i * 5) % NB);
   for (d = 0; d < 2; ++d) {
     const bsr_dtype dt = dts[d];
     const size_t es = dtype_size(dt);
-    void *q = malloc((size_t)B * H * D * es), *k = malloc((size_t)NB * BS * KV * D * es);
-    void *v = malloc((size_t)NB * BS * KV * D * es), *out = malloc((size_t)B * H * D * es);
-    int win, i;
-    for (i = 0; i < B * H * D; ++i) put(dt, q, (size_t)i, urand());
-    for (i = 0; i < NB * BS * KV * D; ++i) {
+    void *q = malloc((size_t)T * H * D * es), *k = malloc((size_t)NB * BS * TS * es);
+    void *v = malloc((size_t)NB * BS * TS * es), *out = malloc((size_t)T * H * D * es);
+    int win;
+    for (i = 0; i < T * H * D; ++i) put(dt, q, (size_t)i, urand());
+    for (i = 0; i < NB * BS * TS; ++i) {
       put(dt, k, (size_t)i, urand());
       put(dt, v, (size_t)i, urand());
     }
     for (win = 0; win <= W; win += W) {
       double maxerr = 0.0;
-      int b, h, j, t;
-      bsr_status st = bsr_paged_decode_attention(dt, q, H * D, D, k, v, NB, BS, KV, H, D, &tables[0][0], 4, lens, B,
-                                                 win, 1.0f / sqrtf((float)D), out, H * D, D);
-      CHECK(st == BSR_OK, "paged_decode_attention %s window %d: status %d (%s)", dtype_name(dt), win, st,
-            bsr_last_error());
+      int h, j, t, r;
+      bsr_status st = bsr_paged_attention(dt, q, H * D, D, k, v, TS, TS, NB, BS, KV, H, D, &tables[0][0], TW, cu, lens,
+                                          B, win, 1.0f / sqrtf((float)D), out, H * D, D);
+      CHECK(st == BSR_OK, "paged_attention %s window %d: status %d (%s)", dtype_name(dt), win, st, bsr_last_error());
       for (b = 0; b < B; ++b)
-        for (h = 0; h < H; ++h) {
-          const int g = h / (H / KV), first = win && lens[b] > win ? lens[b] - win : 0;
-          double s[16], m = -1e300, sum = 0.0;
-          for (t = first; t < lens[b]; ++t) {
-            const size_t row = ((size_t)tables[b][t / BS] * BS + t % BS) * KV * D + (size_t)g * D;
-            double acc = 0.0;
-            for (j = 0; j < D; ++j) acc += get(dt, q, (size_t)(b * H + h) * D + j) * get(dt, k, row + j);
-            s[t] = acc / sqrt((double)D);
-            if (s[t] > m) m = s[t];
+        for (r = cu[b]; r < cu[b + 1]; ++r)
+          for (h = 0; h < H; ++h) {
+            const int g = h / (H / KV), pos = lens[b] - (cu[b + 1] - cu[b]) + (r - cu[b]);
+            const int first = win && pos + 1 > win ? pos + 1 - win : 0;
+            double s[80], m = -1e300, sum = 0.0;
+            for (t = first; t <= pos; ++t) {
+              const size_t row = ((size_t)tables[b][t / BS] * BS + t % BS) * TS + (size_t)g * D;
+              double acc = 0.0;
+              for (j = 0; j < D; ++j) acc += get(dt, q, (size_t)(r * H + h) * D + j) * get(dt, k, row + j);
+              s[t] = acc / sqrt((double)D);
+              if (s[t] > m) m = s[t];
+            }
+            for (t = first; t <= pos; ++t) sum += (s[t] = exp(s[t] - m));
+            for (j = 0; j < D; ++j) {
+              double ref = 0.0;
+              for (t = first; t <= pos; ++t)
+                ref += s[t] / sum * get(dt, v, ((size_t)tables[b][t / BS] * BS + t % BS) * TS + (size_t)g * D + j);
+              const double e = fabs(get(dt, out, (size_t)(r * H + h) * D + j) - ref);
+              if (!(e <= maxerr)) maxerr = e;
+            }
           }
-          for (t = first; t < lens[b]; ++t) sum += (s[t] = exp(s[t] - m));
-          for (j = 0; j < D; ++j) {
-            double ref = 0.0;
-            for (t = first; t < lens[b]; ++t)
-              ref += s[t] / sum * get(dt, v, ((size_t)tables[b][t / BS] * BS + t % BS) * KV * D + (size_t)g * D + j);
-            const double e = fabs(get(dt, out, (size_t)(b * H + h) * D + j) - ref);
-            if (!(e <= maxerr)) maxerr = e;
-          }
-        }
-      CHECK(maxerr <= (dt == BSR_DTYPE_F32 ? 1e-5 : 2e-2), "paged_decode_attention %s window %d: max err %.3g",
+      CHECK(maxerr <= (dt == BSR_DTYPE_F32 ? 1e-5 : 2e-2), "paged_attention %s window %d: max err %.3g",
             dtype_name(dt), win, maxerr);
     }
     free(q);
@@ -567,25 +574,33 @@ static void test_paged_decode_attention(void) {
     free(out);
   }
   {
-    float qf[H * D] = {0}, kv[NB * BS * KV * D] = {0}, o[H * D];
-    const int32_t bad_len[1] = {17}, ok_len[1] = {3}, bad_table[4] = {12, 0, 0, 0};
-    bsr_status st = bsr_paged_decode_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, NB, BS, KV, H, D, &tables[1][0], 4,
-                                               bad_len, 1, 0, 1.f, o, H * D, D);
+    static float qf[4 * H * D], kv[NB * BS * KV * D], o[4 * H * D];
+    const int32_t one[2] = {0, 1}, four[2] = {0, 4}, bad_len[1] = {17}, ok_len[1] = {3}, bad_table[4] = {32, 0, 0, 0};
+    bsr_status st = bsr_paged_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, KV * D, KV * D, NB, BS, KV, H, D,
+                                        &tables[1][0], 4, one, bad_len, 1, 0, 1.f, o, H * D, D);
     CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "context_lens") != NULL,
-          "paged_decode_attention: a length past the block table: status %d '%s'", st, bsr_last_error());
-    st = bsr_paged_decode_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, NB, BS, KV, H, D, bad_table, 4, ok_len, 1, 0,
-                                    1.f, o, H * D, D);
+          "paged_attention: a length past the block table: status %d '%s'", st, bsr_last_error());
+    st = bsr_paged_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, KV * D, KV * D, NB, BS, KV, H, D, &tables[1][0], 4,
+                             four, ok_len, 1, 0, 1.f, o, H * D, D);
+    CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "context_lens") != NULL,
+          "paged_attention: 4 new rows on 3 keys: status %d '%s'", st, bsr_last_error());
+    st = bsr_paged_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, KV * D, KV * D, NB, BS, KV, H, D, bad_table, 4, one,
+                             ok_len, 1, 0, 1.f, o, H * D, D);
     CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "block_tables") != NULL,
-          "paged_decode_attention: block 12 of 12: status %d '%s'", st, bsr_last_error());
-    st = bsr_paged_decode_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, NB, BS, 4, H, D, &tables[1][0], 4, ok_len, 1,
-                                    0, 1.f, o, H * D, D);
-    CHECK(st == BSR_ERR_INVALID_ARGUMENT, "paged_decode_attention: 6 heads on 4 KV heads: status %d", st);
-    st = bsr_paged_decode_attention(BSR_DTYPE_F64, qf, H * D, D, kv, kv, NB, BS, KV, H, D, &tables[1][0], 4, ok_len,
-                                    1, 0, 1.f, o, H * D, D);
-    CHECK(st == BSR_ERR_UNSUPPORTED_DTYPE, "paged_decode_attention: f64: status %d", st);
-    st = bsr_paged_decode_attention(BSR_DTYPE_F32, NULL, H * D, D, kv, kv, NB, BS, KV, H, D, &tables[1][0], 4, ok_len,
-                                    1, 0, 1.f, o, H * D, D);
-    CHECK(st == BSR_ERR_NULL_POINTER, "paged_decode_attention: q NULL: status %d", st);
+          "paged_attention: block 32 of 32: status %d '%s'", st, bsr_last_error());
+    st = bsr_paged_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, KV * D, KV * D, NB, BS, 4, H, D, &tables[1][0], 4,
+                             one, ok_len, 1, 0, 1.f, o, H * D, D);
+    CHECK(st == BSR_ERR_INVALID_ARGUMENT, "paged_attention: 6 heads on 4 KV heads: status %d", st);
+    st = bsr_paged_attention(BSR_DTYPE_F32, qf, H * D, D, kv, kv, KV * D - 1, KV * D, NB, BS, KV, H, D, &tables[1][0],
+                             4, one, ok_len, 1, 0, 1.f, o, H * D, D);
+    CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "token_stride") != NULL,
+          "paged_attention: token stride below KV x D: status %d '%s'", st, bsr_last_error());
+    st = bsr_paged_attention(BSR_DTYPE_F64, qf, H * D, D, kv, kv, KV * D, KV * D, NB, BS, KV, H, D, &tables[1][0], 4,
+                             one, ok_len, 1, 0, 1.f, o, H * D, D);
+    CHECK(st == BSR_ERR_UNSUPPORTED_DTYPE, "paged_attention: f64: status %d", st);
+    st = bsr_paged_attention(BSR_DTYPE_F32, NULL, H * D, D, kv, kv, KV * D, KV * D, NB, BS, KV, H, D, &tables[1][0], 4,
+                             one, ok_len, 1, 0, 1.f, o, H * D, D);
+    CHECK(st == BSR_ERR_NULL_POINTER, "paged_attention: q NULL: status %d", st);
   }
 }
 
@@ -746,7 +761,7 @@ int main(void) {
   test_thread_determinism();
   test_errors();
   test_expand_slices();
-  test_paged_decode_attention();
+  test_paged_attention();
   test_pool();
   test_linear();
   if (g_failures) {

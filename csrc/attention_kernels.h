@@ -1,0 +1,232 @@
+// Internal header of csrc/attention.cpp, included once per ISA inside a namespace (and a
+// `#pragma GCC target` region) after that ISA's vector type V (lora_simd_*.h). No include
+// guard on purpose. The score and output blocks are written with V's intrinsics: left to
+// the auto-vectorizer they came out as 128-bit shuffles and stack spills, 6x slower.
+
+// exp(x) for x <= 0 (scores minus their running max), 0 for x below ~-87 (-inf included).
+// Cephes' single-precision polynomial (about 1 ulp), branch-free (rounding by the 1.5 * 2^23
+// trick, selects as compares) so that loops over it vectorize; std::exp stays a scalar call.
+static inline float exp_nonpos(float x) {
+  const float xc = x > -87.f ? x : -87.f;
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return x > -87.f ? y * two_n : 0.f;
+}
+
+constexpr int64_t kW = V::W;
+constexpr int64_t kR = 2 * kW;  // query rows (scores) / value columns (output) per register block
+constexpr int64_t kKeys = 4;    // keys per score block
+constexpr int64_t kRows = 4;    // query rows per output block
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread scratch (floats), sized for the largest tile seen.
+struct Scratch {
+  std::vector<float> buf;
+  float *q, *acc, *s, *m, *l, *mref, *alpha, *k, *v;
+  void size(int64_t Mp, int64_t dp) {
+    const size_t need = static_cast<size_t>(2 * Mp * dp + kChunk * Mp + 4 * Mp + 2 * kChunk * dp);
+    if (buf.size() < need) buf.assign(need, 0.f);
+    q = buf.data();                   // [Mp, dp] (dot path) or transposed [d, Mp], pre-scaled
+    acc = q + Mp * dp;                // [Mp, dp] weighted values
+    s = acc + Mp * dp;                // [kChunk, Mp] scores, then probabilities
+    m = s + kChunk * Mp;              // [Mp] running max
+    l = m + Mp;                       // [Mp] running sum
+    mref = l + Mp;                    // [Mp] the max exp() subtracts (0 for rows that see nothing)
+    alpha = mref + Mp;                // [Mp] rescale of what was summed before this chunk
+    k = alpha + Mp;                   // [kChunk, dp] key rows, fp32, zero-padded to dp
+    v = k + kChunk * dp;              // [kChunk, dp] value rows, the same
+  }
+};
+
+// q . k over dp (a multiple of kR) zero-padded columns.
+static inline float dot(const float* a, const float* b, int64_t dp) {
+  typename V::vf s0 = V::zero(), s1 = V::zero();
+  for (int64_t c = 0; c < dp; c += kR) {
+    s0 = V::fma(V::load(a + c), V::load(b + c), s0);
+    s1 = V::fma(V::load(a + c + kW), V::load(b + c + kW), s1);
+  }
+  return V::hsum(s0) + V::hsum(s1);
+}
+
+// Scores s[j, r] = q_r . k_j for j < nk (a multiple of kKeys), queries transposed [d, Mp]
+// (Mp a multiple of kR), key rows dp apart: kKeys x 2 vector accumulators.
+static inline void scores_transposed(const float* qt, int64_t Mp, const float* k, int64_t d, int64_t dp, int64_t nk,
+                                     float* s) {
+  for (int64_t r0 = 0; r0 < Mp; r0 += kR)
+    for (int64_t j0 = 0; j0 < nk; j0 += kKeys) {
+      typename V::vf a[kKeys][2];
+      for (int64_t jj = 0; jj < kKeys; ++jj) a[jj][0] = a[jj][1] = V::zero();
+      const float* kr = k + j0 * dp;
+      for (int64_t c = 0; c < d; ++c) {
+        const typename V::vf q0 = V::load(qt + c * Mp + r0), q1 = V::load(qt + c * Mp + r0 + kW);
+        for (int64_t jj = 0; jj < kKeys; ++jj) {
+          const typename V::vf kv = V::set1(kr[jj * dp + c]);
+          a[jj][0] = V::fma(q0, kv, a[jj][0]);
+          a[jj][1] = V::fma(q1, kv, a[jj][1]);
+        }
+      }
+      for (int64_t jj = 0; jj < kKeys; ++jj) {
+        V::store(s + (j0 + jj) * Mp + r0, a[jj][0]);
+        V::store(s + (j0 + jj) * Mp + r0 + kW, a[jj][1]);
+      }
+    }
+}
+
+// acc[r, :] += sum_j p[j, r] v[j, :] for r < Mp (a multiple of kRows), columns dp (a
+// multiple of kR): kRows x 2 vector accumulators over all nk keys.
+static inline void weighted_values(const float* p, int64_t Mp, const float* v, int64_t dp, int64_t nk, float* acc) {
+  for (int64_t r0 = 0; r0 < Mp; r0 += kRows)
+    for (int64_t c0 = 0; c0 < dp; c0 += kR) {
+      typename V::vf o[kRows][2];
+      for (int64_t rr = 0; rr < kRows; ++rr) {
+        o[rr][0] = V::load(acc + (r0 + rr) * dp + c0);
+        o[rr][1] = V::load(acc + (r0 + rr) * dp + c0 + kW);
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const typename V::vf v0 = V::load(v + j * dp + c0), v1 = V::load(v + j * dp + c0 + kW);
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          const typename V::vf pj = V::set1(p[j * Mp + r0 + rr]);
+          o[rr][0] = V::fma(pj, v0, o[rr][0]);
+          o[rr][1] = V::fma(pj, v1, o[rr][1]);
+        }
+      }
+      for (int64_t rr = 0; rr < kRows; ++rr) {
+        V::store(acc + (r0 + rr) * dp + c0, o[rr][0]);
+        V::store(acc + (r0 + rr) * dp + c0 + kW, o[rr][1]);
+      }
+    }
+}
+
+// s[r] = exp(s[r] - mref[r]), summed into l[r] (restrict: the scratch arrays never overlap).
+static inline void probabilities(float* __restrict s, const float* __restrict mref, float* __restrict l, int64_t n) {
+#pragma omp simd
+  for (int64_t r = 0; r < n; ++r) {
+    const float p = exp_nonpos(s[r] - mref[r]);
+    s[r] = p;
+    l[r] += p;
+  }
+}
+
+// One tile of sequence t.b on KV head g. Query vector r = (position t.i0 + r / G, head g * G + r % G).
+template <class T>
+void attend_tile(const AttentionArgs& A, const AttentionTile& t, int64_t g, Scratch& S) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t d = A.head_dim, G = A.num_heads / A.num_kv_heads, dp = round_up(d, kR);
+  const int64_t n_new = A.cu_seqlens_q[t.b + 1] - A.cu_seqlens_q[t.b];
+  const int64_t past = A.context_lens[t.b] - n_new;  // keys cached before this step's rows
+  const int64_t M = (t.i1 - t.i0) * G;
+  const bool transposed = M > kW / 2;  // few query vectors (decode): one dot product per score
+  const int64_t Mp = round_up(M, transposed ? kR : kRows);
+  S.size(Mp, dp);
+  const T* q = static_cast<const T*>(A.q) + (A.cu_seqlens_q[t.b] + t.i0) * A.q_row_stride + g * G * A.q_head_stride;
+  for (int64_t r = 0; r < M; ++r) {
+    float* row = S.k;  // free until the keys are loaded
+    load_row(q + (r / G) * A.q_row_stride + (r % G) * A.q_head_stride, d, row);
+    for (int64_t c = 0; c < dp; ++c) {
+      const float x = c < d ? row[c] * A.scale : 0.f;
+      if (transposed && c < d) S.q[c * Mp + r] = x;
+      else if (!transposed) S.q[r * dp + c] = x;
+    }
+  }
+  if (transposed)  // padding query rows score 0 (then masked below)
+    for (int64_t c = 0; c < d; ++c) std::fill(S.q + c * Mp + M, S.q + (c + 1) * Mp, 0.f);
+  std::fill(S.acc, S.acc + Mp * dp, 0.f);
+  std::fill(S.m, S.m + Mp, kNegInf);
+  std::fill(S.l, S.l + Mp, 0.f);
+  // position p = past + i sees keys k with k <= p and (no window or p - k < window)
+  const int64_t p_lo = past + t.i0, p_hi = past + t.i1 - 1;
+  const int64_t k_lo = A.window > 0 ? std::max<int64_t>(0, p_lo - A.window + 1) : 0;
+  const int32_t* table = A.block_tables + t.b * A.table_stride;
+  auto row_ptr = [&](const void* cache, int64_t token_stride, int64_t pos) {
+    const int64_t blk = table[pos / A.block_size];
+    return static_cast<const T*>(cache) + (blk * A.block_size + pos % A.block_size) * token_stride + g * d;
+  };
+  for (int64_t k0 = k_lo; k0 <= p_hi; k0 += kChunk) {
+    const int64_t nk = std::min(kChunk, p_hi + 1 - k0);
+    for (int64_t j = 0; j < nk; ++j) {  // fp32 rows, zero-padded to dp (the buffer moves with Mp)
+      load_row(row_ptr(A.k_cache, A.k_token_stride, k0 + j), d, S.k + j * dp);
+      load_row(row_ptr(A.v_cache, A.v_token_stride, k0 + j), d, S.v + j * dp);
+      std::fill(S.k + j * dp + d, S.k + (j + 1) * dp, 0.f);
+      std::fill(S.v + j * dp + d, S.v + (j + 1) * dp, 0.f);
+    }
+    if (transposed) {
+      scores_transposed(S.q, Mp, S.k, d, dp, round_up(nk, kKeys), S.s);
+    } else {
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t r = 0; r < M; ++r) S.s[j * Mp + r] = dot(S.q + r * dp, S.k + j * dp, dp);
+    }
+    // mask what a row may not see (padding rows see nothing); only chunks at the diagonal or the window edge
+    const bool masked = k0 + nk - 1 > p_lo || (A.window > 0 && p_hi - k0 >= A.window);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* sj = S.s + j * Mp;
+      std::fill(sj + M, sj + Mp, kNegInf);
+      const int64_t kpos = k0 + j;
+      for (int64_t i = 0; masked && i < t.i1 - t.i0; ++i) {
+        const int64_t p = p_lo + i;
+        if (kpos > p || (A.window > 0 && p - kpos >= A.window)) std::fill(sj + i * G, sj + (i + 1) * G, kNegInf);
+      }
+    }
+    // online softmax, every loop over the rows: new running max, rescale, probabilities
+    std::copy(S.m, S.m + Mp, S.mref);
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* sj = S.s + j * Mp;
+#pragma omp simd
+      for (int64_t r = 0; r < Mp; ++r) S.mref[r] = sj[r] > S.mref[r] ? sj[r] : S.mref[r];
+    }
+#pragma omp simd
+    for (int64_t r = 0; r < Mp; ++r) {
+      const float mx = S.mref[r];
+      S.mref[r] = mx == kNegInf ? 0.f : mx;  // a row that sees nothing yet gets zeros below
+      S.alpha[r] = exp_nonpos(S.m[r] - S.mref[r]);
+      S.m[r] = mx;
+      S.l[r] *= S.alpha[r];
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      if (S.alpha[r] == 1.f) continue;
+      float* a = S.acc + r * dp;
+#pragma omp simd
+      for (int64_t c = 0; c < dp; ++c) a[c] *= S.alpha[r];
+    }
+    for (int64_t j = 0; j < nk; ++j) probabilities(S.s + j * Mp, S.mref, S.l, Mp);
+    weighted_values(S.s, Mp, S.v, dp, nk, S.acc);
+  }
+  T* out = static_cast<T*>(A.out) + (A.cu_seqlens_q[t.b] + t.i0) * A.out_row_stride + g * G * A.out_head_stride;
+  for (int64_t r = 0; r < M; ++r) {
+    const float inv = 1.f / S.l[r];  // every query sees at least its own key: l > 0
+    T* o = out + (r / G) * A.out_row_stride + (r % G) * A.out_head_stride;
+    for (int64_t c = 0; c < d; ++c) Scalar<T>::store(o + c, S.acc[r * dp + c] * inv);
+  }
+}
+
+template <class T>
+void attend_items(const AttentionArgs& A, const std::vector<AttentionTile>& tiles, int nt) {
+  const int64_t items = static_cast<int64_t>(tiles.size()) * A.num_kv_heads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+  {
+    Scratch S;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t w = items - 1; w >= 0; --w)  // the last tiles of a sequence see the most keys: first
+      attend_tile<T>(A, tiles[w / A.num_kv_heads], w % A.num_kv_heads, S);
+  }
+}
+
+static void attend(const AttentionArgs& A, bsr_dtype dtype, const std::vector<AttentionTile>& tiles, int nt) {
+  if (dtype == BSR_DTYPE_F32) attend_items<float>(A, tiles, nt);
+  else if (dtype == BSR_DTYPE_F16) attend_items<f16_t>(A, tiles, nt);
+  else attend_items<bf16_t>(A, tiles, nt);
+}
