@@ -30,7 +30,7 @@ import torch
 
 from bsharedrag_fast import Backbone
 from bsharedrag_fast.engine.runtime import generate
-from bsharedrag_fast.bench.synthetic import PRESETS as SHAPES
+from bsharedrag_fast.bench.presets import PRESETS as SHAPES
 from bsharedrag_fast.bench.synthetic import write_adapter, write_checkpoint
 from bsharedrag_fast.util.sysinfo import rss_bytes
 

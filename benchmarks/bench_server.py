@@ -31,7 +31,8 @@ import time
 import httpx
 
 from bsharedrag_fast.demo.tokenizer_train import train_bpe_tokenizer
-from bsharedrag_fast.bench.synthetic import PRESETS, write_adapter, write_checkpoint
+from bsharedrag_fast.bench.presets import PRESETS
+from bsharedrag_fast.bench.synthetic import write_adapter, write_checkpoint
 
 from _common import RESULTS_DIR, machine_info
 

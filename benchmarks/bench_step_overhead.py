@@ -30,7 +30,7 @@ from bsharedrag_fast import Backbone, KVCache
 from bsharedrag_fast.ops import _backends
 
 try:
-    from bsharedrag_fast.bench.synthetic import PRESETS, write_adapter, write_checkpoint
+    from bsharedrag_fast.bench.synthetic import PRESETS, write_adapter, write_checkpoint  # also in older checkouts
     from bsharedrag_fast.engine.step import run_step
     from bsharedrag_fast.util.sysinfo import machine_info
 except ImportError:  # a checkout from before the layer folders and the engine-owned step

@@ -37,7 +37,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from bsharedrag_fast.bench.synthetic import PRESETS, write_checkpoint
+from bsharedrag_fast.bench.presets import PRESETS
+from bsharedrag_fast.bench.synthetic import write_checkpoint
 from bsharedrag_fast.util.sysinfo import peak_rss_bytes, rss_bytes
 from bsharedrag_fast.model.backbone import Backbone, LoRASpec, pack
 from bsharedrag_fast.train.pretrain import causal_labels

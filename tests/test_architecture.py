@@ -135,3 +135,26 @@ def test_the_checker_sees_a_circle():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     modules = _modules()
     assert "model.backbone" in _imports("engine.runtime", modules["engine.runtime"], modules)  # a lazy import
+
+
+def test_help_loads_no_torch():
+    """`bsharedrag --help` and every command's --help build their parsers without importing
+    torch (it takes seconds): the package's public names, the training options and the bench
+    presets load lazily. In a fresh interpreter, as the console script runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from bsharedrag_fast.cli.main import main\n"
+        "for argv in ([], ['demo'], ['train', 'retriever'], ['train', 'generator'], ['eval', 'retrieval'],\n"
+        "             ['bench'], ['serve'], ['index'], ['ask'], ['import-gguf'], ['mine-negatives']):\n"
+        "    try:\n"
+        "        main(argv + ['--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "    assert 'torch' not in sys.modules, f'{argv}: --help imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage: bsharedrag" in proc.stdout

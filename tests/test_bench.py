@@ -10,7 +10,8 @@ from safetensors import safe_open
 from bsharedrag_fast import Backbone
 from bsharedrag_fast.bench import synthetic
 from bsharedrag_fast.bench.command import GOALS, run_bench
-from bsharedrag_fast.bench.worker import SETUPS, _token_chunks
+from bsharedrag_fast.bench.presets import SETUPS
+from bsharedrag_fast.bench.worker import _token_chunks
 from bsharedrag_fast.cli.main import main
 
 WORK = ["--docs", "6", "--answers", "2", "--new-tokens", "4", "--threads", "1"]

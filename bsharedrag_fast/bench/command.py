@@ -34,8 +34,7 @@ import tempfile
 
 from ..cli.args import DTYPES
 from ..util import plots
-from .synthetic import PRESETS, token_workload, write_adapter, write_checkpoint
-from .worker import REPLY, SETUPS
+from .presets import PRESETS, REPLY, SETUPS
 
 OPS = ("embed", "generate", "mixed")
 BACKBONES = {"shared": 1, "separate": 2, "hf_peft": 1}  # copies of the weights each setup holds
@@ -118,6 +117,8 @@ def _checkpoint(tmp: str, preset: str | None, model: str | None, cfg: dict, adap
     """(checkpoint dir, [retrieval, generation] adapter dirs, config dict)."""
     import torch
 
+    from .synthetic import write_adapter, write_checkpoint
+
     if model is None:
         path = os.path.join(tmp, preset)
         print(f"bench: writing a random {preset} checkpoint", file=sys.stderr, flush=True)
@@ -143,6 +144,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     from tqdm import tqdm
 
     from ..util.sysinfo import machine_info
+    from .synthetic import token_workload
 
     if preset is not None and model is not None:
         raise ValueError("give --preset or --model, not both")

@@ -18,20 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..model.adapters import MODULE_PARENT, TARGET_MODULES
+from .presets import LLAMA, PRESETS, QWEN2  # noqa: F401  PRESETS re-exported (bench_step_overhead.py)
 
-_QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6,
-              use_sliding_window=False)
-_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=5e5, rms_norm_eps=1e-5)
-PRESETS = {
-    "tiny": dict(_QWEN2, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
-    "qwen2-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(_QWEN2, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "llama-3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
 SHARD_BYTES = 2 << 30
 
 
@@ -41,7 +29,7 @@ def write_checkpoint(path: str, preset: dict, dtype: torch.dtype = torch.float32
     arch = (preset.get("architectures") or ["Qwen2ForCausalLM"])[0]
     if arch not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
         raise ValueError(f"write_checkpoint writes Qwen2ForCausalLM or LlamaForCausalLM, got {arch!r}")
-    cfg = {**(_QWEN2 if arch == "Qwen2ForCausalLM" else _LLAMA), "hidden_act": "silu",
+    cfg = {**(QWEN2 if arch == "Qwen2ForCausalLM" else LLAMA), "hidden_act": "silu",
            "max_position_embeddings": 4096, **preset, "torch_dtype": str(dtype).removeprefix("torch.")}
     os.makedirs(path, exist_ok=True)
     _save_sharded(path, _layout(cfg), dtype, torch.Generator().manual_seed(seed))

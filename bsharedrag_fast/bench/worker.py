@@ -30,9 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..util.sysinfo import peak_rss_bytes, rss_bytes
-
-REPLY = "REPLY "
-SETUPS = ("shared", "separate", "hf_peft")
+from .presets import REPLY, SETUPS
 
 
 class OursSetup:

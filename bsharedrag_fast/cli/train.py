@@ -83,9 +83,7 @@ def cmd_mine(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `train {pretrain,retriever,generator}` and `mine-negatives` on a subparsers object."""
-    from ..train.generator import GeneratorConfig
-    from ..train.pretrain import PretrainConfig
-    from ..train.retriever import RetrieverConfig
+    from ..train.config import GeneratorConfig, PretrainConfig, RetrieverConfig
     from .args import add_embedding_format, add_max_length
 
     fmt = argparse.ArgumentDefaultsHelpFormatter

@@ -36,13 +36,13 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from ..rag.data import passage_text
 from ..util import plots
-from ..util.sysinfo import cpu_has_bf16
+
+if TYPE_CHECKING:
+    import torch
 
 RETRIEVAL_KS = (3, 5, 10)
 
@@ -140,7 +140,7 @@ def _stage(log: dict, name: str, what: str):
     print(f"[{name}] done in {log[name]:.1f} s", flush=True)
 
 
-def _runtime(model_dir: str, adapters: dict, dtype: torch.dtype = torch.float32):
+def _runtime(model_dir: str, adapters: dict, dtype: torch.dtype):
     from ..engine.runtime import SharedRuntime
 
     return SharedRuntime.from_pretrained(model_dir, adapters, dtype=dtype, max_batch_tokens=2048)
@@ -320,6 +320,10 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     except ImportError:
         raise ValueError("bsharedrag demo draws its report's plots with matplotlib: "
                          "pip install 'bsharedrag_fast[plots]' (or -r requirements-cpu.txt)") from None
+    import torch  # here, not at the top: `bsharedrag --help` lists this command without loading torch
+
+    from ..util.sysinfo import cpu_has_bf16
+
     torch.manual_seed(seed)
     bf16 = plan.bf16 and cpu_has_bf16()
     dtype = torch.bfloat16 if bf16 else torch.float32

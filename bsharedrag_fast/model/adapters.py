@@ -45,17 +45,13 @@ from typing import Optional
 import torch
 
 from ..util.jsonfile import write_json
+from .targets import MODULE_PARENT, TARGET_MODULES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # trained LoRA factors stay far below this; a larger value means a corrupt or tampered file
 # (its products would overflow bf16 / fp16 activations into NaN)
 MAX_LORA_ABS = 1e4
-# The decoder's linear modules that take LoRA (the one list: model, training, synthetic
-# checkpoints and PEFT parsing all read it) and the HF sub-module each sits in.
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
 
 # Config fields that do not change the inference forward pass (training / init only).
 _IGNORED = {

@@ -8,67 +8,18 @@ mixed in by ratio to keep the model's general ability.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 from ..engine.generation import primary_eos
 from ..model.tokenizer import Tokenizer
 from ..rag.data import enumerate_jsonl, load_corpus
-from ..rag.pipeline import build_prompt, chat_wrap, encode_prompt, read_template, save_prompt_format
-from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
+from ..rag.pipeline import build_prompt, chat_wrap, encode_prompt
+from .config import GeneratorConfig, PromptOptions
+from .loop import TrainResult, build_model, setup_distributed, train_loop
 from .pretrain import lm_step
 from .sampling import EpochSampler, Rng
 
 GENERAL_PROMPT = "Instruction: {instruction}\n{input}Response:"
-
-
-@dataclass(kw_only=True)
-class PromptOptions:
-    """How QA records become prompts (as bsharedrag ask builds them)."""
-
-    template: str = option("prompt template: en, zh, or a file with {context} and {question}", default="en")
-    k: int = option("contexts per prompt (the top-k retrieved)", default=3)
-    context_tokens: int = option("token budget of the contexts", default=768)
-    max_length: Optional[int] = option("longest prompt + answer (default: the model's max_position_embeddings)",
-                                      default=None)
-    max_answer_tokens: int = option("longest answer incl. EOS; longer ones are an error that lists them all",
-                                    default=1024)
-    chat: Optional[bool] = option("prompts as the user turn of the model's chat template "
-                                  "(default: when the tokenizer has one)", default=None)
-
-    def template_text(self) -> str:
-        return read_template(self.template)
-
-    def chat_for(self, tok: Tokenizer) -> bool:
-        return bool(tok.chat_template) if self.chat is None else self.chat
-
-    def saver(self, model, base: str, tok: Tokenizer):
-        """Writes the adapter and, beside it, the prompt format it learned (rag.PROMPT_FILE)."""
-        def save(out: str) -> None:
-            model.save_lora(out, base)
-            save_prompt_format(out, self.template_text(), self.chat_for(tok))
-        return save
-
-
-@dataclass(kw_only=True)
-class GeneratorConfig(PromptOptions, LoRAOptions, LoopConfig):
-    model: str = option("HF model directory (the continually pre-trained backbone)")
-    data: str = option('QA JSONL: {"question", "answer", "contexts": [{"title", "text"}]} or "doc_ids" + --corpus')
-    corpus: Optional[str] = option("corpus JSONL (BEIR corpus.jsonl) that doc_ids refer to", default=None)
-    general: Optional[str] = option('general instruction JSONL: {"instruction", "input"?, "output"}', default=None)
-    general_ratio: float = option("fraction of examples drawn from the general instruction data", default=0.0)
-    batch_size: int = option("examples per micro-batch, all processes together", default=8)
-
-    def check(self) -> None:
-        super().check()
-        if not self.model or not self.data:
-            raise ValueError("model and data are required")
-        if not 0.0 <= self.general_ratio <= 1.0:
-            raise ValueError(f"general_ratio must be in [0, 1], got {self.general_ratio}")
-        if self.general_ratio > 0 and not self.general:
-            raise ValueError(f"general_ratio={self.general_ratio} needs general instruction data (general)")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def _str_field(rec: dict, name: str, where: str) -> str:

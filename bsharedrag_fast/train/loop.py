@@ -25,86 +25,19 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
 
-from ..model.backbone import TARGET_MODULES, Backbone, LoRASpec
+from ..model.backbone import Backbone
 from ..util import plots
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import LoopConfig
 
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-
-
-def option(text: str, **kw):
-    """A dataclass field whose help text the command line shows (see cli/train.py)."""
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass(kw_only=True)
-class LoopConfig:
-    """Options every stage shares."""
-
-    out: str = option("output directory (final model or adapter, checkpoints, metrics.jsonl, loss.png)")
-    steps: int = option("optimizer steps", default=1000)
-    lr: float = option("peak learning rate of AdamW", default=1e-4)
-    warmup_steps: int = option("linear warmup steps before the cosine decay", default=100)
-    min_lr_ratio: float = option("final learning rate as a fraction of lr (cosine floor)", default=0.0)
-    weight_decay: float = option("AdamW weight decay", default=0.0)
-    grad_accum: int = option("micro-batches accumulated per optimizer step", default=1)
-    max_grad_norm: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
-    activation_checkpointing: bool = option("recompute each layer in backward to save memory", default=False)
-    seed: int = option("seed of the data order, sampling, init and dropout", default=0)
-    save_every: int = option("steps between resumable checkpoints (0 = none)", default=500)
-    keep_checkpoints: int = option("newest checkpoints kept on disk", default=2)
-    keep_finished_checkpoints: bool = option("keep the checkpoints (optimizer state included) once the run has "
-                                             "finished; by default only an unfinished run keeps them", default=False)
-    resume: bool = option("continue from the newest checkpoint in out/checkpoints if there is one", default=True)
-    device: str = option("cpu or cuda (with torchrun: each rank takes cuda:LOCAL_RANK)", default="cpu")
-    bf16: bool = option("bf16 autocast on CUDA (trainable weights and optimizer stay fp32)", default=True)
-    cpu_bf16: bool = option("bf16 autocast on CPU too (with bf16: about 3x faster matmuls on CPUs with "
-                            "AVX512-BF16 or AMX, e.g. Zen 4, Sapphire Rapids)", default=False)
-
-    def check(self) -> None:
-        if not self.out:
-            raise ValueError("out (the output directory) is required")
-        for name in ("steps", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-
-@dataclass(kw_only=True)
-class LoRAOptions:
-    """LoRA options of the retriever and generator stages (paper defaults)."""
-
-    r: int = option("LoRA rank", default=32)
-    alpha: float = option("LoRA alpha (scaling alpha / r)", default=64.0)
-    dropout: float = option("dropout on the LoRA input, as peft's lora_dropout", default=0.1)
-    target_modules: list = option("modules that get LoRA", default_factory=lambda: list(TARGET_MODULES))
-    init_adapter: Optional[str] = option("start from this PEFT adapter (same r, alpha, modules)", default=None)
-    epochs: float = option("if > 0: passes over the training examples, overriding steps", default=0.0)
-
-    def lora_spec(self) -> LoRASpec:
-        return LoRASpec(r=self.r, alpha=float(self.alpha), dropout=self.dropout, targets=tuple(self.target_modules))
-
-    def resolve_steps(self, num_examples: int, per_step: int) -> None:
-        """Turn epochs (if set) into optimizer steps: per_step examples each."""
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.epochs > 0:
-            self.steps = max(1, math.ceil(self.epochs * num_examples / per_step))
 
 
 @dataclass

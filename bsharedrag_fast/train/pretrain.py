@@ -8,47 +8,15 @@ documents), and a document that does not fit continues in the stream's next row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from ..engine.generation import primary_eos
 from ..model.backbone import IGNORE, pack
 from ..model.tokenizer import Tokenizer
 from ..rag.data import enumerate_jsonl
-from .loop import LoopConfig, TrainResult, build_model, option, setup_distributed, train_loop
+from .config import PretrainConfig
+from .loop import TrainResult, build_model, setup_distributed, train_loop
 from .sampling import EpochSampler, Rng
-
-
-@dataclass(kw_only=True)
-class PretrainConfig(LoopConfig):
-    model: str = option("HF model directory to start from (config.json, *.safetensors, tokenizer.json)")
-    domain: list = option("JSONL file(s) of domain text, {\"text\": ...} per line", default_factory=list)
-    general: list = option("JSONL file(s) of general text, {\"text\": ...} per line", default_factory=list)
-    domain_ratio: Optional[float] = option("fraction of rows drawn from the domain corpora (default: 0.5 with "
-                                           "both kinds of corpora, else all from the kind given)", default=None)
-    seq_len: int = option("tokens per row (documents packed, never attending across each other)", default=512)
-    batch_size: int = option("rows per micro-batch, all processes together", default=8)
-    lr: float = option("peak learning rate of AdamW", default=2e-5)
-
-    def check(self) -> None:
-        super().check()
-        if not self.model:
-            raise ValueError("model (the HF model directory) is required")
-        if not self.domain and not self.general:
-            raise ValueError("give at least one domain or general JSONL corpus")
-        if self.domain_ratio is None:  # only one kind given: every row comes from it
-            self.domain_ratio = 0.5 if self.domain and self.general else float(bool(self.domain))
-        if not 0.0 <= self.domain_ratio <= 1.0:
-            raise ValueError(f"domain_ratio must be in [0, 1], got {self.domain_ratio}")
-        if (self.domain_ratio > 0 and not self.domain) or (self.domain_ratio < 1 and not self.general):
-            need = "domain" if self.domain_ratio > 0 and not self.domain else "general"
-            raise ValueError(f"domain_ratio={self.domain_ratio} draws from the {need} corpora, but none are given")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def read_texts(paths: list, tok: Tokenizer, eos: int) -> list[list[int]]:

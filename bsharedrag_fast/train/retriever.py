@@ -33,63 +33,11 @@ from ..model.backbone import pack
 from ..model.tokenizer import Tokenizer
 from ..rag.data import enumerate_jsonl, load_beir, passage_text
 from ..rag.pipeline import save_embedding_format
-from ..util.pool_modes import MODES
-from .generator import ExampleSource, PromptOptions, answer_count, load_examples
-from .loop import LoopConfig, LoRAOptions, TrainResult, build_model, option, setup_distributed, train_loop
+from .config import RetrieverConfig
+from .generator import ExampleSource, answer_count, load_examples
+from .loop import TrainResult, build_model, setup_distributed, train_loop
 from .pretrain import causal_labels
 from .sampling import EpochSampler, Rng
-
-
-@dataclass(kw_only=True)
-class RetrieverConfig(PromptOptions, LoRAOptions, LoopConfig):
-    model: str = option("HF model directory (the continually pre-trained backbone)")
-    data: str = option("BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a triples JSONL")
-    split: str = option("qrels split of a BEIR directory", default="train")
-    negatives: Optional[str] = option("mined negatives JSONL (bsharedrag mine-negatives) for BEIR data",
-                                     default=None)
-    num_negatives: int = option("hard negatives per query", default=7)
-    temperature: float = option("InfoNCE temperature", default=0.01)
-    # mean, not RepLLaMA's last token: on smollm2-135m (WorthBuying-mini, 30 steps, 2 seeds each)
-    # last-token pooling stayed at chance (nDCG@5 0.02-0.10, also at temperature 0.05) while
-    # mean pooling reached 0.82-0.85; the choice is saved beside the adapter (rag.EMBEDDING_FILE)
-    pooling: str = option("how a sequence becomes its embedding: mean, last (the EOS token) or cls; saved "
-                          "beside the adapter, where index, ask, eval and serve read it", default="mean")
-    query_prefix: str = option("text put before each query", default="query: ")
-    passage_prefix: str = option("text put before each passage", default="passage: ")
-    query_max_len: int = option("longest query in tokens (EOS included; longer ones are cut)", default=64)
-    passage_max_len: int = option("longest passage in tokens (EOS included; longer ones are cut): what "
-                                  "--max-length is to index, eval and mine-negatives", default=512)
-    batch_size: int = option("queries per micro-batch, all processes together", default=8)
-    fully_shared: bool = option("Fully-shared RAG baseline: one LoRA on retrieval + generation losses",
-                               default=False)
-    gen_data: Optional[str] = option("QA JSONL for fully_shared (as train generator's data)", default=None)
-    gen_corpus: Optional[str] = option("corpus JSONL that gen_data's doc_ids refer to", default=None)
-    gen_batch_size: int = option("generation examples per micro-batch (fully_shared)", default=8)
-    gen_weight: float = option("loss = retrieval + gen_weight * generation (fully_shared)", default=1.0)
-    full_finetune: bool = option("train every weight, no LoRA, and save a whole HF model: a separate "
-                                "embedder model (the Separate RAG baseline)", default=False)
-
-    def check(self) -> None:
-        super().check()
-        if not self.model or not self.data:
-            raise ValueError("model and data are required")
-        if self.num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.pooling not in MODES:
-            raise ValueError(f"pooling must be one of {MODES}, got {self.pooling!r}")
-        for name in ("query_max_len", "passage_max_len"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2 (a token and EOS), got {getattr(self, name)}")
-        if self.batch_size < 1 or self.gen_batch_size < 1:
-            raise ValueError("batch_size and gen_batch_size must be >= 1")
-        if self.fully_shared and not self.gen_data:
-            raise ValueError("fully_shared needs gen_data (QA JSONL for the generation loss)")
-        if self.full_finetune and (self.fully_shared or self.init_adapter):
-            raise ValueError("full_finetune trains a whole model: it excludes fully_shared and init_adapter")
-        if self.negatives and not os.path.isdir(self.data):
-            raise ValueError("negatives (a mined file) go with BEIR data; triples carry their own negatives")
 
 
 @dataclass
