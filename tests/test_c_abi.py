@@ -54,3 +54,31 @@ def test_cmake_build_ctest_install_and_consumer(tmp_path):
     exe = consumer_build / ("consumer.exe" if os.name == "nt" else "consumer")
     proc = _run([exe], env=env)
     assert "consumer OK" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_sdist_holds_the_sources_tests_and_benchmarks_and_configures(tmp_path):
+    """The sdist carries every tracked file its build, its C library and its tests read
+    (csrc/, tests/, benchmarks/ scripts, CMakeLists.txt), and `cmake` configures the
+    unpacked sdist with the C test on. Built from a copy of the checkout's files: setuptools
+    would also add whatever an earlier build's egg-info lists."""
+    import sys
+    import tarfile
+
+    files = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT).stdout.split()
+    tree = tmp_path / "tree"
+    for f in files:
+        if (ROOT / f).is_file():
+            (tree / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, tree / f)
+    _run([sys.executable, "setup.py", "-q", "sdist", "-d", tmp_path / "dist"], cwd=tree)
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "src", filter="data")
+    needed = [f for f in files if f.startswith(("csrc/", "tests/")) or f in ("CMakeLists.txt", "requirements-cpu.txt")
+              or (f.startswith("benchmarks/") and f.endswith((".py", ".sh")))]
+    missing = sorted(set(needed) - names)
+    assert not missing, f"files missing from the sdist: {missing}"
+    (src,) = (tmp_path / "src").iterdir()
+    _run(["cmake", "-S", src, "-B", tmp_path / "build", "-DBSHAREDRAG_BUILD_TESTS=ON", *_generator_args()])
