@@ -41,7 +41,7 @@ from bsharedrag_fast.bench.presets import PRESETS
 from bsharedrag_fast.bench.synthetic import write_checkpoint
 from bsharedrag_fast.util.sysinfo import peak_rss_bytes, rss_bytes
 from bsharedrag_fast.model.backbone import Backbone, LoRASpec, pack
-from bsharedrag_fast.train.pretrain import causal_labels
+from bsharedrag_fast.train.cpt import causal_labels
 from bsharedrag_fast.train.retriever import info_nce
 
 from _common import RESULTS_DIR, machine_info, time_methods

@@ -28,6 +28,7 @@ def test_report_is_complete(demo):
         assert (rep / name).stat().st_size > 0, name
     saved = json.loads((rep / "results.json").read_text())
     assert saved["retrieval"] == res["retrieval"] and saved["generation"] == res["generation"]
+    assert saved["machine"]["cpu_capability"] and saved["machine"]["threads"] >= 1  # the report names its machine
     assert set(res["retrieval"]) == {"BSharedRAG", "w/o hard negatives", "w/o continual pre-training",
                                      "Fully-shared", "base model (no LoRA, no CPT)", "Separate RAG retriever (full copy)"}
     for m in res["retrieval"].values():

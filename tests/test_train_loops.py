@@ -112,7 +112,7 @@ def test_generator_prompt_is_the_rag_prompt_and_loss_is_on_answers(tiny):
     from types import SimpleNamespace
 
     from bsharedrag_fast.rag.pipeline import RAGPipeline
-    from bsharedrag_fast.train.pretrain import causal_labels
+    from bsharedrag_fast.train.cpt import causal_labels
 
     tok = Tokenizer.from_pretrained(tiny["model"])
     opts = GeneratorConfig(model="m", data="d", out="o", context_tokens=12, k=1)

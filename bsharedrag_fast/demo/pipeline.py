@@ -322,7 +322,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
                          "pip install 'bsharedrag_fast[plots]' (or -r requirements-cpu.txt)") from None
     import torch  # here, not at the top: `bsharedrag --help` lists this command without loading torch
 
-    from ..util.sysinfo import cpu_has_bf16
+    from ..util.sysinfo import cpu_has_bf16, machine_info
 
     torch.manual_seed(seed)
     bf16 = plan.bf16 and cpu_has_bf16()
@@ -479,6 +479,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         "retrieval": retrieval, "generation": generation, "memory": memory,
         "goals": _goals(retrieval, generation, update_rows),
         "samples": samples, "updates": update_rows, "loss_curves": losses, "seconds": secs,
+        "machine": machine_info("cpu"), "load_average": os.getloadavg(),
     }
     with open(os.path.join(d["report"], "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -36,7 +36,7 @@ from ..rag.pipeline import save_embedding_format
 from .config import RetrieverConfig
 from .generator import ExampleSource, answer_count, load_examples
 from .loop import TrainResult, build_model, setup_distributed, train_loop
-from .pretrain import causal_labels
+from .cpt import causal_labels
 from .sampling import EpochSampler, Rng
 
 
