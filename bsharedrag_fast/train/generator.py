@@ -15,8 +15,8 @@ from ..model.tokenizer import Tokenizer
 from ..rag.data import enumerate_jsonl, load_corpus
 from ..rag.pipeline import build_prompt, chat_wrap, encode_prompt
 from .config import GeneratorConfig, PromptOptions
-from .loop import TrainResult, build_model, setup_distributed, train_loop
 from .cpt import lm_step
+from .loop import TrainResult, build_model, setup_distributed, train_loop
 from .sampling import EpochSampler, Rng
 
 GENERAL_PROMPT = "Instruction: {instruction}\n{input}Response:"

@@ -34,9 +34,9 @@ from ..model.tokenizer import Tokenizer
 from ..rag.data import enumerate_jsonl, load_beir, passage_text
 from ..rag.pipeline import save_embedding_format
 from .config import RetrieverConfig
+from .cpt import causal_labels
 from .generator import ExampleSource, answer_count, load_examples
 from .loop import TrainResult, build_model, setup_distributed, train_loop
-from .cpt import causal_labels
 from .sampling import EpochSampler, Rng
 
 
