@@ -77,9 +77,11 @@ def test_auto_picks_kernel_where_it_pays(dtype):
         want = ops.linear(x, w, b, backend="cpp" if cpp_pays(dtype, rows, k) else "reference")
         assert torch.equal(ops.linear(x, w, b), want), (rows, k)
         check_close(ops.linear(x, w, b), x, w, b)
-    assert cpp_pays(torch.float32, 4, 64) and cpp_pays(torch.float32, 512, 896)
-    assert not cpp_pays(torch.float32, 64, 256) and not cpp_pays(torch.float16, 1, 896)
-    assert not cpp_pays(torch.bfloat16, 16, 896) and not cpp_pays(torch.float64, 4, 896)
+    assert cpp_pays(torch.float32, 4, 64) and cpp_pays(torch.float32, 512, 896, isa="avx512")
+    assert not cpp_pays(torch.float32, 512, 896, isa="avx2")  # the AVX2 kernel loses to the gemm from 32 rows
+    assert not cpp_pays(torch.float32, 64, 256, isa="avx512") and not cpp_pays(torch.float16, 1, 896)
+    assert not cpp_pays(torch.bfloat16, 16, 896, native_bf16=True) and not cpp_pays(torch.float64, 4, 896)
+    assert cpp_pays(torch.bfloat16, 512, 896, native_bf16=False)  # torch emulates bf16 without AVX512-BF16
 
 
 def test_auto_is_reference_for_float64_and_graphs():

@@ -10,12 +10,16 @@ Up to 16 rows its AVX-512 tile is 8 rows x 3 weight rows, so 8 rows take one pas
 W; past 128 rows it makes one pass per 128 rows of x (their micro-tiles stay in L2).
 `auto` takes it on CPU where it beat F.linear in benchmarks/bench_linear.py (AMD EPYC,
 2 threads, torch 2.13; Qwen2-0.5B's shapes, weights streamed from memory) and on the tiny
-preset's cache-resident weights, per dtype (`cpp_pays`):
-  float32   up to 16 rows: 1.8-4.6x (0.9-1.4x on cache-resident weights); more rows when
-            in_features >= 768: 1.0-2.9x at 32-512 rows. With fewer input features the
-            reduction that ends each micro-tile is not amortized: 0.7-0.9x from 32 rows.
-  float16   2+ rows:   torch's fp16 gemv is as fast at 1 row, its gemm 1.8-4.8x slower above;
-  bfloat16  1..8 rows: 1.5-2.3x; from 16 rows torch's gemm uses AVX512-BF16 dot products.
+preset's cache-resident weights, per dtype and per machine (`cpp_pays`):
+  float32   up to 16 rows: 1.8-4.6x (0.9-1.4x on cache-resident weights). With the AVX-512
+            kernel also more rows when in_features >= 768: 1.0-2.9x at 32-512 rows (with
+            fewer input features the reduction that ends each micro-tile is not amortized:
+            0.7-0.9x). The AVX2 kernel (4 rows x 2 weight rows) loses to torch's gemm from
+            32 rows (0.6-0.96x on an AVX2-only EPYC, 2026-12-07).
+  float16   2+ rows:   torch's fp16 gemv is as fast at 1 row, its gemm 1.8-5.8x slower above;
+  bfloat16  1..8 rows where the CPU has AVX512-BF16 / AMX (from 16 rows torch's gemm uses
+            those dot products); every row count where it has not (torch emulates bf16:
+            the kernel measured 3.5-4.5x at 2-512 rows on the AVX2-only EPYC).
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 
 The Backbone runs every base projection and its LM head through this op, then adds the
@@ -25,21 +29,38 @@ tested in tests/test_lora_linear.py).
 """
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from ..util.sysinfo import cpu_has_bf16
 from . import _backends
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bsr_linear takes here (fp64: F.linear)
 
 
-def cpp_pays(dtype: torch.dtype, rows: int, in_features: int) -> bool:
-    """Whether `auto` takes the C++ kernel for a CPU x [rows, in_features] (see the module doc)."""
+@functools.lru_cache(maxsize=None)
+def _machine() -> tuple[str, bool]:
+    """(the ISA the C++ kernels run at, whether the CPU multiplies bf16 natively)."""
+    mod = _backends._import_cpp()
+    return (mod._isa() if mod is not None else "generic"), cpu_has_bf16()
+
+
+def cpp_pays(dtype: torch.dtype, rows: int, in_features: int, isa: Optional[str] = None,
+             native_bf16: Optional[bool] = None) -> bool:
+    """Whether `auto` takes the C++ kernel for a CPU x [rows, in_features] (see the module
+    doc); isa ("avx512", "avx2", "generic") and native_bf16 default to this machine's."""
+    if isa is None or native_bf16 is None:
+        here = _machine()
+        isa = here[0] if isa is None else isa
+        native_bf16 = here[1] if native_bf16 is None else native_bf16
     if dtype == torch.float32:
-        return rows <= 16 or in_features >= 768
+        return rows <= 16 or (in_features >= 768 and isa == "avx512")
     if dtype == torch.float16:
         return rows >= 2
-    return dtype == torch.bfloat16 and rows <= 8
+    return dtype == torch.bfloat16 and (rows <= 8 or not native_bf16)
 
 
 BACKENDS = ("auto", "cpp", "reference")
