@@ -126,9 +126,9 @@ class AttentionPlan:
     slots: Optional[torch.Tensor] = None  # their flat cache slots
     paged_call: Optional[_KernelCall] = None  # "kernel": every cached sequence
     chunk_seqs: list = field(default_factory=list)  # SDPA: (s, e, past, first key position k0, blocks from k0, mask)
-    dec_rows: Optional[torch.Tensor] = None  # SDPA decode rows [Bd]
+    dec_rows: Optional[torch.Tensor] = None  # "batched": the decode rows [Bd] ("loop" runs them as chunks)
     dec_table: Optional[torch.Tensor] = None  # [Bd, max_blocks]
-    dec_mask: Optional[torch.Tensor] = None  # [Bd, 1, 1, max_blocks * block_size] ("batched"; None for "loop")
+    dec_mask: Optional[torch.Tensor] = None  # [Bd, 1, 1, max_blocks * block_size]
     _self_call: Optional[_KernelCall] = None  # "kernel": the cache-less sequences, built at the first attend
 
     @classmethod
