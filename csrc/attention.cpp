@@ -9,8 +9,8 @@
 // storage type, rounded once into out. Scores: with many query vectors in a tile the
 // queries are kept transposed ([d][M]) and each key element is broadcast against a block
 // of them (no horizontal sums); with few (decode: M = G) one dot product per (query, key).
-// The kernels (attention_kernels.h) are compiled per ISA like the LoRA kernels (lora.cpp)
-// and the same one is used.
+// The kernels (attention_kernels.h) are compiled per ISA by per_isa.h, as the LoRA kernels
+// are, and the ISA the LoRA kernels picked is used.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,50 +60,9 @@ struct AttentionTile {
   int64_t b, i0, i1;  // sequence b, its new rows [i0, i1)
 };
 
-namespace attn_generic {
-#include "lora_simd_generic.h"
-#include "attention_kernels.h"
-}  // namespace attn_generic
-
-#if BSR_X86_DISPATCH
-// GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized on _mm512_undefined_*().
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-namespace attn_avx2 {
-#include "lora_simd_avx2.h"
-#include "attention_kernels.h"
-}  // namespace attn_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#endif
-namespace attn_avx512 {
-#include "lora_simd_avx512.h"
-#include "attention_kernels.h"
-}  // namespace attn_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#endif  // BSR_X86_DISPATCH
+#define BSR_PER_ISA_KERNELS "attention_kernels.h"
+#define BSR_PER_ISA_NS(isa) attn_##isa
+#include "per_isa.h"
 
 namespace {
 

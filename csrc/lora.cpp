@@ -3,8 +3,9 @@
 // Layout of this file:
 //   - the kernels (lora_kernels.h) are compiled three times, for a portable baseline, for
 //     AVX2+FMA+F16C and for AVX-512 (F/BW/VL/DQ), each in its own namespace under
-//     `#pragma GCC target`; the best one the CPU supports is picked once at first use
-//     (override with BSHAREDRAG_ISA=generic|avx2|avx512, for testing);
+//     `#pragma GCC target` (per_isa.h, shared with attention.cpp); the best one the CPU
+//     supports is picked once at first use (override with BSHAREDRAG_ISA=generic|avx2|avx512,
+//     for testing);
 //   - planning (tiling + cost-balanced split over OpenMP threads), argument validation,
 //     thread-local error messages and the extern "C" entry points.
 // No exception ever crosses the C ABI; no allocation happens inside a parallel region.
@@ -48,54 +49,9 @@ namespace bsr {
 // ---------------------------------------------------------------------------------------
 // kernels, once per ISA
 // ---------------------------------------------------------------------------------------
-namespace isa_generic {
-#include "lora_simd_generic.h"
-#include "lora_kernels.h"
-}  // namespace isa_generic
-
-#if BSR_X86_DISPATCH
-// GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized on _mm512_undefined_*().
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-namespace isa_avx2 {
-#include "lora_simd_avx2.h"
-#include "lora_kernels.h"
-}  // namespace isa_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#endif
-namespace isa_avx512 {
-#include "lora_simd_avx512.h"
-#include "lora_kernels.h"
-}  // namespace isa_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#endif  // BSR_X86_DISPATCH
+#define BSR_PER_ISA_KERNELS "lora_kernels.h"
+#define BSR_PER_ISA_NS(isa) isa_##isa
+#include "per_isa.h"
 
 struct Isa {
   const char* name;

@@ -193,13 +193,11 @@ class AttentionPlan:
             seqs = self.self_seqs
             every = len(seqs) == len(self.cu) - 1
             rows = None if every else torch.cat([torch.arange(s, e) for s, e in seqs])
-            cu, lens = [0], []
+            cu = [0]
             for s, e in seqs:
                 cu.append(cu[-1] + e - s)
-                lens.append(e - s)
-            # sequence i's keys are the rows cu[i] .. cu[i + 1] of the (gathered) k / v
-            tables = torch.arange(max(lens), dtype=torch.int32)[None, :] + _int32(cu[:-1])[:, None]
-            self._self_call = _KernelCall(rows, _int32(cu), tables.clamp_(max=cu[-1] - 1), _int32(lens))
+            tables, lens = ops.packed_tables(cu)  # sequence i's keys: rows cu[i] .. cu[i + 1] of k / v
+            self._self_call = _KernelCall(rows, _int32(cu), tables, lens)
         return self._self_call
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,13 @@ def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens) -> Non
 
 def packed_tables(cu_seqlens: list, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(block_tables, context_lens) that read cache-less packed k / v [T, KV, D], seen as the
-    cache k[:, None] (T blocks of one token): sequence b's table is its own rows."""
-    B = len(cu_seqlens) - 1
-    lens = [cu_seqlens[b + 1] - cu_seqlens[b] for b in range(B)]
-    tables = torch.zeros(B, max(lens, default=1), dtype=torch.int32, device=device)
-    for b in range(B):
-        tables[b, : lens[b]] = torch.arange(cu_seqlens[b], cu_seqlens[b + 1], dtype=torch.int32)
-    return tables, torch.tensor(lens, dtype=torch.int32, device=device)
+    cache k[:, None] (T blocks of one token): sequence b's table is its own rows (entries past
+    its length repeat the last row, never read)."""
+    starts = torch.tensor(cu_seqlens[:-1], dtype=torch.int32, device=device)
+    lens = torch.tensor(cu_seqlens[1:], dtype=torch.int32, device=device) - starts
+    width = max(int(lens.max()) if len(lens) else 1, 1)
+    tables = torch.arange(width, dtype=torch.int32, device=device)[None, :] + starts[:, None]
+    return tables.clamp_(max=max(cu_seqlens[-1] - 1, 0)), lens
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
