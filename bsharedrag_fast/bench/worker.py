@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..util.sysinfo import peak_rss_bytes, rss_bytes
-from .presets import REPLY, SETUPS
+from .peer_worker import REPLY, left_padded, token_chunks
+from .presets import SETUPS
 
 
 class OursSetup:
@@ -85,27 +86,6 @@ class OursSetup:
         return torch.stack(res[: len(docs)]), [r.token_ids for r in res[len(docs):]]
 
 
-def _left_padded(seqs: list) -> tuple:
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s):] = torch.tensor(s)
-        mask[b, width - len(s):] = 1
-    return ids, mask
-
-
-def _token_chunks(seqs: list, max_tokens: int) -> list:
-    """Consecutive chunks whose padded size (rows x longest) stays within max_tokens (>= 1 row)."""
-    chunks, cur = [], []
-    for s in seqs:
-        if cur and (len(cur) + 1) * max(len(s), *map(len, cur)) > max_tokens:
-            chunks.append(cur)
-            cur = []
-        cur.append(s)
-    return chunks + [cur] if cur else chunks
-
-
 class HFPeftSetup:
     """transformers + peft, both adapters on one model, `adapter_names` per row."""
 
@@ -139,14 +119,14 @@ class HFPeftSetup:
     @torch.inference_mode()
     def embed(self, docs: list) -> torch.Tensor:
         out = []
-        for chunk in _token_chunks(docs, self.max_batch_tokens):
-            ids, mask = (t.to(self.device) for t in _left_padded(chunk))
+        for chunk in token_chunks(docs, self.max_batch_tokens):
+            ids, mask = (t.to(self.device) for t in left_padded(chunk))
             self.model(input_ids=ids, attention_mask=mask, adapter_names=["retrieval"] * len(chunk), logits_to_keep=1)
             out.append(self._pooled(len(chunk)))
         return torch.cat(out)
 
     def _generate(self, rows: list, adapters: list, new_tokens: int) -> torch.Tensor:
-        ids, mask = (t.to(self.device) for t in _left_padded(rows))
+        ids, mask = (t.to(self.device) for t in left_padded(rows))
         out = self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=0)

@@ -56,7 +56,8 @@ def _dequantizable(gguf, qtype) -> bool:
 
 
 def inspect_gguf(src: str) -> dict:
-    """The header facts the import depends on: {"architecture", "name", "quant_types", "stop_ids"}.
+    """The header facts the import depends on: {"architecture", "name", "quant_types", "file_type",
+    "stop_ids"}.
     Not a GGUF file, an architecture we do not implement, or a quantization type that
     cannot be dequantized: a ValueError naming the file and what is wrong."""
     gguf = _require_gguf()
@@ -85,8 +86,13 @@ def inspect_gguf(src: str) -> dict:
         listed = ", ".join(f"{q} (e.g. tensor {n})" for q, n in sorted(bad.items()))
         raise ValueError(f"{src}: quantization type {listed} is not supported (the gguf package cannot dequantize it)")
     stops = [field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    ft = field("general.file_type")
+    try:  # llama.cpp's name of the file's type (Q4_1 holds Q8_0 and F32 tensors too)
+        file_type = gguf.LlamaFileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "")
+    except ValueError:
+        file_type = "+".join(sorted(q.name for q in types))
     return {"architecture": arch, "name": field("general.name"), "quant_types": sorted(q.name for q in types),
-            "stop_ids": sorted({i for i in stops if i is not None})}
+            "file_type": file_type, "stop_ids": sorted({i for i in stops if i is not None})}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -225,6 +231,57 @@ def verify_import(out: str) -> Optional[str]:
         if sha256_file(p) != rec.get("sha256"):
             return f"{name} does not match its sha256"
     return None
+
+
+# GGUF tensor types retype_gguf writes (gguf's numpy quantizers); 1-D tensors (norms) stay F32,
+# as llama.cpp's converter keeps them
+RETYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def retype_gguf(src: str, dst: str, ggml_type: str = "F32") -> str:
+    """Rewrite the GGUF file src into dst with every 2-D tensor dequantized and stored as
+    ggml_type (metadata copied, general.file_type updated): e.g. an F32 GGUF of the same weights
+    that import_gguf reads, so llama.cpp and our fp32 Backbone compute with equal weights.
+    dst appears whole or not at all; returns dst."""
+    import numpy as np
+
+    gguf = _require_gguf()
+    if ggml_type not in RETYPES:
+        raise ValueError(f"ggml_type must be one of {RETYPES}, got {ggml_type!r}")
+    inspect_gguf(src)  # a one-line error for what we cannot read, before the work
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ggml_type]
+    reader = gguf.GGUFReader(src)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    dst = os.path.abspath(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-", dir=os.path.dirname(dst))
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue  # the writer's own header fields
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, f.contents(), f.types[0], sub)
+        writer.add_file_type(int(file_type))
+        for t in reader.tensors:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if data.ndim > 1 and qtype != gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(t.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(t.name, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dst
 
 
 def add_commands(sub) -> None:

@@ -27,6 +27,22 @@ def peak_rss_bytes() -> int:
     return _proc_kib_field("/proc/self/status", "VmHWM")
 
 
+def tree_peak_rss_bytes(pid: int) -> int:
+    """Sum of VmHWM over process pid and its descendants (engines that fork workers, as vLLM
+    does, hold their memory there); processes that end meanwhile count 0."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += _proc_kib_field(f"/proc/{p}/status", "VmHWM")
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += map(int, f.read().split())
+        except OSError:
+            pass
+    return total
+
+
 def available_memory_bytes() -> int:
     """Memory the kernel says new work can use without swapping (MemAvailable)."""
     return _proc_kib_field("/proc/meminfo", "MemAvailable")

@@ -1,0 +1,142 @@
+"""`bsharedrag bench --peers`: ours against other engines, each in its own process.
+
+CI has neither vLLM nor llama-cpp-python: there the run is ours against transformers+peft (the
+reference of the output check), and the missing peers are skipped with a note. The peers'
+own paths run in the committed benchmark (docs/benchmarks.md)."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("peft")
+
+from bsharedrag_fast.bench import peers  # noqa: E402
+from bsharedrag_fast.cli.main import main  # noqa: E402
+from bsharedrag_fast.model.gguf import inspect_gguf  # noqa: E402
+from bsharedrag_fast.model.tokenizer import Tokenizer  # noqa: E402
+from tiny_gguf import write_gguf  # noqa: E402
+from tiny_models import rag_checkpoint, write_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peers")
+    rag_checkpoint(root, positions=1024, adapters=())
+    out = root / "out"
+    # a Python without vllm: skipped with a note, whatever this machine has installed
+    assert main(["bench", "--peers", "hf,vllm,llamacpp", "--base", str(root / "model"), "--quick",
+                 "--threads", "1", "--vllm-python", "/nonexistent/python", "--out", str(out)]) == 0
+    return out, json.loads((out / "peers.json").read_text())
+
+
+def test_peer_bench_writes_json_and_plot_and_skips_what_is_missing(run):
+    out, res = run
+    assert list(res["engines"]) == ["ours", "hf"]
+    assert any(n.startswith("vllm skipped: no vllm importable by /nonexistent/python") for n in res["notes"])
+    assert any(n.startswith("llamacpp skipped") for n in res["notes"])  # not installed, or no GGUF of a HF dir
+    assert res["goals"] == []  # the goals are against vLLM and llama.cpp
+    data = (out / "peers.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert res["machine"]["load_average_before"] >= 0 and res["threads"] == 1
+
+
+def test_peer_bench_figures_follow_from_the_measurements(run):
+    _, res = run
+    rounds = res["sizes"]["rounds"]
+    for row in res["engines"].values():
+        assert set(row["workloads"]) == set(peers.WORKLOADS)
+        assert row["peak_rss_bytes"] > 100 * 2**20
+        for w, rec in row["workloads"].items():
+            assert len(rec["seconds"]) == rounds and rec["seconds_min"] == min(rec["seconds"]) > 0
+    hf, ours = res["engines"]["hf"]["workloads"], res["engines"]["ours"]["workloads"]
+    for w in peers.WORKLOADS:
+        assert res["speedup_ours_over"]["hf"][w] == pytest.approx(hf[w]["seconds_median"] / ours[w]["seconds_median"])
+    s = res["sizes"]
+    assert ours["generate"]["tokens_per_s"] == pytest.approx(s["prompts"] * s["new_tokens"]
+                                                             / ours["generate"]["seconds_median"])
+    assert ours["embed"]["texts_per_s"] == pytest.approx(s["texts"] / ours["embed"]["seconds_median"])
+    assert ours["rag_mix"]["requests_per_s"] == pytest.approx((s["prompts"] + s["mix_texts"])
+                                                              / ours["rag_mix"]["seconds_median"])
+
+
+def test_ours_and_transformers_peft_compute_the_same_outputs(run):
+    _, res = run
+    check = res["outputs"]
+    assert check["reference"] == "hf"
+    n = res["sizes"]["prompts"]
+    for w in ("generate", "generate_lora", "generate_4loras", "rag_mix"):
+        assert check["ours"][f"{w}_answers_identical"] == f"{n}/{n}"
+    assert check["ours"]["single_stream_answers_identical"] == "1/1"
+    for w in ("embed", "embed_lora", "rag_mix"):
+        assert check["ours"][f"{w}_min_cosine"] > 0.999
+
+
+def test_agreement_reports_answers_that_part():
+    outputs = {"hf": {"generate": ([[1, 2, 3, 4], [5, 6, 7, 8]], []), "embed": ([], [[1.0, 0.0], [0.0, 1.0]])},
+               "x": {"generate": ([[1, 2, 3, 4], [5, 6, 0, 8]], []), "embed": ([], [[1.0, 0.0], [0.6, 0.8]])}}
+    got = peers._agreement(outputs, "hf")["x"]
+    assert got["generate_answers_identical"] == "1/2"
+    assert got["generate_mean_common_prefix"] == pytest.approx((1 + 0.5) / 2)
+    assert got["embed_min_cosine"] == pytest.approx(0.8)
+
+
+def test_text_workload_lengths(tmp_path):
+    write_tokenizer(tmp_path)
+    sizes = dict(peers.SIZES["quick"], prompts=3, texts=5)
+    work = peers.text_workload(Tokenizer.from_pretrained(tmp_path), sizes, 8)
+    assert len(work["prompts"]) == 3 and work["single"] not in work["prompts"]
+    assert len(work["texts"]) == 5
+    assert all(peers.TEXT_TOKENS[0] <= len(t) <= peers.TEXT_TOKENS[1] for t in work["texts"])
+    assert all(len(p) + 8 <= peers.MAX_MODEL_LEN for p in work["prompts"])
+
+
+def test_vllm_runs_the_rag_mix_as_an_embedder_and_a_generator_at_once():
+    routes = peers._routes("vllm")
+    assert routes["rag_mix"] == [("vllm-embed", ("embed",)), ("vllm-lora", ("generate",))]
+    assert routes["generate"] == [("vllm", ("generate", "embed"))]  # base requests: the process without LoRA
+    assert set(peers._routes("llamacpp-F32")) == {"generate", "single_stream", "first_token"}
+
+
+def test_llamacpp_gets_the_weights_retyped_to_the_bench_precision(tmp_path, monkeypatch):
+    monkeypatch.setenv("BSHAREDRAG_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tok").mkdir()
+    write_tokenizer(tmp_path / "tok")
+    src = write_gguf(tmp_path / "tiny.gguf", tmp_path / "tok", types={"attn_q": "Q8_0", "ffn_up": "Q8_0"})
+    files = peers.gguf_files(str(src), "float32", None)
+    assert list(files) == ["llamacpp-F32", "llamacpp-F32+Q8_0"]  # its header says F32: named by its types
+    assert inspect_gguf(files["llamacpp-F32"])["quant_types"] == ["F32"]
+    assert files["llamacpp-F32"].startswith(str(tmp_path / "cache"))
+    mtime = os.path.getmtime(files["llamacpp-F32"])
+    assert peers.gguf_files(str(src), "float32", None) == files  # written once
+    assert os.path.getmtime(files["llamacpp-F32"]) == mtime
+    assert peers.gguf_files(str(tmp_path / "model"), "float32", None) == {}  # a HF directory: no GGUF
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--peers", "vllm,bogus"], "--peers must be distinct names"),
+    (["--peers", "hf,hf"], "--peers must be distinct names"),
+    (["--peers", "hf", "--workloads", "generate,nope"], "workloads must be names"),
+    (["--peers", "hf", "--rounds", "0"], "rounds must be an int >= 1"),
+    (["--peers", "hf", "--budget", "-1"], "budget must be >= 0"),
+])
+def test_peer_bench_rejects_bad_arguments(argv, match, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err
+
+
+def test_a_run_over_the_budget_is_not_repeated_and_the_profile_splits_ours(tmp_path):
+    rag_checkpoint(tmp_path, positions=1024, adapters=())
+    res = peers.run_peer_bench(model=str(tmp_path / "model"), peers=["hf"], quick=True, rounds=2, threads=1,
+                               workloads=["generate_lora", "embed"], budget_s=0.0, profile=True)
+    for row in ("ours", "hf"):
+        assert [len(res["engines"][row]["workloads"][w]["seconds"]) for w in ("generate_lora", "embed")] == [1, 1]
+    assert sum("one round, its first took" in n for n in res["notes"]) == 4
+    assert set(res["engines"]["ours"]["workloads"]) == {"generate_lora", "embed"}
+    prof = res["ours_profile"]
+    assert set(prof) == {"generate_lora", "embed"}
+    for p in prof.values():
+        assert sum(p["share"].values()) == pytest.approx(1.0) and p["seconds"] > 0
+        assert p["share"]["linear (base GEMMs, LM head)"] > 0.01 and p["share"]["attention"] > 0
+    assert prof["generate_lora"]["share"]["LoRA shrink/expand"] > 0 and prof["generate_lora"]["share"]["sampling"] > 0
+    assert prof["embed"]["share"]["pooling"] > 0 and prof["embed"]["share"]["sampling"] == 0
