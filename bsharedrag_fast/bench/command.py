@@ -1,10 +1,11 @@
 """`bsharedrag bench`: Shared vs Separate RAG vs transformers+peft, memory and throughput, one run.
 
-    bsharedrag bench                          # tiny preset, random weights, ~1-2 min on 2 cores
+    bsharedrag bench                          # smollm2-135m with random r=16 adapters
     bsharedrag bench --preset qwen2-0.5b      # qwen2-1.5b, llama-3-8b: shapes of those models
     bsharedrag bench --model DIR [--adapters RETRIEVAL GENERATION] [--dtype bfloat16]
     bsharedrag bench --quick                  # a smaller workload, one round
     bsharedrag bench --device cuda            # on a GPU: memory is torch's device allocations
+    bsharedrag bench --peers vllm,llamacpp,hf # ours vs other engines on the real model (bench/peers.py)
 
 A preset writes a random checkpoint and two random r=16 adapters (retrieval, generation) to a
 temporary directory; --model uses a HF checkpoint directory (random adapters unless --adapters).
