@@ -140,3 +140,4 @@ def test_a_run_over_the_budget_is_not_repeated_and_the_profile_splits_ours(tmp_p
         assert p["share"]["linear (base GEMMs, LM head)"] > 0.01 and p["share"]["attention"] > 0
     assert prof["generate_lora"]["share"]["LoRA shrink/expand"] > 0 and prof["generate_lora"]["share"]["sampling"] > 0
     assert prof["embed"]["share"]["pooling"] > 0 and prof["embed"]["share"]["sampling"] == 0
+

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops.lora_meta import LoRAMeta
 from ..util.jsonfile import read_json, write_json
+from ..util.sysinfo import release_free_heap
 from . import adapters as peft_adapters
 from .adapters import TARGET_MODULES, LayerLoRA, LoRAStack, ResidentAdapters
 from .attention import AttentionPlan
@@ -615,7 +616,9 @@ class Backbone(nn.Module):
             cfg = ModelConfig.from_hf(raw)
         except ValueError as e:
             raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json: ')}") from None
-        return cls(cfg, load_state_dict(path, cfg, dtype, torch.device(device)))
+        model = cls(cfg, load_state_dict(path, cfg, dtype, torch.device(device)))
+        release_free_heap()  # what reading and merging the checkpoint freed
+        return model
 
     # -- LoRA stacks (filled by adapter loading; see LoRAStack) --------------------------
 

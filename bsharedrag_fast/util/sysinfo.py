@@ -43,6 +43,22 @@ def tree_peak_rss_bytes(pid: int) -> int:
     return total
 
 
+def release_free_heap() -> None:
+    """Give the heap pages malloc keeps after frees back to the OS (glibc's malloc_trim; a
+    no-op elsewhere). Loading a checkpoint frees the copies it read and merged: smollm2-135m
+    left 111 MB of such pages in the RSS (631 -> 520 MB over the baseline, weights 513 MB)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def available_memory_bytes() -> int:
     """Memory the kernel says new work can use without swapping (MemAvailable)."""
     return _proc_kib_field("/proc/meminfo", "MemAvailable")
