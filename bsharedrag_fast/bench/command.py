@@ -29,13 +29,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
 from ..cli.args import DTYPES
 from ..util import plots
-from .peer_worker import REPLY
+from .peer_worker import WorkerProcess
 from .presets import PRESETS, SETUPS
 
 OPS = ("embed", "generate", "mixed")
@@ -49,38 +48,6 @@ GOALS = [  # (description, ratio key, bound, "<=" or ">=")
     ("mixed throughput Shared >= 1.5x transformers+peft (its faster of mixed batch and phases)",
      "mixed_shared_over_hf_peft_best", 1.5, ">="),
 ]
-
-
-class Worker:
-    """A bench_worker process: its load reply, then one command and its reply at a time."""
-
-    def __init__(self, spec_path: str, setup: str):
-        self.setup = setup
-        self.proc = subprocess.Popen([sys.executable, "-m", "bsharedrag_fast.bench.worker", spec_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.loaded = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
-        code = self.proc.wait()
-        raise RuntimeError(f"bench worker {self.setup!r} exited with code {code} (its messages are above)")
-
-    def ask(self, op: str) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _model_config(model: str) -> dict:
@@ -197,7 +164,7 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
                                "device": device, "threads": threads, "docs": doc_ids, "prompts": prompts,
                                "new_tokens": work["new_tokens"], "max_batch_tokens": max_batch_tokens}, f)
                 print(f"bench: loading {LABELS[setup]}", file=sys.stderr, flush=True)
-                workers[setup] = Worker(spec_path, setup)
+                workers[setup] = WorkerProcess(setup, [sys.executable, "-m", "bsharedrag_fast.bench.worker", spec_path])
             samples = {s: {op: [] for op in OPS} for s in setups}
             generated = {s: {} for s in setups}
             steps = (work["rounds"] + 1) * len(OPS) * len(setups)
@@ -206,13 +173,13 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
                     for i, op in enumerate(OPS):
                         k = (rnd + i) % len(setups)
                         for setup in setups[k:] + setups[:k]:
-                            reply = workers[setup].ask(op)
+                            reply = workers[setup].ask({"op": op})
                             if rnd:
                                 samples[setup][op].append(reply["seconds"])
                             generated[setup][op] = reply["generated_tokens"]
                             bar.update()
-            outputs = {s: w.ask("outputs") for s, w in workers.items()}
-            memory = {s: dict(w.loaded, **w.ask("memory")) for s, w in workers.items()}
+            outputs = {s: w.ask({"op": "outputs"}) for s, w in workers.items()}
+            memory = {s: dict(w.loaded, **w.ask({"op": "memory"})) for s, w in workers.items()}
         finally:
             for w in workers.values():
                 w.close()
@@ -221,7 +188,8 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     res = {
         "preset": preset, "model": requested, "dtype": dtype, "device": device, "threads": threads,
         "memory_measure": "torch.cuda allocations" if device == "cuda" else "process RSS",
-        "machine": dict(machine_info(device), load_average_before=load_before[0], load_average_after=os.getloadavg()[0]),
+        "machine": dict(machine_info(device), load_average_before=load_before[0],
+                        load_average_after=os.getloadavg()[0]),
         "shape": {k: cfg[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                                       "num_attention_heads", "num_key_value_heads", "vocab_size") if k in cfg},
         "workload": dict(work, doc_tokens=doc_tokens, prompt_tokens=sum(map(len, prompts)),

@@ -38,6 +38,51 @@ REPLY = "REPLY "
 ENGINES = ("ours", "hf", "vllm", "vllm-lora", "vllm-embed", "llamacpp")
 
 
+class WorkerProcess:
+    """The parent's side of this protocol (bench/worker.py speaks it too): a worker process,
+    its load reply, then one command and its reply at a time."""
+
+    def __init__(self, name: str, argv: list, **popen_kw):
+        import subprocess
+
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen_kw)
+        self.loaded = self.read()
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        code = self.proc.wait()
+        raise RuntimeError(f"bench worker {self.name!r} exited with code {code} (its messages are above)")
+
+    def send(self, cmd: dict) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, cmd: dict) -> dict:
+        self.send(cmd)
+        return self.read()
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.send({"op": "quit"})
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.end()
+
+    def end(self) -> None:
+        """End what the quit left running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 class Ours:
     # where a run's time goes (--profile): the cumulative cProfile time of these functions, by
     # (file path suffix, function); the rest is Python scheduling, step metadata and glue

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 
-from .peer_worker import REPLY
+from .peer_worker import WorkerProcess
 
 PEERS = ("vllm", "llamacpp", "hf")
 LABELS = {"ours": "bsharedrag_fast", "hf": "transformers+peft", "vllm": "vLLM-CPU"}
@@ -62,30 +62,16 @@ GOALS = [(w, "vllm", 1.0) for w in ("generate", "generate_lora", "generate_4lora
 GOALS.append(("single_stream", "llamacpp-same-precision", 1.0))
 
 
-class PeerWorker:
-    """A peer_worker process: its load reply, then one command and its reply at a time."""
+class PeerWorker(WorkerProcess):
+    """A peer_worker process under an engine's Python, in a process group of its own so that it
+    can be stopped while other engines run, and so that vLLM's engine processes end with it."""
 
     def __init__(self, name: str, python: str, spec: dict, tmp: str):
-        self.name = name
         path = os.path.join(tmp, f"{name}.json")
         with open(path, "w") as f:
             json.dump(spec, f)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_worker.py")
-        # a process group of its own: vLLM's engine processes end with it, whatever happens here
-        self.proc = subprocess.Popen([python, script, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, start_new_session=True)
-        self.loaded = self.read()
-
-    def read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
-        code = self.proc.wait()
-        raise RuntimeError(f"bench peer {self.name!r} exited with code {code} (its messages are above)")
-
-    def send(self, cmd: dict) -> None:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
+        super().__init__(name, [python, script, path], start_new_session=True)
 
     def pause(self) -> None:
         self._signal("SIGSTOP")
@@ -108,15 +94,11 @@ class PeerWorker:
         return tree_peak_rss_bytes(self.proc.pid)
 
     def close(self) -> None:
-        self.resume()
-        if self.proc.poll() is None:
-            try:
-                self.send({"op": "quit"})
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        self._signal("SIGKILL")  # what the quit left behind
+        self.resume()  # a stopped process cannot read its quit
+        super().close()
+
+    def end(self) -> None:
+        self._signal("SIGKILL")  # the whole group: the quit leaves vLLM's engine processes behind
         self.proc.wait()
 
 
