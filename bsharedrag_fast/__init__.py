@@ -4,11 +4,14 @@ The public names load on first use (PEP 562), so `import bsharedrag_fast` and th
 line's `--help` do not pay for torch: `from bsharedrag_fast import Backbone` imports it then.
 """
 import importlib
-import os
+import sys
 
-# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning unless the user
-# chose otherwise (on a loaded machine spinning made training 2-10x slower; see threads.py)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads libgomp (it reads the variables once): idle OpenMP threads spin briefly
+# when this process's cores are idle, else sleep, unless the user chose (util/threads.py)
+if "torch" not in sys.modules:
+    from .util.threads import choose_wait_policy
+
+    choose_wait_policy()
 
 __version__ = "0.1.0"
 

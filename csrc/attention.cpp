@@ -8,7 +8,9 @@
 // with an online softmax (flash attention's running max and sum), fp32 whatever the
 // storage type, rounded once into out. Scores: with many query vectors in a tile the
 // queries are kept transposed ([d][M]) and each key element is broadcast against a block
-// of them (no horizontal sums); with few (decode: M = G) one dot product per (query, key).
+// of them (no horizontal sums); with few, one dot product per (query, key). A tile of one
+// position (every decode row) goes to attend_one instead: keys and values read in place,
+// all scores kept, an exact two-pass softmax (4x faster than the tile at 16 decode rows).
 // The kernels (attention_kernels.h) are compiled per ISA by per_isa.h, as the LoRA kernels
 // are, and the ISA the LoRA kernels picked is used.
 #include <algorithm>

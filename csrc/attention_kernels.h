@@ -209,6 +209,112 @@ void attend_tile(const AttentionArgs& A, const AttentionTile& t, int64_t g, Scra
   }
 }
 
+// A vector of row p's columns [c, c + W), zeros past its d columns.
+template <class T>
+static inline typename V::vf load_cols(const T* p, int64_t c, int64_t d) {
+  return c + kW <= d ? V::load(p + c) : c < d ? V::load_n(p + c, static_cast<int>(d - c)) : V::zero();
+}
+
+// Per-thread scratch of attend_one (floats and row pointers), growth-only.
+struct OneScratch {
+  std::vector<float> buf;
+  std::vector<const void*> rows;
+  float *q, *acc, *inv, *s;
+  void size(int64_t G, int64_t dp, int64_t n) {
+    const size_t need = static_cast<size_t>(2 * G * dp + G + G * n);
+    if (buf.size() < need) buf.resize(need);
+    if (rows.size() < static_cast<size_t>(n)) rows.resize(n);
+    q = buf.data();      // [G, dp] queries, pre-scaled, zero-padded
+    acc = q + G * dp;    // [G, dp] weighted values
+    inv = acc + G * dp;  // [G] 1 / the softmax sums
+    s = inv + G;         // [G, n] scores, then probabilities
+  }
+};
+
+// One query position (a decode row) of sequence t.b on KV head g: its G heads against every
+// key it sees, read in place from the cache (V::load widens 16-bit rows; no copies). All n
+// scores are kept, so the softmax is exact in two passes with no running rescale; dot products
+// go 4 keys at a time into one hsum4. The tiled kernel above, built for many query vectors,
+// spent 20x the dot products' time here on per-chunk copies, masks and 4-row softmax loops.
+template <class T>
+void attend_one(const AttentionArgs& A, const AttentionTile& t, int64_t g, OneScratch& S) {
+  const int64_t d = A.head_dim, G = A.num_heads / A.num_kv_heads, dp = round_up(d, kR);
+  const int64_t n_new = A.cu_seqlens_q[t.b + 1] - A.cu_seqlens_q[t.b];
+  const int64_t pos = A.context_lens[t.b] - n_new + t.i0;  // the query's position: keys [k_lo, pos]
+  const int64_t k_lo = A.window > 0 ? std::max<int64_t>(0, pos - A.window + 1) : 0, n = pos + 1 - k_lo;
+  S.size(G, dp, n);
+  const T* q = static_cast<const T*>(A.q) + (A.cu_seqlens_q[t.b] + t.i0) * A.q_row_stride + g * G * A.q_head_stride;
+  for (int64_t r = 0; r < G; ++r) {
+    float* qr = S.q + r * dp;
+    load_row(q + r * A.q_head_stride, d, qr);
+    for (int64_t c = 0; c < dp; ++c) qr[c] = c < d ? qr[c] * A.scale : 0.f;
+  }
+  const int32_t* table = A.block_tables + t.b * A.table_stride;
+  auto rows_of = [&](const void* cache, int64_t token_stride) {  // (one division, not one per row)
+    const T* base = static_cast<const T*>(cache) + g * d;
+    for (int64_t j = 0, bi = k_lo / A.block_size, off = k_lo % A.block_size; j < n; ++j) {
+      S.rows[j] = base + (table[bi] * A.block_size + off) * token_stride;
+      if (++off == A.block_size) off = 0, ++bi;
+    }
+  };
+  rows_of(A.k_cache, A.k_token_stride);
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {  // scores s[r, j] = q_r . k_j
+    const T* k[4];
+    for (int64_t jj = 0; jj < 4; ++jj) k[jj] = static_cast<const T*>(S.rows[std::min(j0 + jj, n - 1)]);
+    for (int64_t r = 0; r < G; ++r) {
+      const float* qr = S.q + r * dp;
+      typename V::vf a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+      for (int64_t c = 0; c < d; c += kW) {
+        const typename V::vf qv = V::load(qr + c);
+        a0 = V::fma(qv, load_cols(k[0], c, d), a0);
+        a1 = V::fma(qv, load_cols(k[1], c, d), a1);
+        a2 = V::fma(qv, load_cols(k[2], c, d), a2);
+        a3 = V::fma(qv, load_cols(k[3], c, d), a3);
+      }
+      float sums[4];
+      V::hsum4(a0, a1, a2, a3, sums);
+      for (int64_t jj = 0; jj < 4 && j0 + jj < n; ++jj) S.s[r * n + j0 + jj] = sums[jj];
+    }
+  }
+  for (int64_t r = 0; r < G; ++r) {
+    float* __restrict s = S.s + r * n;
+    float mx = s[0], sum = 0.f;
+    for (int64_t j = 1; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = exp_nonpos(s[j] - mx);
+      sum += s[j];
+    }
+    S.inv[r] = 1.f / sum;  // >= 1: the max key gives exp(0)
+  }
+  rows_of(A.v_cache, A.v_token_stride);
+  for (int64_t r0 = 0; r0 < G; r0 += kRows) {  // acc[r, :] = sum_j p[r, j] v_j, kRows x 2 vectors at a time
+    const int64_t nr = std::min(kRows, G - r0);
+    for (int64_t c0 = 0; c0 < d; c0 += kR) {
+      typename V::vf o[kRows][2];
+      for (int64_t rr = 0; rr < kRows; ++rr) o[rr][0] = o[rr][1] = V::zero();
+      for (int64_t j = 0; j < n; ++j) {
+        const T* v = static_cast<const T*>(S.rows[j]);
+        const typename V::vf v0 = load_cols(v, c0, d), v1 = load_cols(v, c0 + kW, d);
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          const typename V::vf pj = V::set1(S.s[(r0 + std::min(rr, nr - 1)) * n + j]);
+          o[rr][0] = V::fma(pj, v0, o[rr][0]);
+          o[rr][1] = V::fma(pj, v1, o[rr][1]);
+        }
+      }
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        V::store(S.acc + (r0 + rr) * dp + c0, o[rr][0]);
+        V::store(S.acc + (r0 + rr) * dp + c0 + kW, o[rr][1]);
+      }
+    }
+  }
+  T* out = static_cast<T*>(A.out) + (A.cu_seqlens_q[t.b] + t.i0) * A.out_row_stride + g * G * A.out_head_stride;
+  for (int64_t r = 0; r < G; ++r) {
+    T* o = out + r * A.out_head_stride;
+    for (int64_t c = 0; c < d; ++c) Scalar<T>::store(o + c, S.acc[r * dp + c] * S.inv[r]);
+  }
+}
+
 template <class T>
 void attend_items(const AttentionArgs& A, const std::vector<AttentionTile>& tiles, int nt) {
   const int64_t items = static_cast<int64_t>(tiles.size()) * A.num_kv_heads;
@@ -217,11 +323,15 @@ void attend_items(const AttentionArgs& A, const std::vector<AttentionTile>& tile
 #endif
   {
     Scratch S;
+    OneScratch S1;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t w = items - 1; w >= 0; --w)  // the last tiles of a sequence see the most keys: first
-      attend_tile<T>(A, tiles[w / A.num_kv_heads], w % A.num_kv_heads, S);
+    for (int64_t w = items - 1; w >= 0; --w) {  // the last tiles of a sequence see the most keys: first
+      const AttentionTile& t = tiles[w / A.num_kv_heads];
+      if (t.i1 - t.i0 == 1) attend_one<T>(A, t, w % A.num_kv_heads, S1);
+      else attend_tile<T>(A, t, w % A.num_kv_heads, S);
+    }
   }
 }
 

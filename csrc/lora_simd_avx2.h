@@ -30,6 +30,11 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // out[i] = hsum of the i-th argument
+  static inline void hsum4(vf a, vf b, vf c, vf d, float* out) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+  }
 
   // -- loads (widen to fp32); tails of 16-bit types go through a small zeroed buffer --
   static inline vf load(const float* p) { return _mm256_loadu_ps(p); }

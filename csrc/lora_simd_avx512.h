@@ -23,6 +23,12 @@ struct V {
   static inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
   static inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
   static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+  // out[i] = hsum of the i-th argument: each folded to 8 lanes (fold), then AVX2's hadd tree
+  static inline __m256 fold(vf x) { return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)); }
+  static inline void hsum4(vf a, vf b, vf c, vf d, float* out) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+  }
 
   // -- loads (widen to fp32) --
   static inline vf load(const float* p) { return _mm512_loadu_ps(p); }

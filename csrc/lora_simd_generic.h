@@ -51,6 +51,9 @@ struct V {
     // fixed pairwise order
     return (BSR_VL(a, 0) + BSR_VL(a, 2)) + (BSR_VL(a, 1) + BSR_VL(a, 3));
   }
+  static inline void hsum4(vf a, vf b, vf c, vf d, float* out) {
+    out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+  }
 
 #if defined(__GNUC__)
   typedef uint16_t vh __attribute__((vector_size(8)));

@@ -61,6 +61,9 @@ def _by_hand(q, k, v, table, cu, lens, window):
     ([70, 7], [30, 93], 8, 8, 128, 4),                  # no GQA, head_dim 128, tiles of many chunks
     ([31, 0, 29], [0, 5, 2], 6, 1, 80, 32),             # multi-query, odd head_dim, a sequence with no rows
     ([130], [0], 9, 3, 24, 1),                          # one long cache-less sequence, blocks of one token
+    ([1, 1, 1, 1, 1], [0, 15, 16, 200, 37], 14, 2, 64, 16),  # decode rows (the one-position kernel): GQA 7
+    ([1, 2, 1], [9, 70, 33], 72, 1, 5, 8),              # 72 heads per KV head: one-position tiles, head_dim 5
+    ([1, 1], [300, 6], 4, 4, 40, 16),                   # decode, no GQA, head_dim not a multiple of a vector
 ])  # fmt: skip
 @pytest.mark.parametrize("window", [None, 8])
 def test_paged_attention_matches_the_reference(new, past, H, KV, D, bs, window):
@@ -176,3 +179,31 @@ def test_cacheless_and_mixed_steps_through_the_kernel_equal_the_loop(monkeypatch
     torch.testing.assert_close(h.detach(), want[0], rtol=1e-5, atol=1e-5)
     q_rows = model.config.num_attention_heads * model.config.head_dim  # q reaches h only through attention
     assert model.layers[0].qkv_weight.grad[:q_rows].abs().sum() > 0
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_every_isa_copy_of_the_kernel_matches_the_reference(isa):
+    """The kernels are compiled once per ISA and the CPU's best runs above; BSHAREDRAG_ISA lowers
+    it (read once per process: a child each), over decode rows and prefill chunks."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, tests.test_attention as t\n"
+        "from bsharedrag_fast import ops\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for case in (([1, 1, 1, 2], [0, 40, 17, 9], 14, 2, 40, 16), ([17, 3], [0, 5], 9, 3, 64, 16)):\n"
+        "        a = t._case(*case, dtype)\n"
+        "        got = ops.paged_attention(*a, window=None, backend='cpp').float()\n"
+        "        ref = ops.paged_attention_reference(*a).float()\n"
+        "        torch.testing.assert_close(got, ref, rtol=t.TOL[dtype], atol=t.TOL[dtype])\n"
+        "from bsharedrag_fast.ops import _backends\n"
+        "print(_backends._import_cpp()._isa())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, BSHAREDRAG_ISA=isa))
+    assert run.returncode == 0, run.stderr[-2000:]
+    ran = run.stdout.split()[-1]
+    assert ran == isa or (isa == "avx2" and ran == "generic")  # a CPU without AVX2 runs the portable copy

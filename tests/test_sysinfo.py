@@ -1,4 +1,5 @@
-"""Process memory figures the benchmarks report (util/sysinfo.py), against /proc and a child."""
+"""Process memory figures the benchmarks report (util/sysinfo.py), against /proc and a child; and
+how idle OpenMP threads are told to wait (util/threads.py), against a busy child."""
 import ctypes.util
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import pytest
 
+from bsharedrag_fast.util import threads
 from bsharedrag_fast.util.sysinfo import peak_rss_bytes, release_free_heap, rss_bytes, tree_peak_rss_bytes
 
 MB = 2**20
@@ -36,3 +38,40 @@ def test_tree_peak_counts_the_children():
     finally:
         child.communicate(b"")
     assert tree_peak_rss_bytes(child.pid) == 0  # ended: nothing to count
+
+
+def test_choose_wait_policy_spins_only_on_idle_cores_and_never_overrides_the_user():
+    env = {}
+    assert threads.choose_wait_policy(env, busy=0.0) == "spin" and env == {"GOMP_SPINCOUNT": str(threads.SPIN_COUNT)}
+    for busy in (threads.IDLE_BELOW, 1.5, None):  # busy, or unknown (no /proc/stat): sleep
+        env = {}
+        assert threads.choose_wait_policy(env, busy=busy) == "passive" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(chosen)
+        assert threads.choose_wait_policy(env, busy=0.0) == "user" and env == chosen
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/stat")
+def test_busy_cores_sees_a_busy_process_on_our_cores():
+    cpu = min(os.sched_getaffinity(0))
+    child = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # started and spinning
+        assert threads.busy_cores(0.3) >= 0.7
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_importing_the_package_first_chooses_and_a_user_choice_stands():
+    code = ("import os, bsharedrag_fast; from bsharedrag_fast.util import threads; "
+            "print(threads.WAIT_POLICY, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out in (["spin", "None", str(threads.SPIN_COUNT)], ["passive", "PASSIVE", "None"])
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"), capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["user", "ACTIVE", "None"]

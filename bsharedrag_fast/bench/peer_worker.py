@@ -109,6 +109,9 @@ class Ours:
             model.load_adapter(path, name)
         # the runtime's own defaults (step size, KV budget), as a user gets them
         self.rt = SharedRuntime(model, None, max_length=spec["max_model_len"])
+        from bsharedrag_fast.util.sysinfo import machine_info
+
+        self.info = {"omp_wait": machine_info("cpu")["omp_wait"]}  # chosen as this process imported us
 
     def run(self, generate, embed) -> tuple:
         rt = self.rt
@@ -286,7 +289,7 @@ def serve(spec: dict) -> None:
     cls = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}.get(spec["engine"], VLLM)
     t0 = time.perf_counter()
     engine = cls(spec)
-    _reply({"load_seconds": time.perf_counter() - t0, "pid": os.getpid()})
+    _reply({"load_seconds": time.perf_counter() - t0, "pid": os.getpid(), **getattr(engine, "info", {})})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":

@@ -390,6 +390,7 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
                 wk.resume()
             peaks = {name: wk.peak_rss() for name, wk in workers.items()}
             loaded = {name: wk.loaded["load_seconds"] for name, wk in workers.items()}
+            infos = {name: wk.loaded for name, wk in workers.items()}
         finally:
             for wk in workers.values():
                 wk.close()
@@ -412,6 +413,8 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
             "peak_rss_bytes": sum(peaks[n] for n in names), "load_average_median": statistics.median(loads[r]),
             "workloads": {},
         }
+        if "omp_wait" in infos.get(r, {}):
+            res["engines"][r]["omp_wait"] = infos[r]["omp_wait"]
         for w, secs in samples[r].items():
             amount, unit = _units(w, requests[w])
             med = statistics.median(secs)
@@ -445,6 +448,8 @@ def format_table(res: dict) -> str:
     rows = list(res["engines"])
     lines = [f"model {res['model']} ({res['dtype']}, {res['threads']} threads per engine; {m['cpu']}, "
              f"{m['cpu_capability']}, load {m['load_average_before']:.1f} -> {m['load_average_after']:.1f})"]
+    if "omp_wait" in res["engines"].get("ours", {}):
+        lines[0] += f"; ours' OpenMP threads wait: {res['engines']['ours']['omp_wait']}"
     head = f"{'workload':>16} | " + " ".join(f"{res['engines'][r]['label']:>18}" for r in rows)
     lines += [head, "-" * len(head)]
     for w in WORKLOADS:

@@ -4,21 +4,31 @@ Every command takes `--threads N`; the default is the cores this process may run
 (`os.sched_getaffinity`, not `os.cpu_count()`: a container or `taskset` can give fewer).
 torch's intra-op pool gets N threads, and our C++ kernels follow it (ops/_backends.py).
 
-How idle OpenMP threads wait matters more than how many there are on a shared machine.
-libgomp's default spins a thread for ~300k iterations at every barrier before it sleeps; when
-other processes hold the cores, a spinning thread burns the time slice its descheduled peer
-needs, and each parallel region waits for both. Measured on 2 Zen 4 vCPUs, one smollm2-135m
-training step (bf16, 1024 tokens): quiet 2.9 s with spinning, 3.0 s passive; beside two busy
-processes 10 s spinning, 5 s passive; beside another torch process (both spinning) 40-80 s.
-Passive waiting costs a quiet machine's decode steps ~30% (4 x 64 tokens: 94-106 vs 66-77
-tokens/s), so it is the default only where nobody chose: OMP_WAIT_POLICY is set to PASSIVE
-when the package is imported before torch and the variable is unset (set it to ACTIVE to
-spin). See docs/cli.md, "Threads".
+How idle OpenMP threads wait matters as much as how many there are. libgomp's default spins a
+thread ~300k iterations at every barrier before it sleeps; when other processes hold the
+cores, a spinning thread burns the time slice its descheduled peer needs, and each parallel
+region waits for both. Sleeping (OMP_WAIT_POLICY=PASSIVE) has the opposite cost on a quiet
+machine: every parallel region wakes a sleeping thread (on a VM, an idle vCPU the hypervisor
+must wake), and a decode step has ~150 of them. Measured on 2 EPYC vCPUs (AVX2), smollm2-135m
+fp32, one stream of 64 tokens / a 16 x 140-token prefill, seconds:
+    quiet:                  spin 300k 2.81 / 4.26   spin 30k 2.68 / 3.90   passive 3.49 / 4.07
+    beside two busy loops:  spin 300k 10.4 / 11.5   spin 30k 6.2 / 8.9     passive 4.0-6.5 / 6.8-7.5
+and earlier, one smollm2-135m training step beside two busy processes: 10 s spinning, 5 s
+passive; beside another spinning torch process 40-80 s. So `choose_wait_policy` looks before
+torch loads libgomp (which reads the variables once): when the cores this process may use are
+idle over a 50 ms look at /proc/stat, a short spin (GOMP_SPINCOUNT=SPIN_COUNT, enough to
+bridge the gaps between one step's regions); otherwise, or where it cannot look, PASSIVE. A
+user's OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins. See docs/cli.md, "Threads".
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
+
+SPIN_COUNT = 30000  # libgomp spin iterations at a barrier before sleeping, on an idle machine
+IDLE_BELOW = 0.25  # busy cores (of those this process may use) under which the machine is idle
+WAIT_POLICY = "not chosen"  # what choose_wait_policy chose in this process (machine_info reports it)
 
 
 def available_cores() -> int:
@@ -37,3 +47,55 @@ def set_threads(threads: Optional[int]) -> int:
         raise ValueError(f"--threads must be an int >= 1, got {threads!r}")
     torch.set_num_threads(n)
     return n
+
+
+def _cpu_ticks(cpus: set) -> Optional[tuple[int, int]]:
+    """(busy, total) clock ticks so far of these CPUs, from /proc/stat; None where unreadable.
+    Busy counts steal: time a hypervisor gave to other guests is not ours to spin in."""
+    busy = total = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+                    continue
+                ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cores(interval: float = 0.05) -> Optional[float]:
+    """How many of the CPUs this process may use were busy over the next `interval` seconds
+    (other processes, or a hypervisor's other guests); None where /proc/stat cannot say."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+    before = _cpu_ticks(cpus)
+    time.sleep(interval)
+    after = _cpu_ticks(cpus)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def choose_wait_policy(environ=None, busy: Optional[float] = -1.0) -> str:
+    """Set how idle OpenMP threads wait (see the module doc): "user" (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT was set), "spin" (idle cores: GOMP_SPINCOUNT=SPIN_COUNT) or "passive"
+    (OMP_WAIT_POLICY=PASSIVE). Run before torch loads; busy: the busy cores measured
+    (default: busy_cores() now; None: unknown)."""
+    global WAIT_POLICY
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        choice = "user"
+    else:
+        busy = busy_cores() if busy == -1.0 else busy
+        if busy is not None and busy < IDLE_BELOW:
+            environ["GOMP_SPINCOUNT"], choice = str(SPIN_COUNT), "spin"
+        else:
+            environ["OMP_WAIT_POLICY"], choice = "PASSIVE", "passive"
+    WAIT_POLICY = choice
+    return choice
