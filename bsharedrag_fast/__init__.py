@@ -8,10 +8,12 @@ import sys
 
 # Before torch loads libgomp (it reads the variables once): idle OpenMP threads spin briefly
 # when this process's cores are idle, else sleep, unless the user chose (util/threads.py)
-if "torch" not in sys.modules:
-    from .util.threads import choose_wait_policy
+from .util import threads as _threads  # the standard library only
 
-    choose_wait_policy()
+if "torch" not in sys.modules:
+    _threads.choose_wait_policy()
+else:
+    _threads.WAIT_POLICY = "torch loaded first"  # libgomp has read the variables already
 
 __version__ = "0.1.0"
 

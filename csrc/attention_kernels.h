@@ -235,7 +235,8 @@ struct OneScratch {
 // key it sees, read in place from the cache (V::load widens 16-bit rows; no copies). All n
 // scores are kept, so the softmax is exact in two passes with no running rescale; dot products
 // go 4 keys at a time into one hsum4. The tiled kernel above, built for many query vectors,
-// spent 20x the dot products' time here on per-chunk copies, masks and 4-row softmax loops.
+// spends most of a decode row's time on per-chunk copies, masks and 4-row softmax loops:
+// this is 4x faster at 16 rows of 170 keys (smollm2's 9 / 3 heads).
 template <class T>
 void attend_one(const AttentionArgs& A, const AttentionTile& t, int64_t g, OneScratch& S) {
   const int64_t d = A.head_dim, G = A.num_heads / A.num_kv_heads, dp = round_up(d, kR);

@@ -40,6 +40,21 @@ def test_peer_bench_writes_json_and_plot_and_skips_what_is_missing(run):
     assert res["machine"]["load_average_before"] >= 0 and res["threads"] == 1
 
 
+def test_ours_reports_its_wait_policy_and_the_peers_get_their_own(run, monkeypatch):
+    _, res = run
+    # ours' worker imports torch before the package, so it runs on the variables it inherited from here
+    inherited = "".join(f" {k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    assert res["engines"]["ours"]["omp_wait"] == "torch loaded first" + inherited
+    from bsharedrag_fast.util import threads
+
+    monkeypatch.setattr(threads, "WAIT_POLICY", "spin")  # the package set the variable ...
+    monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
+    assert peers.engine_env("ours")["GOMP_SPINCOUNT"] == "30000"
+    assert "GOMP_SPINCOUNT" not in peers.engine_env("vllm") and "GOMP_SPINCOUNT" not in peers.engine_env("hf")
+    monkeypatch.setattr(threads, "WAIT_POLICY", "user")  # ... the user did: every engine keeps it
+    assert peers.engine_env("llamacpp")["GOMP_SPINCOUNT"] == "30000"
+
+
 def test_peer_bench_figures_follow_from_the_measurements(run):
     _, res = run
     rounds = res["sizes"]["rounds"]

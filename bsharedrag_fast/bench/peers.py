@@ -71,7 +71,7 @@ class PeerWorker(WorkerProcess):
         with open(path, "w") as f:
             json.dump(spec, f)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_worker.py")
-        super().__init__(name, [python, script, path], start_new_session=True)
+        super().__init__(name, [python, script, path], start_new_session=True, env=engine_env(name))
 
     def pause(self) -> None:
         self._signal("SIGSTOP")
@@ -100,6 +100,20 @@ class PeerWorker(WorkerProcess):
     def end(self) -> None:
         self._signal("SIGKILL")  # the whole group: the quit leaves vLLM's engine processes behind
         self.proc.wait()
+
+
+def engine_env(name: str) -> dict:
+    """The environment of an engine's worker. Ours inherits how this process told OpenMP
+    threads to wait (util/threads.py, chosen at import); every other engine gets its own
+    default: the variables are dropped unless the user set them (the other engines' OpenMP
+    runtimes would read ours' choice: the first committed run had them all sleeping)."""
+    from ..util import threads
+
+    env = dict(os.environ)
+    if name != "ours" and threads.WAIT_POLICY in ("spin", "passive"):
+        for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            env.pop(var, None)
+    return env
 
 
 def _has_module(python: str, module: str) -> bool:

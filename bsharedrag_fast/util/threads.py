@@ -28,7 +28,8 @@ from typing import Optional
 
 SPIN_COUNT = 30000  # libgomp spin iterations at a barrier before sleeping, on an idle machine
 IDLE_BELOW = 0.25  # busy cores (of those this process may use) under which the machine is idle
-WAIT_POLICY = "not chosen"  # what choose_wait_policy chose in this process (machine_info reports it)
+# what choose_wait_policy chose in this process, or "torch loaded first" (machine_info reports it)
+WAIT_POLICY = "not chosen"
 
 
 def available_cores() -> int:
