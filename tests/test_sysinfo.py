@@ -40,7 +40,8 @@ def test_tree_peak_counts_the_children():
     assert tree_peak_rss_bytes(child.pid) == 0  # ended: nothing to count
 
 
-def test_choose_wait_policy_spins_only_on_idle_cores_and_never_overrides_the_user():
+def test_choose_wait_policy_spins_only_on_idle_cores_and_never_overrides_the_user(monkeypatch):
+    monkeypatch.setattr(threads, "WAIT_POLICY", threads.WAIT_POLICY)  # this process's choice, restored after
     env = {}
     assert threads.choose_wait_policy(env, busy=0.0) == "spin" and env == {"GOMP_SPINCOUNT": str(threads.SPIN_COUNT)}
     for busy in (threads.IDLE_BELOW, 1.5, None):  # busy, or unknown (no /proc/stat): sleep
