@@ -6,6 +6,8 @@ import platform
 
 import torch
 
+from . import threads
+
 
 def rss_bytes() -> int:
     """Resident set size of this process now."""
@@ -84,8 +86,7 @@ def machine_info(device: str) -> dict:
         # has come with and without AVX-512 / BF16 on our machines, and timings differ by 2-7x
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16": cpu_has_bf16(),
-        # how idle OpenMP threads waited (util/threads.py): "spin", "passive" or "user" (+ the variables)
-        "omp_wait": _omp_wait(),
+        "omp_wait": threads.wait_description(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -93,13 +94,6 @@ def machine_info(device: str) -> dict:
 
         info["triton"] = triton.__version__
     return info
-
-
-def _omp_wait() -> str:
-    from .threads import WAIT_POLICY
-
-    chosen = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
-    return WAIT_POLICY + "".join(f" {k}={v}" for k, v in chosen.items())
 
 
 def _cpu_name() -> str:

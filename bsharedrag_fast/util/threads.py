@@ -100,3 +100,10 @@ def choose_wait_policy(environ=None, busy: Optional[float] = -1.0) -> str:
             environ["OMP_WAIT_POLICY"], choice = "PASSIVE", "passive"
     WAIT_POLICY = choice
     return choice
+
+
+def wait_description() -> str:
+    """How this process's idle OpenMP threads wait, as the benchmarks report it: WAIT_POLICY
+    and the variables libgomp reads (e.g. "spin GOMP_SPINCOUNT=30000")."""
+    chosen = [f" {k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+    return WAIT_POLICY + "".join(chosen)
