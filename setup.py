@@ -46,6 +46,8 @@ setup(
     packages=["bsharedrag_fast"] + [f"bsharedrag_fast.{p}" for p in (
         "util", "ops", "kernels", "model", "engine", "index", "rag", "train", "eval", "cli", "server", "demo", "bench")],
     package_dir={"bsharedrag_fast.kernels": "kernels"},
+    # the measured launch tables the kernels read at run time (kernels/tuning.py)
+    package_data={"bsharedrag_fast.kernels": ["tuned/*.json", "tuned/README.md"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",

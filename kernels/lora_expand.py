@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .lora_shrink import DEFAULT_NUM_SMS, FP32_DOT_PRECISION, block_m_for, num_sms, num_stages_for, pow2_block
 
-__all__ = ["lora_expand", "expand_config"]
+__all__ = ["lora_expand", "expand_config", "expand_key"]
 
 
 @triton.jit
@@ -81,10 +82,22 @@ def _lora_expand_kernel(
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=4096)
-def expand_config(max_count: int, n_active: int, N: int, R: int, elem_size: int,
-                  sms: int = DEFAULT_NUM_SMS) -> dict:
-    """Launch parameters for one expand call (no autotuning: a fixed table, H100-sized).
+# What a measured table's expand entry holds (kernels/tuning.py); EVEN_R follows from the shape.
+tuning.register("expand", ("max_count", "n_active", "N", "R", "elem_size"), {
+    "BLOCK_M": (16, 256, True), "BLOCK_N": (16, 256, True), "BLOCK_R": (16, 256, True),
+    "num_warps": (1, 16, True), "num_stages": (1, 8, False),
+})  # fmt: skip
+
+
+def expand_key(max_count: int, n_active: int, N: int, R: int, elem_size: int) -> tuple:
+    """An expand call's table key: max_count and n_active bucketed (tuning.bucket), the rest exact."""
+    return (tuning.bucket(max_count), tuning.bucket(n_active), N, R, elem_size)
+
+
+def expand_config(max_count: int, n_active: int, N: int, R: int, elem_size: int, sms: int = DEFAULT_NUM_SMS,
+                  device: torch.device | None = None) -> dict:
+    """Launch parameters for one expand call: the entry for its shape bucket (expand_key) in the
+    table measured for `device`'s GPU (kernels/tuning.py), else this heuristic (H100-sized):
 
     - BLOCK_R covers the whole rank (R <= 128: one tl.dot per tile, no R loop).
     - BLOCK_M follows the largest segment (16 decode, 32, 64 prefill).
@@ -92,7 +105,23 @@ def expand_config(max_count: int, n_active: int, N: int, R: int, elem_size: int,
       down to 32, while the grid has fewer programs than SMs (decode, few adapters).
     - num_warps 8 for 64x128 tiles, else 4; num_stages 2 when the R loop has work to
       overlap and the tiles fit in SMEM.
+    EVEN_R always follows from R.
     """
+    # the table is resolved outside the cache and is part of its key: a dict hit per call
+    return _expand_config(max_count, n_active, N, R, elem_size, sms, tuning.table_for(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _expand_config(max_count: int, n_active: int, N: int, R: int, elem_size: int, sms: int,
+                   table: tuning.Table | None) -> dict:
+    cfg = None if table is None else table.get("expand", expand_key(max_count, n_active, N, R, elem_size))
+    if cfg is None:
+        cfg = _expand_heuristic(max_count, n_active, N, R, elem_size, sms)
+    cfg["EVEN_R"] = R % cfg["BLOCK_R"] == 0
+    return cfg
+
+
+def _expand_heuristic(max_count: int, n_active: int, N: int, R: int, elem_size: int, sms: int) -> dict:
     block_m = block_m_for(max_count)
     block_r = pow2_block(R)
     block_n = 128 if elem_size <= 2 else 64
@@ -104,7 +133,6 @@ def expand_config(max_count: int, n_active: int, N: int, R: int, elem_size: int,
     per_stage = block_m * block_r * 4 + block_r * block_n * elem_size
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        EVEN_R=(R % block_r == 0),
         num_warps=8 if block_m * block_n >= 64 * 128 else 4,
         num_stages=min(2, num_stages_for(per_stage, iters)),
     )  # fmt: skip
@@ -132,7 +160,8 @@ def lora_expand(v: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, so
     assert y.shape[1] == N, (y.shape, lora_b.shape)
     assert scaling.dtype == torch.float32 and scaling.shape[0] == lora_b.shape[0]
     assert sorted_idx.dtype == starts.dtype == counts.dtype == active.dtype == torch.int32
-    cfg = expand_config(max_count, n_active, N, R, lora_b.element_size(), num_sms(y.device))
+    device = y.device
+    cfg = expand_config(max_count, n_active, N, R, lora_b.element_size(), num_sms(device), device)
     grid = (triton.cdiv(max_count, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), n_active)
     _lora_expand_kernel[grid](
         v, lora_b, scaling, y,

@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["lora_shrink", "shrink_config"]
+from . import tuning
+
+__all__ = ["lora_shrink", "shrink_config", "shrink_key"]
 
 # ----------------------------------------------------------------------------- shared helpers
 # (lora_expand imports these; they hold no Triton code.)
@@ -40,16 +42,17 @@ FP32_DOT_PRECISION = "ieee"
 MAX_SPLIT_K = 32
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_sms: dict = {}  # torch.device -> SM count: one dict hit per launch (device.type is slow to read)
 
 
 def num_sms(device: torch.device) -> int:
     """SM count of a CUDA device; DEFAULT_NUM_SMS for anything else (the interpreter)."""
-    if device.type == "cuda":
-        return _num_sms_cuda(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_NUM_SMS
+    try:
+        return _sms[device]
+    except KeyError:
+        n = _sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                            if device.type == "cuda" else DEFAULT_NUM_SMS)  # fmt: skip
+        return n
 
 
 def pow2_block(n: int, lo: int = 16, hi: int = 128) -> int:
@@ -137,13 +140,24 @@ def _lora_shrink_kernel(
         tl.atomic_add(v_ptrs, acc, mask=mask, sem="relaxed")
 
 
-# ----------------------------------------------------------------------------- heuristics
+# ----------------------------------------------------------------------------- configs
+
+# What a measured table's shrink entry holds (kernels/tuning.py); EVEN_K follows from the shape.
+tuning.register("shrink", ("max_count", "n_active", "K", "R", "elem_size"), {
+    "BLOCK_M": (16, 256, True), "BLOCK_N": (16, 256, True), "BLOCK_K": (16, 512, True),
+    "SPLIT_K": (1, MAX_SPLIT_K, False), "num_warps": (1, 16, True), "num_stages": (1, 8, False),
+})  # fmt: skip
 
 
-@functools.lru_cache(maxsize=4096)
-def shrink_config(max_count: int, n_active: int, K: int, R: int, elem_size: int,
-                  sms: int = DEFAULT_NUM_SMS, split_k: int | None = None) -> dict:
-    """Launch parameters for one shrink call (no autotuning: a fixed table, H100-sized).
+def shrink_key(max_count: int, n_active: int, K: int, R: int, elem_size: int) -> tuple:
+    """A shrink call's table key: max_count and n_active bucketed (tuning.bucket), the rest exact."""
+    return (tuning.bucket(max_count), tuning.bucket(n_active), K, R, elem_size)
+
+
+def shrink_config(max_count: int, n_active: int, K: int, R: int, elem_size: int, sms: int = DEFAULT_NUM_SMS,
+                  split_k: int | None = None, device: torch.device | None = None) -> dict:
+    """Launch parameters for one shrink call: the entry for its shape bucket (shrink_key) in the
+    table measured for `device`'s GPU (kernels/tuning.py), else this heuristic (H100-sized):
 
     - BLOCK_N covers the whole rank (R <= 128) so x is read once per (M-block, K-split).
     - BLOCK_M follows the largest segment (16 decode, 32, 64 prefill).
@@ -151,7 +165,26 @@ def shrink_config(max_count: int, n_active: int, K: int, R: int, elem_size: int,
     - SPLIT_K: doubled until the grid has ~2 programs per SM, as long as every split
       keeps at least one K block (many splits for decode / large K, 1 for big prefill).
     - num_warps 8 for 64x128 accumulators, else 4; num_stages as deep as SMEM allows.
+    split_k, if given, overrides SPLIT_K of either. EVEN_K always follows from K.
     """
+    # the table is resolved outside the cache and is part of its key: a dict hit per call
+    return _shrink_config(max_count, n_active, K, R, elem_size, sms, split_k, tuning.table_for(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shrink_config(max_count: int, n_active: int, K: int, R: int, elem_size: int, sms: int,
+                   split_k: int | None, table: tuning.Table | None) -> dict:
+    cfg = None if table is None else table.get("shrink", shrink_key(max_count, n_active, K, R, elem_size))
+    if cfg is None:
+        cfg = _shrink_heuristic(max_count, n_active, K, R, elem_size, sms, split_k)
+    elif split_k is not None:
+        cfg["SPLIT_K"] = max(1, int(split_k))
+    cfg["EVEN_K"] = K % (cfg["BLOCK_K"] * cfg["SPLIT_K"]) == 0
+    return cfg
+
+
+def _shrink_heuristic(max_count: int, n_active: int, K: int, R: int, elem_size: int, sms: int,
+                      split_k: int | None) -> dict:
     block_m = block_m_for(max_count)
     block_n = pow2_block(R)
     block_k = 256 if block_n <= 32 else (128 if block_n <= 64 else 64)
@@ -169,7 +202,6 @@ def shrink_config(max_count: int, n_active: int, K: int, R: int, elem_size: int,
     per_stage = (block_m * block_k + block_k * block_n) * elem_size
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        EVEN_K=(K % (block_k * split_k) == 0),
         num_warps=8 if block_m * block_n >= 64 * 128 else 4,
         num_stages=num_stages_for(per_stage, iters),
     )  # fmt: skip
@@ -187,8 +219,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, sorted_idx: torch.Tensor,
     are fine); sorted_idx int32 [n_lora]; starts, counts int32 [L]; active int32 [n_active]
     (adapters with counts > 0); max_count = max(counts) as a Python int; v fp32 [n_lora, R]
     (unit stride in R), written in full: it need not be initialised (it is zeroed here
-    when split-K atomics are used). split_k overrides the heuristic. Returns nothing;
-    launches nothing when no row uses an adapter.
+    when split-K atomics are used). split_k overrides shrink_config's SPLIT_K. Returns
+    nothing; launches nothing when no row uses an adapter.
     """
     n_lora = sorted_idx.shape[0]
     max_count = int(max_count)
@@ -200,8 +232,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, sorted_idx: torch.Tensor,
     assert v.shape == (n_lora, R) and v.dtype == torch.float32, (v.shape, v.dtype)
     assert sorted_idx.dtype == starts.dtype == counts.dtype == active.dtype == torch.int32
     assert R >= 1 and K >= 1
+    device = x.device
     cfg = shrink_config(max_count, n_active, K, R, max(x.element_size(), lora_a.element_size()),
-                        num_sms(x.device), split_k)  # fmt: skip
+                        num_sms(device), split_k, device)  # fmt: skip
     if cfg["SPLIT_K"] > 1:
         v.zero_()
     grid = (

@@ -53,11 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .lora_shrink import num_sms
 
-__all__ = ["pool_forward", "pool_backward", "pool_config"]
+__all__ = ["pool_forward", "pool_backward", "pool_config", "pool_rows_key", "pool_mean_key"]
 
-_MEAN = 1  # the mode codes are the C ABI's enum bsr_pool_mode (0 last, 1 mean, 2 cls; bsharedrag_fast/util/pool_modes.py)
+# the mode codes are the C ABI's enum bsr_pool_mode (0 last, 1 mean, 2 cls; bsharedrag_fast/util/pool_modes.py)
+_MEAN = 1
 _FINALIZE = 3  # _pool_rows_kernel mode: finish mean pooling from the fp32 scratch
 
 # Widest row held in registers at once (next_pow2(d) above this loops over chunks).
@@ -72,6 +74,8 @@ MEAN_CHUNK_T = 32
 # mean: programs per SM the token tiling aims for, and the smallest tile.
 PROGRAMS_PER_SM = 4
 MIN_ROWS = 16
+# Largest bucket of the packed token count in a table key (tuning.bucket; a power of 4).
+MAX_TOKENS_BUCKET = 65536
 # cu_seqlens entries scanned per step when a mean program looks for its first sequence.
 BLOCK_S = 512
 
@@ -425,7 +429,7 @@ def _pool_mean_bwd_kernel(
         seg_start = seg_end
 
 
-# ----------------------------------------------------------------------------- heuristics
+# ----------------------------------------------------------------------------- configs
 
 
 def _warps(elems: int) -> int:
@@ -438,16 +442,59 @@ def _warps(elems: int) -> int:
     return 1
 
 
-@functools.lru_cache(maxsize=1024)
-def pool_config(d: int, max_block_d: int = MAX_BLOCK_D) -> dict:
-    """Block sizes for hidden size d (no autotuning: a fixed table, H100-sized).
+# What a measured table's pool entries hold (kernels/tuning.py): the rows kernel (last / cls, and
+# the finish of mean) keyed by the batch, the mean kernels by the packed token count. BLOCK_D and
+# ONE_CHUNK follow from d.
+tuning.register("pool_rows", ("d", "batch", "elem_size"), {"BLOCK_B": (1, 64, True), "num_warps": (1, 16, True)})
+tuning.register("pool_mean", ("d", "tokens", "elem_size"), {
+    "BLOCK_T": (1, 128, True), "num_warps": (1, 16, True), "programs_per_sm": (1, 64, False),
+})  # fmt: skip
 
+
+def pool_rows_key(d: int, B: int, elem_size: int) -> tuple:
+    """The rows kernel's table key: the batch bucketed (tuning.bucket), d and the element size exact."""
+    return (d, tuning.bucket(B), elem_size)
+
+
+def pool_mean_key(d: int, T: int, elem_size: int) -> tuple:
+    """The mean kernels' table key: the packed token count bucketed, d and the element size exact."""
+    return (d, tuning.bucket(T, MAX_TOKENS_BUCKET), elem_size)
+
+
+def pool_config(d: int, max_block_d: int = MAX_BLOCK_D, *, B: int = 1, T: int = 1, elem_size: int = 4,
+                device: torch.device | None = None) -> dict:
+    """Block sizes for hidden size d, B sequences of T packed tokens (hidden's element size):
+    {"rows": rows kernel config, "mean": mean kernel config, "programs_per_sm": mean's token tiling}.
+
+    The entries for these shape buckets (pool_rows_key, pool_mean_key) in the table measured for
+    `device`'s GPU (kernels/tuning.py) override this heuristic (H100-sized), which depends on d only:
     one_chunk: next_pow2(d) <= max_block_d, so a row (and the mean accumulator) sits in
     registers. rows kernel: BLOCK_B sequences per program so a tile holds ~ROWS_TILE_ELEMS
     (<= 16). mean kernel: BLOCK_T rows per step so a tile holds ~TILE_ELEMS (<= 32).
     Chunked: CHUNK_D-wide rows, MEAN_CHUNK_T x MEAN_CHUNK_D mean tiles. num_warps grows with
-    the tile: 8 warps from 4096 fp32 elements, 4 from 1024, 2 from 256, else 1.
+    the tile: 8 warps from 4096 fp32 elements, 4 from 1024, 2 from 256, else 1. Mean's token
+    tiles: PROGRAMS_PER_SM programs per SM. BLOCK_D and ONE_CHUNK always follow from d and
+    max_block_d. The backward kernels take the same tiles.
     """
+    # the table is resolved outside the cache and is part of its key: a dict hit per call
+    return _pool_config(d, max_block_d, pool_rows_key(d, B, elem_size), pool_mean_key(d, T, elem_size),
+                        tuning.table_for(device))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _pool_config(d: int, max_block_d: int, rows_key: tuple, mean_key: tuple, table: tuning.Table | None) -> dict:
+    cfg = _pool_heuristic(d, max_block_d)
+    rows = None if table is None else table.get("pool_rows", rows_key)
+    if rows is not None:
+        cfg["rows"].update(rows)
+    mean = None if table is None else table.get("pool_mean", mean_key)
+    if mean is not None:
+        cfg["programs_per_sm"] = mean.pop("programs_per_sm")
+        cfg["mean"].update(mean)
+    return cfg
+
+
+def _pool_heuristic(d: int, max_block_d: int) -> dict:
     block_d = max(16, triton.next_power_of_2(max(1, int(d))))
     if block_d <= max_block_d:
         block_b = max(1, min(16, ROWS_TILE_ELEMS // block_d))
@@ -459,13 +506,13 @@ def pool_config(d: int, max_block_d: int = MAX_BLOCK_D) -> dict:
         md = min(MEAN_CHUNK_D, max_block_d)
         rows = dict(BLOCK_B=1, BLOCK_D=rd, ONE_CHUNK=False, num_warps=_warps(rd))
         mean = dict(BLOCK_T=MEAN_CHUNK_T, BLOCK_D=md, ONE_CHUNK=False, num_warps=_warps(MEAN_CHUNK_T * md))
-    return dict(rows=rows, mean=mean)
+    return dict(rows=rows, mean=mean, programs_per_sm=PROGRAMS_PER_SM)
 
 
-def mean_rows_per_program(T: int, block_t: int, sms: int) -> int:
-    """Token-tile height of the mean kernel: ~PROGRAMS_PER_SM programs per SM, >= MIN_ROWS,
+def mean_rows_per_program(T: int, block_t: int, sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Token-tile height of the mean kernel: ~programs_per_sm programs per SM, >= MIN_ROWS,
     a multiple of BLOCK_T."""
-    rows = max(MIN_ROWS, block_t, triton.cdiv(T, PROGRAMS_PER_SM * sms))
+    rows = max(MIN_ROWS, block_t, triton.cdiv(T, programs_per_sm * sms))
     return triton.cdiv(rows, block_t) * block_t
 
 
@@ -480,10 +527,10 @@ def _check(hidden, cu_seqlens, norm_weight, out, out_name):
         assert norm_weight.shape == (hidden.shape[1],) and norm_weight.is_contiguous(), norm_weight.shape
 
 
-def _mean_rows(T, mc, device, rows_per_program):
+def _mean_rows(T, cfg, device, rows_per_program):
     if rows_per_program:
         return int(rows_per_program)
-    return mean_rows_per_program(T, mc["BLOCK_T"], num_sms(device))
+    return mean_rows_per_program(T, cfg["mean"]["BLOCK_T"], num_sms(device), cfg["programs_per_sm"])
 
 
 def _forward(hidden, cu_seqlens, mode_id, w, rms, eps, normalize, out, rows_per_program, max_block_d):
@@ -493,7 +540,7 @@ def _forward(hidden, cu_seqlens, mode_id, w, rms, eps, normalize, out, rows_per_
     T, d = hidden.shape
     has_w = w is not None
     w = w if has_w else hidden  # dummy pointer, never read
-    cfg = pool_config(d, max_block_d)
+    cfg = pool_config(d, max_block_d, B=B, T=T, elem_size=hidden.element_size(), device=hidden.device)
     rc = cfg["rows"]
     if mode_id != _MEAN:
         _pool_rows_kernel[(triton.cdiv(B, rc["BLOCK_B"]),)](
@@ -502,7 +549,7 @@ def _forward(hidden, cu_seqlens, mode_id, w, rms, eps, normalize, out, rows_per_
         )  # fmt: skip
         return
     mc = cfg["mean"]
-    rows = _mean_rows(T, mc, hidden.device, rows_per_program)
+    rows = _mean_rows(T, cfg, hidden.device, rows_per_program)
     n_tiles = triton.cdiv(T, rows)
     direct = mc["ONE_CHUNK"] and n_tiles == 1  # every sequence finishes in the one program
     scratch = out if direct else torch.zeros((B, d), dtype=torch.float32, device=hidden.device)
@@ -575,7 +622,7 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: int, nor
     normalize = bool(normalize)
     w = norm_weight if has_w else hidden  # dummy pointers, never read
     gw = grad_weight if grad_w else grad_out
-    cfg = pool_config(d, max_block_d)
+    cfg = pool_config(d, max_block_d, B=B, T=T, elem_size=hidden.element_size(), device=hidden.device)
     rc = dict(cfg["rows"])
     del rc["ONE_CHUNK"]  # the rows backward always loops over column chunks (one when it fits)
     grid_b = (triton.cdiv(B, rc["BLOCK_B"]),)
@@ -600,7 +647,7 @@ def pool_backward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: int, nor
         MODE=_MEAN, HAS_W=has_w, NORMALIZE=normalize, GRAD_W=grad_w, RMS=False, LOAD_P=normalize or has_w, **rc,
     )  # fmt: skip
     mc = cfg["mean"]
-    rows = _mean_rows(T, mc, hidden.device, rows_per_program)
+    rows = _mean_rows(T, cfg, hidden.device, rows_per_program)
     _pool_mean_bwd_kernel[(triton.cdiv(T, rows),)](
         hidden, cu_seqlens, g, grad_hidden, B, d, rows, hidden.stride(0), grad_hidden.stride(0), eps,
         RMS=has_w, BLOCK_S=BLOCK_S, **mc,

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from bsharedrag_fast import ops
+from conftest import requires_triton, triton_device
+
+TRITON_DEV = triton_device() or "cpu"
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -78,6 +81,51 @@ def test_paged_attention_matches_the_reference(new, past, H, KV, D, bs, window):
                                        atol=1e-5)
 
 
+TRITON_CASES = [
+    ([1], [0], 1, 1, 8, 1),                               # one key, length 1
+    ([17, 1, 3, 40], [0, 63, 5, 0], 9, 3, 64, 16),        # smollm2's heads: prefill, decode, a chunk
+    ([70, 7], [30, 93], 8, 8, 128, 4),                    # no GQA (8 KV heads), head_dim 128, many blocks
+    ([31, 0, 29], [0, 5, 2], 6, 1, 80, 32),               # multi-query, odd head_dim, an empty sequence
+    ([1, 1, 1, 1, 1], [0, 15, 16, 200, 37], 14, 2, 64, 16),  # decode rows only (a decode grid), GQA 7
+    ([1, 2, 1], [9, 70, 33], 72, 1, 5, 8),                # 72 heads per KV head: one row per tile, head_dim 5
+    ([9, 1], [3, 140], 9, 9, 128, 7),                     # 9 KV heads, a block size that is no power of two
+    ([130], [0], 9, 3, 24, 1),                            # a long sequence in one-token blocks (packed_tables)
+]  # fmt: skip
+
+
+@requires_triton
+@pytest.mark.parametrize("new,past,H,KV,D,bs", TRITON_CASES)
+@pytest.mark.parametrize("window", [None, 8])
+def test_triton_paged_attention_matches_the_reference(new, past, H, KV, D, bs, window):
+    """The Triton kernel (under TRITON_INTERPRET=1 without a GPU) against the per-sequence SDPA
+    reference on the same rounded inputs, computed in fp32; the tolerance is the output dtype's."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q, k, v, table, cu, lens = (t.to(TRITON_DEV) for t in _case(new, past, H, KV, D, bs, dtype))
+        got = ops.paged_attention(q, k, v, table, cu, lens, window=window, backend="triton")
+        ref = ops.paged_attention_reference(q.float(), k.float(), v.float(), table, cu, lens, window=window)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.float(), ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@requires_triton
+def test_triton_paged_attention_reads_strided_inputs_and_checks_its_backend():
+    """Views of a packed qkv (rows and tokens further apart than their heads) and strided caches
+    give the contiguous inputs' result; float64 is refused by name."""
+    q, k, v, table, cu, lens = (t.to(TRITON_DEV) for t in _case([3, 1], [6, 3], 4, 2, 16, 4, torch.float32))
+    wide = torch.randn(4, 4, 32, device=TRITON_DEV)
+    wide[:, :, :16] = q
+    kv = torch.randn(k.shape[0], k.shape[1], 2, 2, 16, device=TRITON_DEV)
+    kv[:, :, 0], kv[:, :, 1] = k, v
+    want = ops.paged_attention_reference(q, k, v, table, cu, lens)
+    got = ops.paged_attention(wide[:, :, :16], kv[:, :, 0], kv[:, :, 1], table, cu, lens, backend="triton")
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
+        ops.paged_attention(q.double(), k.double(), v.double(), table, cu, lens, backend="triton")
+    if TRITON_DEV == "cuda":
+        with pytest.raises(ValueError, match="block_tables must be on cuda"):
+            ops.paged_attention(q, k, v, table.cpu(), cu, lens, backend="triton")
+
+
 def test_packed_tables_read_cacheless_sequences():
     """Packed k / v seen as a cache of one-token blocks (packed_tables) == one causal SDPA per sequence."""
     g = torch.Generator().manual_seed(1)
@@ -117,10 +165,17 @@ def test_paged_attention_reads_strided_rows_and_checks_its_inputs():
         ops.paged_attention(q, k, v, bad, cu, lens, backend="cpp")
 
 
-@pytest.mark.parametrize("mode", ["kernel", "loop"])
+def _use(attention, monkeypatch, mode: str) -> None:
+    """mode "triton": the kernel mode with the Triton kernel (the GPU's, interpreted on CPU)."""
+    monkeypatch.setattr(attention, "ATTENTION", "kernel" if mode == "triton" else mode)
+    monkeypatch.setattr(attention, "KERNEL_BACKEND", "triton" if mode == "triton" else "auto")
+
+
+@pytest.mark.parametrize("mode", ["kernel", "loop"] + (["triton"] if triton_device() else []))
 def test_engine_decode_through_the_kernel_equals_the_loop(mode, monkeypatch, tmp_path):
     """Greedy decoding of mixed-length prompts (GQA, a sliding window model) gives the same
-    tokens with the C++ kernel (prefill and decode) as with the per-sequence SDPA loop."""
+    tokens with the C++ and the Triton kernels (prefill and decode) as with the per-sequence
+    SDPA loop."""
     import bsharedrag_fast.model.attention as attention
     from bsharedrag_fast import Backbone, SharedRuntime
     from tiny_models import hf_model
@@ -133,16 +188,18 @@ def test_engine_decode_through_the_kernel_equals_the_loop(mode, monkeypatch, tmp
     monkeypatch.setattr(attention, "ATTENTION", "loop")
     want = [r.token_ids for r in SharedRuntime(model).generate(prompts, adapter=None, max_new_tokens=12,
                                                                eos_token_id=[])]
-    monkeypatch.setattr(attention, "ATTENTION", mode)
+    _use(attention, monkeypatch, mode)
     got = [r.token_ids for r in SharedRuntime(model).generate(prompts, adapter=None, max_new_tokens=12,
                                                               eos_token_id=[])]
     assert got == want
 
 
-def test_cacheless_and_mixed_steps_through_the_kernel_equal_the_loop(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", ["kernel"] + (["triton"] if triton_device() else []))
+def test_cacheless_and_mixed_steps_through_the_kernel_equal_the_loop(mode, monkeypatch, tmp_path):
     """Backbone.hidden over packed cache-less sequences (sliding window, GQA), and an engine
-    step mixing cache-less rows with a prefill chunk and a decode row: the kernel's hidden
-    states equal the SDPA loop's; under autograd the cache-less rows keep the SDPA path."""
+    step mixing cache-less rows with a prefill chunk and a decode row: the C++ and Triton
+    kernels' hidden states equal the SDPA loop's; under autograd the cache-less rows keep the
+    SDPA path."""
     import bsharedrag_fast.model.attention as attention
     from bsharedrag_fast import Backbone
     from bsharedrag_fast.engine.kv_cache import KVCache
@@ -157,7 +214,7 @@ def test_cacheless_and_mixed_steps_through_the_kernel_equal_the_loop(monkeypatch
     ids, cu = pack(seqs)
 
     def run(mode):
-        monkeypatch.setattr(attention, "ATTENTION", mode)
+        _use(attention, monkeypatch, mode)
         with torch.no_grad():
             h = model.hidden(ids, cu)
         cache = KVCache(model.config, 1 << 20, block_size=4)
@@ -170,7 +227,7 @@ def test_cacheless_and_mixed_steps_through_the_kernel_equal_the_loop(monkeypatch
         mixed = run_step(model, step_ids, step_cu, [None, a, b, None], cache, return_hidden=True).hidden
         return h, mixed
 
-    want, got = run("loop"), run("kernel")
+    want, got = run("loop"), run(mode)
     for w, x in zip(want, got):
         torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-5)
     model.requires_grad_(True)  # autograd: the cache-less rows take the differentiable SDPA path
@@ -190,7 +247,8 @@ def test_every_isa_copy_of_the_kernel_matches_the_reference(isa):
     import sys
 
     code = (
-        "import torch, tests.test_attention as t\n"
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import torch, test_attention as t\n"
         "from bsharedrag_fast import ops\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    for case in (([1, 1, 1, 2], [0, 40, 17, 9], 14, 2, 40, 16), ([17, 3], [0, 5], 9, 3, 64, 16)):\n"

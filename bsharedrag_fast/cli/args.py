@@ -72,6 +72,8 @@ def add_model_args(p) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default float32)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch-tokens", type=positive_int, default=2048, help="tokens packed into one engine step")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="run decode steps as CUDA graphs, one captured per batch size bucket (--device cuda)")
 
 
 def add_index_load_args(p) -> None:
@@ -143,8 +145,11 @@ def runtime_from_args(args, adapters: dict, **runtime_kw):
     describe, with the named PEFT adapters (name -> directory or None) loaded."""
     from ..engine.runtime import SharedRuntime
 
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
     return SharedRuntime.from_pretrained(args.model, adapters, dtype=torch_dtype(args.dtype), device=args.device,
-                                         max_batch_tokens=args.max_batch_tokens, **runtime_kw)
+                                         max_batch_tokens=args.max_batch_tokens,
+                                         decode_graphs="cuda" if args.cuda_graphs else "off", **runtime_kw)
 
 
 def resolve_embedding_args(args, adapter_dir: Optional[str]) -> None:

@@ -82,8 +82,10 @@ from ..util.pool_modes import MODES as POOL_MODES
 from .cost import StepCosts
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
                          sample, stop_strings)
+from .graphs import MODES as GRAPH_MODES
+from .graphs import DecodeGraphs
 from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
-from .step import run_step
+from .step import StepOutput, run_step
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed", "generate"]
 
@@ -192,13 +194,17 @@ class SharedRuntime:
     mixing: "cost" (default): embedding rows join a step that generates only when the step
         costs learned so far say it beats running them in full steps of their own (engine/cost.py;
         an embedding deferred MAX_EMBED_DEFER steps joins anyway); "always": whenever they fit.
+    decode_graphs: "off" (default); "cuda": steps of decode rows only run as CUDA graphs, one
+        captured per batch bucket (engine/graphs.py; CUDA with triton); "static": the same
+        static-buffer path run eagerly (any device: what the graphs capture, for tests).
     """
 
     MAX_EMBED_DEFER = 64
 
     def __init__(self, model, tokenizer=None, max_batch_tokens: int = 2048,
                  cache_budget_bytes: Optional[int] = None, block_size: int = 16,
-                 max_length: Optional[int] = None, max_running: Optional[int] = None, mixing: str = "cost"):
+                 max_length: Optional[int] = None, max_running: Optional[int] = None, mixing: str = "cost",
+                 decode_graphs: str = "off"):
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
         if mixing not in ("cost", "always"):
@@ -222,6 +228,11 @@ class SharedRuntime:
             tokens = max(4 * max_batch_tokens, self.max_length)
             cache_budget_bytes = -(-tokens // block_size) * block_size * per_token
         self.cache = KVCache(cfg, int(cache_budget_bytes), model.dtype, model.device, block_size)
+        if decode_graphs not in GRAPH_MODES:
+            raise ValueError(f"decode_graphs must be one of {GRAPH_MODES}, got {decode_graphs!r}")
+        self.graphs = None
+        if decode_graphs != "off":
+            self.graphs = DecodeGraphs(model, self.cache, decode_graphs)
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self._waiting: list[RequestHandle] = []  # submission order, both kinds
@@ -544,9 +555,13 @@ class SharedRuntime:
         emb_idx = [i for i, it in enumerate(items) if it[0] == "emb"]
         cache = self.cache if any(sid is not None for sid in seq_ids) else None
         try:
-            out = run_step(self.model, torch.tensor(ids, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
-                           seq_ids, cache, adapters=adapters, logits_rows=logits_rows,
-                           return_hidden=bool(emb_idx), final_norm=False)
+            if self.graphs is not None and n_dec == len(items) and self.graphs.takes(seq_ids):
+                slots = [self.model.adapter_slot(a) for a in adapters]
+                out = StepOutput(self.graphs.run(seq_ids, ids, slots), None)
+            else:
+                out = run_step(self.model, torch.tensor(ids, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
+                               seq_ids, cache, adapters=adapters, logits_rows=logits_rows,
+                               return_hidden=bool(emb_idx), final_norm=False)
         except Exception as exc:  # fail this step's requests (result() re-raises), keep the engine usable
             for it in items:
                 self._fail(it[1], exc, finished)

@@ -5,11 +5,13 @@ A plan is built once per forward, by Backbone.hidden (every sequence cache-less)
 engine's step (engine/step: cached sequences over their block tables), and every layer
 calls plan.attend(layer, q, k, v). There is never a [T, T] mask and never any padding.
 
-On CPU (ATTENTION "kernel", the default there) every row of a layer goes through
-ops.paged_attention, the C++ varlen kernel: one call for the sequences over the paged cache
+With ATTENTION "kernel" (the default on CPU, and on CUDA where triton is installed) every
+row of a layer goes through ops.paged_attention, the varlen kernel (C++ on CPU, Triton on a
+GPU): one call for the sequences over the paged cache
 (prefill chunks and decode rows together), one for the cache-less sequences (their packed
-k / v read as a cache of one-token blocks). No per-sequence Python loop, no gather. Under
-autograd (training) and on other devices each cache-less sequence is one
+k / v read as a cache of one-token blocks). No per-sequence Python loop, no gather, and on
+CUDA no host sync (a decode step can be captured in a CUDA graph: engine/cuda_graphs.py).
+Under autograd (training) and without a kernel each cache-less sequence is one
 F.scaled_dot_product_attention(is_causal=True, enable_gqa=True) call on [1, heads, len, D]
 views of the packed q/k/v. Measured before the kernel on this CPU (2 cores, fp32, H=32 KV=8
 D=128, ms per call; loop4 = that SDPA loop):
@@ -40,8 +42,8 @@ from .. import ops
 # autograd, where cache-less sequences take the SDPA loop; "loop": one SDPA per sequence
 # (cached ones on their gathered blocks); "batched": as "loop", but the decode rows (1 new
 # token on a cached sequence) in ONE SDPA over their gathered, padded block tables with a
-# key-length mask; "auto": the kernel on CPU (fp32 / fp16 / bf16), batched elsewhere (until
-# the GPU kernel of issue 18 is written). Decode rows, measured on a 2-core CPU before the
+# key-length mask; "auto": the kernel for fp32 / fp16 / bf16 on CPU, and on CUDA where triton
+# is installed; batched elsewhere. Decode rows, measured on a 2-core CPU before the
 # kernel (1 thread, fp32, H=32 KV=8 D=128, block 16, scattered blocks, min of 20, ms per layer):
 #   decode rows x context     loop   batched(fresh gather)  batched(reused workspace)
 #   4 x 64-128                0.59         1.08                   0.60
@@ -53,6 +55,9 @@ from .. import ops
 # yet measured). The kernel against both: docs/benchmarks.md (decode attention).
 ATTENTION = "auto"
 _MODES = ("kernel", "loop", "batched")
+# ops.paged_attention's backend in "kernel" mode: "auto" (C++ on CPU, Triton on CUDA), or
+# "triton" to run the GPU kernel on CPU tensors under TRITON_INTERPRET=1 (tests).
+KERNEL_BACKEND = "auto"
 
 _FULL = "full"  # mask sentinel: every key is visible (a decode query inside the window)
 
@@ -76,8 +81,10 @@ def _causal_mask(n: int, past: int, window: Optional[int], device):
 def _mode(device, dtype) -> str:
     mode = ATTENTION
     if mode == "auto":
-        on_cpu = torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16)
-        mode = "kernel" if on_cpu else "batched"
+        kind = torch.device(device).type
+        fast = dtype in (torch.float32, torch.float16, torch.bfloat16)
+        kernel = kind == "cpu" or (kind == "cuda" and ops.triton_available())
+        mode = "kernel" if fast and kernel else "batched"
     if mode not in _MODES:
         raise ValueError(f"ATTENTION must be 'auto', 'kernel', 'loop' or 'batched', got {ATTENTION!r}")
     return mode
@@ -157,9 +164,9 @@ class AttentionPlan:
             for b in cached:
                 ccu.append(ccu[-1] + lens[b])
             every = len(cached) == B  # the call covers every row, in order: no gather
-            plan.paged_call = _KernelCall(None if every else plan.slot_rows, _int32(ccu),
-                                          _int32([tables[b] + [0] * (nmax - len(tables[b])) for b in cached]),
-                                          _int32([past[b] + lens[b] for b in cached]))
+            plan.paged_call = _KernelCall(None if every else plan.slot_rows, _int32(ccu, device),
+                                          _int32([tables[b] + [0] * (nmax - len(tables[b])) for b in cached], device),
+                                          _int32([past[b] + lens[b] for b in cached], device))
             return plan
         dec = []
         for b in cached:
@@ -187,17 +194,28 @@ class AttentionPlan:
             plan.dec_mask = mask[:, None, None, :]
         return plan
 
-    def _self_kernel_call(self) -> _KernelCall:
+    @classmethod
+    def decode(cls, cu: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
+               rows: torch.Tensor, k_cache: list, v_cache: list, window: Optional[int]) -> "AttentionPlan":
+        """A step of cached sequences from device tensors only (engine/graphs.py's static
+        buffers): cu int32 [B + 1], tables int32 [B, max_blocks], lens int32 [B] (keys after
+        this step), slots int64 [T] (where each row's k / v go), rows = arange(T). One kernel
+        call, built without reading any tensor back (what a CUDA graph captures)."""
+        plan = cls(window, "kernel", [], [], k_cache, v_cache, slot_rows=rows, slots=slots)
+        plan.paged_call = _KernelCall(None, cu, tables, lens)
+        return plan
+
+    def _self_kernel_call(self, device) -> _KernelCall:
         """The cache-less sequences as one kernel call over their packed k / v."""
         if self._self_call is None:
             seqs = self.self_seqs
             every = len(seqs) == len(self.cu) - 1
-            rows = None if every else torch.cat([torch.arange(s, e) for s, e in seqs])
+            rows = None if every else torch.cat([torch.arange(s, e) for s, e in seqs]).to(device)
             cu = [0]
             for s, e in seqs:
                 cu.append(cu[-1] + e - s)
-            tables, lens = ops.packed_tables(cu)  # sequence i's keys: rows cu[i] .. cu[i + 1] of k / v
-            self._self_call = _KernelCall(rows, _int32(cu), tables, lens)
+            tables, lens = ops.packed_tables(cu, device)  # sequence i's keys: rows cu[i] .. cu[i + 1] of k / v
+            self._self_call = _KernelCall(rows, _int32(cu, device), tables, lens)
         return self._self_call
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -219,7 +237,7 @@ class AttentionPlan:
 
         def call(c: _KernelCall, kk, vv):
             qs = q if c.rows is None else q.index_select(0, c.rows)
-            o = ops.paged_attention(qs, kk, vv, c.tables, c.cu, c.lens, self.window)
+            o = ops.paged_attention(qs, kk, vv, c.tables, c.cu, c.lens, self.window, backend=KERNEL_BACKEND)
             if c.rows is None:
                 return o
             out.index_copy_(0, c.rows, o)
@@ -237,7 +255,7 @@ class AttentionPlan:
 
         if self.self_seqs:
             if kernel and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-                c = self._self_kernel_call()
+                c = self._self_kernel_call(q.device)
                 kk, vv = (k, v) if c.rows is None else (k.index_select(0, c.rows), v.index_select(0, c.rows))
                 out = call(c, kk[:, None], vv[:, None])
             else:

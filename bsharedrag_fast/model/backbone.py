@@ -707,6 +707,16 @@ class Backbone(nn.Module):
         slot of every stack incl. zero padding; see adapters.adapter_nbytes / lora_nbytes."""
         return peft_adapters.adapter_nbytes(self, name, padded)
 
+    def adapter_slot(self, adapter) -> int:
+        """A sequence's adapter as its slot: a slot int, an adapter name, or None / -1 (base)."""
+        if adapter is None:
+            return -1
+        if isinstance(adapter, str):
+            if adapter not in self.adapter_slots:
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self.adapter_slots)}")
+            return self.adapter_slots[adapter]
+        return int(adapter)
+
     def lora_meta(self, adapters, cu: list[int]) -> Optional[LoRAMeta]:
         """The LoRA metadata of a packed batch (None: no row has an adapter). adapters: None,
         a LoRAMeta, or one entry per sequence: a slot int, an adapter name (see
@@ -716,16 +726,7 @@ class Backbone(nn.Module):
         B = len(cu) - 1
         if len(adapters) != B:
             raise ValueError(f"adapters must have one entry per sequence ({B}), got {len(adapters)}")
-        slots = []
-        for a in adapters:
-            if a is None:
-                slots.append(-1)
-            elif isinstance(a, str):
-                if a not in self.adapter_slots:
-                    raise ValueError(f"unknown adapter {a!r}; loaded: {sorted(self.adapter_slots)}")
-                slots.append(self.adapter_slots[a])
-            else:
-                slots.append(int(a))
+        slots = [self.adapter_slot(a) for a in adapters]
         if all(s == -1 for s in slots):
             return None
         lens = torch.tensor([cu[b + 1] - cu[b] for b in range(B)])

@@ -62,6 +62,10 @@ def kernels() -> ModuleType:
     return mod
 
 
+def triton_available() -> bool:
+    return _import_kernels() is not None
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -7,8 +7,9 @@ of them with a sliding window). Decode rows (n_b = 1), prefill chunks over a cac
 cache-less sequences (the packed k / v seen as a cache of one-token blocks, `packed_tables`)
 are all the same call. GQA: query head h reads KV head h // (H / KV).
 
-The C++ kernel (csrc/attention.cpp, bsr_paged_attention) reads each cached row once per
-tile of queries, with no gather, padding, mask tensor or Python loop; the reference below
+The C++ kernel (csrc/attention.cpp, bsr_paged_attention, CPU) and the Triton kernel
+(kernels/attention.py, GPU; CPU tensors under TRITON_INTERPRET=1) read each cached row once
+per tile of queries, with no gather, padding, mask tensor or Python loop; the reference below
 gathers each sequence's blocks and runs torch's SDPA with its causal (and window) mask.
 """
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from . import _backends
 
 
-def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens) -> None:
+def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, read_back: bool) -> None:
+    """Shapes and dtypes; read_back: also the values (a device sync on a GPU, so never on the
+    Triton path: it must stay capturable in a CUDA graph)."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q must be [T, H, D] and k_cache / v_cache [num_blocks, block_size, KV, D], got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -40,7 +43,7 @@ def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens) -> Non
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(f"block_tables must be int32 [{B}, max_blocks], got {block_tables.dtype} "
                          f"{tuple(block_tables.shape)}")
-    if int(cu_seqlens_q[-1]) != T:
+    if read_back and int(cu_seqlens_q[-1]) != T:
         raise ValueError(f"cu_seqlens_q must end at q's {T} rows, got {int(cu_seqlens_q[-1])}")
 
 
@@ -88,17 +91,38 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     token's KV x D values contiguous; tokens may be further apart, as in views of a packed
     qkv); block_tables int32 [B, max_blocks]; cu_seqlens_q int32 [B + 1]; context_lens int32
     [B] (>= each sequence's new rows); window: None or the sliding window; scale: default
-    1 / sqrt(D). Returns [T, H, D] in q's dtype. backend: "auto" (C++ on CPU for fp32 / fp16
-    / bf16, else the reference), "cpp" or "reference". Not differentiable."""
-    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    1 / sqrt(D). Returns [T, H, D] in q's dtype. backend: "auto" (C++ on CPU and Triton on
+    CUDA for fp32 / fp16 / bf16, else the reference), "cpp", "triton" or "reference". Not
+    differentiable. No host sync on the Triton path (what a CUDA graph captures)."""
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    if backend == "auto":  # (the Triton paged attention of a GPU is not written yet: torch's SDPA there)
-        cpu_kernel = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        backend = "cpp" if cpu_kernel else "reference"
+    fast = q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if backend == "auto":
+        backend = "reference"
+        if fast and q.device.type == "cpu":
+            backend = "cpp"
+        elif fast and q.device.type == "cuda" and _backends.triton_available():
+            backend = "triton"
+    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, read_back=backend != "triton")
     if backend == "reference":
         return paged_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, window, scale)
+    if backend == "triton":
+        _backends.resolve("triton", q.device, q.dtype, "cpp")  # (installed, and CUDA or the interpreter)
+        if not fast:
+            raise ValueError(f"backend='triton' supports float32, float16 and bfloat16, got {q.dtype}")
+        named = dict(k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
+                     context_lens=context_lens)
+        for name, t in named.items():
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on {q.device} (the device of q), got {t.device}")
+        q = q if q.stride(2) == 1 else q.contiguous()
+        k_cache = k_cache if k_cache.stride(3) == 1 else k_cache.contiguous()
+        v_cache = v_cache if v_cache.stride(3) == 1 else v_cache.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        _backends.kernels().paged_attention(q, k_cache, v_cache, block_tables.contiguous(), cu_seqlens_q.contiguous(),
+                                            context_lens.contiguous(), window, scale, out)
+        return out
     if backend != "cpp":
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'reference', got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'cpp', 'triton' or 'reference', got {backend!r}")
     if q.device.type != "cpu":
         raise ValueError("backend='cpp' needs CPU tensors")
     T, H, D = q.shape

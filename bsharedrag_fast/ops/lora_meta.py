@@ -4,6 +4,10 @@ Rows that use an adapter are stably sorted by adapter id, so each adapter owns o
 contiguous segment [starts[a], starts[a] + counts[a]) of `sorted_idx`. Kernels walk
 those segments (shrink/expand, Punica's SGMV layout); `active` lets them launch only
 for adapters that have rows, and `no_lora` lets a layer skip the LoRA part entirely.
+
+`build` reads the counts on the host (one sync) to size everything exactly; `bounded` builds
+the same segments on the device with sizes that depend only on the shapes (T rows, L slots):
+no sync, so a CUDA graph can capture it (engine/graphs.py).
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ class LoRAMeta:
     num_lora: int  # rows with an adapter
     max_count: int  # largest segment: sizes the kernels' grids
     counts_list: tuple[int, ...]  # host copies, so per-adapter loops never sync the device
-    starts_list: tuple[int, ...]
+    starts_list: tuple[int, ...]  # (both empty in a bounded meta: the counts live on the device only)
+    bounded: bool = False  # num_lora and max_count are bounds (T), not counts: inference kernels only
 
     @property
     def num_tokens(self) -> int:
@@ -39,7 +44,31 @@ class LoRAMeta:
 
     @property
     def active_list(self) -> tuple[int, ...]:
+        if self.bounded:
+            raise ValueError("a bounded LoRAMeta has no host counts (inference only): build it with LoRAMeta.build")
         return tuple(a for a, c in enumerate(self.counts_list) if c > 0)
+
+    @classmethod
+    def bounded_build(cls, token_adapter: torch.Tensor, num_adapters: int) -> "LoRAMeta":
+        """The segments built on token_adapter's device without reading anything back: every
+        slot is `active` (kernels exit at once for an empty one), sorted_idx holds all T rows
+        (those with an adapter first, grouped; kernels read only each adapter's segment), and
+        num_lora = max_count = T bound the kernels' buffers and grids. The ids are not
+        checked (that would sync): the engine builds them from slots it validated."""
+        ta = token_adapter
+        if not isinstance(ta, torch.Tensor) or ta.dtype != torch.int32 or ta.dim() != 1:
+            raise ValueError(f"token_adapter must be an int32 [T] tensor, got {getattr(token_adapter, 'dtype', None)} "
+                             f"{tuple(getattr(token_adapter, 'shape', ()))}")
+        T, L = ta.shape[0], num_adapters
+        key = torch.where(ta < 0, L, ta).long()  # base rows (-1) sort last
+        counts = torch.zeros(L + 1, dtype=torch.int32, device=ta.device)
+        counts.scatter_add_(0, key, torch.ones_like(ta))
+        counts = counts[:L]
+        starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+        return cls(token_adapter=ta, num_adapters=L, counts=counts, starts=starts,
+                   sorted_idx=torch.argsort(key, stable=True).to(torch.int32),
+                   active=torch.arange(L, dtype=torch.int32, device=ta.device),
+                   num_lora=T, max_count=T, counts_list=(), starts_list=(), bounded=True)
 
     @classmethod
     def build(cls, token_adapter: torch.Tensor, num_adapters: int) -> "LoRAMeta":
