@@ -56,7 +56,7 @@ class DecodeGraphs:
         self.max_blocks = -(-max_context // cache.block_size)
         # the padded rows' k / v go to a block of their own, never read by a real sequence
         cache.allocate(_PAD_SEQ)
-        (_, pad), = cache.reserve([(_PAD_SEQ, 1)])
+        (_, pad), = cache.reserve([(_PAD_SEQ, 1)], on_host=True)
         self.pad_slot = int(pad[0])
         self.pad_block = self.pad_slot // cache.block_size
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.long, device=dev)
@@ -132,22 +132,22 @@ class DecodeGraphs:
         cache = self.cache
         snap = cache.snapshot(seq_ids)
         try:
-            reserved = cache.reserve([(sid, 1) for sid in seq_ids])
-            tables = torch.full((n, self.max_blocks), self.pad_block, dtype=torch.int32)
-            for i, sid in enumerate(seq_ids):
-                t = cache.block_table(sid)
-                if len(t) > self.max_blocks:
-                    raise ValueError(f"sequence {sid!r} holds {len(t)} blocks, past the decode graphs' "
-                                     f"max_context ({self.max_blocks} blocks; see takes())")
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-            past = torch.tensor([p for p, _ in reserved] + [0] * (n - B), dtype=torch.long)
-            # one host tensor per buffer, padded rows included (a larger step may have left its values there)
-            self.ids[:n].copy_(torch.tensor(list(token_ids) + [0] * (n - B), dtype=torch.long))
-            self.positions[:n].copy_(past)
-            self.slots[:n].copy_(torch.tensor([int(s) for _, s in reserved] + [self.pad_slot] * (n - B)))
-            self.tables[:n].copy_(tables)
-            self.lens[:n].copy_((past + 1).to(torch.int32))
-            self.token_adapter[:n].copy_(torch.tensor(list(slots) + [-1] * (n - B), dtype=torch.int32))
+            reserved = cache.reserve([(sid, 1) for sid in seq_ids], on_host=True)
+            tables = [cache.block_table(sid) for sid in seq_ids]
+            w = max(len(t) for t in tables)  # table columns past w are never read (no sequence has that many)
+            if w > self.max_blocks:
+                raise ValueError(f"a sequence holds {w} blocks, past the decode graphs' max_context "
+                                 f"({self.max_blocks} blocks; see takes())")
+            # every value of the step in one host tensor, padded rows included (a larger step may have
+            # left its values there): one copy to the device, then one per buffer on the device
+            rows = [[tok, past, int(sl[0]), past + 1, a] + t + [self.pad_block] * (w - len(t))
+                    for tok, (past, sl), a, t in zip(token_ids, reserved, slots, tables)]
+            rows += [[0, 0, self.pad_slot, 1, -1] + [self.pad_block] * w] * (n - B)
+            step = torch.tensor(rows, dtype=torch.long).to(self.ids.device, non_blocking=True)
+            for buf, col in ((self.ids, 0), (self.positions, 1), (self.slots, 2), (self.lens, 3),
+                             (self.token_adapter, 4)):
+                buf[:n].copy_(step[:, col])
+            self.tables[:n, :w].copy_(step[:, 5:])
             if n not in self._graphs:
                 self._graphs[n] = self._capture(n)
             graph, out = self._graphs[n]

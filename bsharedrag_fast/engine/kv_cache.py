@@ -139,9 +139,10 @@ class KVCache:
 
     # -- used by the engine step (step.py) -------------------------------------------------
 
-    def reserve(self, requests: list[tuple[Hashable, int]]) -> list[tuple[int, torch.Tensor]]:
+    def reserve(self, requests: list[tuple[Hashable, int]], on_host: bool = False) -> list[tuple[int, torch.Tensor]]:
         """Append n slots to each (seq_id, n): all or nothing. Returns per request
-        (past_length, slot indices int64 [n] into the flattened [num_blocks * block_size])."""
+        (past_length, slot indices int64 [n] into the flattened [num_blocks * block_size]) on
+        the cache's device, or on the CPU with on_host (the caller batches its own copies)."""
         need = 0
         seen = set()
         for sid, n in requests:
@@ -164,7 +165,8 @@ class KVCache:
                 table.append(self._free.pop())
             pos = torch.arange(past, past + n)
             blocks = torch.tensor(table, dtype=torch.long)[pos // bs]
-            out.append((past, (blocks * bs + pos % bs).to(self.device)))
+            slots = blocks * bs + pos % bs
+            out.append((past, slots if on_host else slots.to(self.device)))
             self._lengths[sid] = past + n
         return out
 
