@@ -7,8 +7,12 @@ import importlib
 import sys
 
 # Before torch loads libgomp (it reads the variables once): idle OpenMP threads spin briefly
-# when this process's cores are idle, else sleep, unless the user chose (util/threads.py)
-from .util import threads as _threads  # the standard library only
+# when this process's cores are idle, else sleep, unless the user chose (util/threads.py);
+# and freed tensor memory stays in the heap for the next step (util/malloc.py)
+from .util import malloc as _malloc  # the standard library only
+from .util import threads as _threads
+
+_malloc.configure()
 
 if "torch" not in sys.modules:
     _threads.choose_wait_policy()

@@ -109,9 +109,10 @@ class Ours:
             model.load_adapter(path, name)
         # the runtime's own defaults (step size, KV budget), as a user gets them
         self.rt = SharedRuntime(model, None, max_length=spec["max_model_len"])
+        from bsharedrag_fast.util import malloc
         from bsharedrag_fast.util.threads import wait_description
 
-        self.info = {"omp_wait": wait_description()}  # as this process imported us
+        self.info = {"omp_wait": wait_description(), "malloc": malloc.POLICY}  # as this process imported us
 
     def run(self, generate, embed) -> tuple:
         rt = self.rt

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import threads
+from . import malloc, threads
 
 
 def rss_bytes() -> int:
@@ -87,6 +87,7 @@ def machine_info(device: str) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16": cpu_has_bf16(),
         "omp_wait": threads.wait_description(),
+        "malloc": malloc.POLICY,
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
