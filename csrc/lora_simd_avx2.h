@@ -9,8 +9,12 @@ struct V {
   // register blocking (16 ymm registers)
   static constexpr int SH_RB = 4;
   static constexpr int SH_RJ = 2;  // 8 accumulators + 4 x vectors
-  static constexpr int LN_RB = 4;  // dense linear: as shrink
-  static constexpr int LN_RJ = 2;
+  // dense linear, <= 16 rows: 12 accumulators + 3 x vectors + 1 weight vector. Measured
+  // against the shrink's 4 x 2 (8 accumulators: too few to cover the FMA latency of two
+  // pipes), SmolLM2-135M's 121 weights per step at 16 rows, 2 threads: 39-42 vs 56-87 ms;
+  // equal at 1-8 rows, where the weight stream bounds both (benchmarks.md, linear).
+  static constexpr int LN_RB = 3;
+  static constexpr int LN_RJ = 4;
   static constexpr int EX_RB = 4;
   static constexpr int EX_NV = 2;  // 8 accumulators
   using vf = __m256;

@@ -14,8 +14,9 @@ preset's cache-resident weights, per dtype and per machine (`cpp_pays`):
   float32   up to 16 rows: 1.8-4.6x (0.9-1.4x on cache-resident weights). With the AVX-512
             kernel also more rows when in_features >= 768: 1.0-2.9x at 32-512 rows (with
             fewer input features the reduction that ends each micro-tile is not amortized:
-            0.7-0.9x). The AVX2 kernel (4 rows x 2 weight rows) loses to torch's gemm from
-            32 rows (0.6-0.96x on an AVX2-only EPYC, 2026-12-07).
+            0.7-0.9x). The AVX2 kernel (3 rows x 4 weight rows up to 16 rows, 4 x 2 above)
+            is 1.2-2.9x at 16 rows and 0.9-1.7x at 32, 0.8-1.3x at 64 on an AVX2-only EPYC
+            (2026-12-07): not taken above 16.
   float16   2+ rows:   torch's fp16 gemv is as fast at 1 row, its gemm 1.8-5.8x slower above;
   bfloat16  1..8 rows where the CPU has AVX512-BF16 / AMX (from 16 rows torch's gemm uses
             those dot products); every row count where it has not (torch emulates bf16:
