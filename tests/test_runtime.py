@@ -423,3 +423,23 @@ def test_deferred_embeddings_join_after_max_defer(model, tok, monkeypatch):
     assert steps == 3 and not gen.done  # deferred twice, then mixed into the third decode step
     rt.run_until_done()
     assert gen.result().finish_reason == "length"
+
+
+def test_default_kv_budget_is_sized_to_the_model_and_the_free_memory(monkeypatch):
+    """Room for 4 full steps or one longest sequence, capped at a quarter of the free memory,
+    never below one longest sequence; rounded up to whole blocks."""
+    import bsharedrag_fast.engine.runtime as runtime
+    from bsharedrag_fast import ModelConfig
+    from bsharedrag_fast.engine.kv_cache import kv_bytes_per_token
+
+    cfg = ModelConfig.from_hf(dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   architectures=["LlamaForCausalLM"]))
+    per = kv_bytes_per_token(cfg, torch.float32)  # 2 layers x 2 x 2 heads x 8 x 4 bytes = 256
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1 << 40)
+    assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 400 * per  # 4 steps
+    assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 10, 300, 16) == 304 * per  # one sequence, in blocks
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 4 * 350 * per)  # a quarter holds 350 tokens
+    assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 352 * per
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 4 * 10 * per)  # not even one sequence
+    assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 304 * per

@@ -79,6 +79,7 @@ import torch
 
 from .. import ops
 from ..util.pool_modes import MODES as POOL_MODES
+from ..util.sysinfo import available_memory_bytes
 from .cost import StepCosts
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
                          sample, stop_strings)
@@ -88,6 +89,29 @@ from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
 from .step import StepOutput, run_step
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed", "generate"]
+
+
+# the most of the memory free at start-up that the default KV cache takes
+KV_MEMORY_SHARE = 0.25
+
+
+def default_kv_budget(cfg, dtype: torch.dtype, device, max_batch_tokens: int, max_length: int,
+                      block_size: int) -> int:
+    """Bytes of the default KV cache, sized to the model and the machine: room for 4 full steps
+    or one longest sequence, whichever is more (4 x max_length had cost smollm2-135m, 8192
+    positions, 1.5 GB of zeroed cache and 2-5 s at every start), but at most KV_MEMORY_SHARE
+    of the memory free now (MemAvailable, or the GPU's free memory), never below one longest
+    sequence."""
+    per_token = kv_bytes_per_token(cfg, dtype)
+    tokens = max(4 * max_batch_tokens, max_length)
+    dev = torch.device(device)
+    try:
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_memory_bytes()
+    except OSError:  # no /proc/meminfo: not capped
+        free = 0
+    if free > 0:
+        tokens = min(tokens, max(max_length, int(free * KV_MEMORY_SHARE) // per_token))
+    return -(-tokens // block_size) * block_size * per_token
 
 
 def worst_case_tokens(prompt_len: int, max_new_tokens: int) -> int:
@@ -222,11 +246,8 @@ class SharedRuntime:
             raise ValueError(f"max_running must be >= 1 or None, got {max_running!r}")
         self.max_running = max_running
         if cache_budget_bytes is None:
-            per_token = kv_bytes_per_token(cfg, model.dtype)
-            # one longest sequence, or 4 full steps: 4 x max_length cost smollm2-135m (8192 positions)
-            # 1.5 GB of zeroed cache and 2-5 s at every start
-            tokens = max(4 * max_batch_tokens, self.max_length)
-            cache_budget_bytes = -(-tokens // block_size) * block_size * per_token
+            cache_budget_bytes = default_kv_budget(cfg, model.dtype, model.device, max_batch_tokens, self.max_length,
+                                                   block_size)
         self.cache = KVCache(cfg, int(cache_budget_bytes), model.dtype, model.device, block_size)
         if decode_graphs not in GRAPH_MODES:
             raise ValueError(f"decode_graphs must be one of {GRAPH_MODES}, got {decode_graphs!r}")
