@@ -10,7 +10,7 @@ row of a layer goes through ops.paged_attention, the varlen kernel (C++ on CPU, 
 GPU): one call for the sequences over the paged cache
 (prefill chunks and decode rows together), one for the cache-less sequences (their packed
 k / v read as a cache of one-token blocks). No per-sequence Python loop, no gather, and on
-CUDA no host sync (a decode step can be captured in a CUDA graph: engine/cuda_graphs.py).
+CUDA no host sync (a decode step can be captured in a CUDA graph: engine/graphs.py).
 Under autograd (training) and without a kernel each cache-less sequence is one
 F.scaled_dot_product_attention(is_causal=True, enable_gqa=True) call on [1, heads, len, D]
 views of the packed q/k/v. Measured before the kernel on this CPU (2 cores, fp32, H=32 KV=8

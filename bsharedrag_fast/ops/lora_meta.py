@@ -5,7 +5,7 @@ contiguous segment [starts[a], starts[a] + counts[a]) of `sorted_idx`. Kernels w
 those segments (shrink/expand, Punica's SGMV layout); `active` lets them launch only
 for adapters that have rows, and `no_lora` lets a layer skip the LoRA part entirely.
 
-`build` reads the counts on the host (one sync) to size everything exactly; `bounded` builds
+`build` reads the counts on the host (one sync) to size everything exactly; `bounded_build` builds
 the same segments on the device with sizes that depend only on the shapes (T rows, L slots):
 no sync, so a CUDA graph can capture it (engine/graphs.py).
 """
