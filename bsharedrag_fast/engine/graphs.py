@@ -67,7 +67,6 @@ class DecodeGraphs:
         self.lens = torch.ones(bmax, **i32)
         self.token_adapter = torch.full((bmax,), -1, **i32)
         self.cu = torch.arange(bmax + 1, **i32)
-        self.rows = torch.arange(bmax, **i64)
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph or None, logits buffer)
         self._adapters = None  # the ResidentAdapters the graphs were captured with
         self._pool = None
@@ -94,8 +93,8 @@ class DecodeGraphs:
         lora = None
         if model.num_lora_slots:
             lora = LoRAMeta.bounded_build(self.token_adapter[:n], model.num_lora_slots)
-        plan = AttentionPlan.decode(self.cu[: n + 1], self.tables[:n], self.lens[:n], self.slots[:n], self.rows[:n],
-                                    self.cache.k, self.cache.v, model.config.sliding_window)
+        plan = AttentionPlan.decode(self.cu[: n + 1], self.tables[:n], self.lens[:n], self.slots[:n], self.cache.k,
+                                    self.cache.v, model.config.sliding_window)
         h = model.compute(self.ids[:n], ForwardContext(self.positions[:n], plan, lora=lora))
         return model.logits(h)
 

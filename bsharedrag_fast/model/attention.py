@@ -129,7 +129,7 @@ class AttentionPlan:
     self_seqs: list  # (s, e) of the cache-less sequences
     k_cache: Optional[list] = None  # per layer [num_blocks, block_size, KV, D] (the engine's KVCache.k / .v)
     v_cache: Optional[list] = None
-    slot_rows: Optional[torch.Tensor] = None  # rows of this step that go into the cache
+    slot_rows: Optional[torch.Tensor] = None  # rows of this step that go into the cache (None: every row, in order)
     slots: Optional[torch.Tensor] = None  # their flat cache slots
     paged_call: Optional[_KernelCall] = None  # "kernel": every cached sequence
     chunk_seqs: list = field(default_factory=list)  # SDPA: (s, e, past, first key position k0, blocks from k0, mask)
@@ -156,15 +156,15 @@ class AttentionPlan:
                    [(cu[b], cu[b + 1]) for b in range(B) if b not in tables], k_cache, v_cache)
         if not cached:
             return plan
-        plan.slot_rows = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in cached]).to(device)
+        if len(cached) < B:  # (when every row goes into the cache, in order, slot_rows stays None: no gather)
+            plan.slot_rows = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in cached]).to(device)
         plan.slots = slots
         if plan.mode == "kernel":
             nmax = max(len(tables[b]) for b in cached)
             ccu = [0]
             for b in cached:
                 ccu.append(ccu[-1] + lens[b])
-            every = len(cached) == B  # the call covers every row, in order: no gather
-            plan.paged_call = _KernelCall(None if every else plan.slot_rows, _int32(ccu, device),
+            plan.paged_call = _KernelCall(plan.slot_rows, _int32(ccu, device),
                                           _int32([tables[b] + [0] * (nmax - len(tables[b])) for b in cached], device),
                                           _int32([past[b] + lens[b] for b in cached], device))
             return plan
@@ -196,12 +196,12 @@ class AttentionPlan:
 
     @classmethod
     def decode(cls, cu: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
-               rows: torch.Tensor, k_cache: list, v_cache: list, window: Optional[int]) -> "AttentionPlan":
+               k_cache: list, v_cache: list, window: Optional[int]) -> "AttentionPlan":
         """A step of cached sequences from device tensors only (engine/graphs.py's static
         buffers): cu int32 [B + 1], tables int32 [B, max_blocks], lens int32 [B] (keys after
-        this step), slots int64 [T] (where each row's k / v go), rows = arange(T). One kernel
-        call, built without reading any tensor back (what a CUDA graph captures)."""
-        plan = cls(window, "kernel", [], [], k_cache, v_cache, slot_rows=rows, slots=slots)
+        this step), slots int64 [T] (where each row's k / v go). One kernel call, built
+        without reading any tensor back (what a CUDA graph captures)."""
+        plan = cls(window, "kernel", [], [], k_cache, v_cache, slots=slots)
         plan.paged_call = _KernelCall(None, cu, tables, lens)
         return plan
 
@@ -232,8 +232,9 @@ class AttentionPlan:
         kc = vc = None
         if self.slots is not None:
             kc, vc = self.k_cache[li], self.v_cache[li]  # [num_blocks, block_size, KV, D]
-            kc.view(-1, KV, D).index_copy_(0, self.slots, k.index_select(0, self.slot_rows))
-            vc.view(-1, KV, D).index_copy_(0, self.slots, v.index_select(0, self.slot_rows))
+            rows = self.slot_rows
+            kc.view(-1, KV, D).index_copy_(0, self.slots, k if rows is None else k.index_select(0, rows))
+            vc.view(-1, KV, D).index_copy_(0, self.slots, v if rows is None else v.index_select(0, rows))
 
         def call(c: _KernelCall, kk, vv):
             qs = q if c.rows is None else q.index_select(0, c.rows)
