@@ -30,7 +30,8 @@ def _link_args() -> list:
 
 ext = Pybind11Extension(
     "bsharedrag_fast._C",
-    sources=["csrc/lora.cpp", "csrc/pool.cpp", "csrc/attention.cpp", "csrc/bindings.cpp"],
+    sources=["csrc/lora.cpp", "csrc/pool.cpp", "csrc/attention.cpp", "csrc/rowops.cpp", "csrc/decoder.cpp",
+             "csrc/bindings.cpp"],
     include_dirs=["csrc/include"],
     depends=glob.glob("csrc/*.h") + ["csrc/include/bsharedrag.h"],
     extra_compile_args=_compile_args(),

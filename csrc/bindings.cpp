@@ -178,6 +178,78 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_head_stride"));
 
   m.def(
+      "rms_norm",
+      [](int dtype, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t add, int64_t add_row_stride,
+         int64_t num_rows, int64_t dim, std::uintptr_t weight, float eps, std::uintptr_t sum_out,
+         int64_t sum_row_stride, std::uintptr_t out, int64_t out_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_rms_norm(to_dtype(dtype), ptr<const void>(x), x_row_stride, ptr<const void>(add), add_row_stride,
+                            num_rows, dim, ptr<const void>(weight), eps, ptr<void>(sum_out), sum_row_stride,
+                            ptr<void>(out), out_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("add_ptr"), py::arg("add_row_stride"),
+      py::arg("num_rows"), py::arg("dim"), py::arg("weight_ptr"), py::arg("eps"), py::arg("sum_ptr"),
+      py::arg("sum_row_stride"), py::arg("out_ptr"), py::arg("out_row_stride"));
+
+  m.def(
+      "silu_mul",
+      [](int dtype, std::uintptr_t x, int64_t x_row_stride, int64_t num_rows, int64_t dim, std::uintptr_t out,
+         int64_t out_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_silu_mul(to_dtype(dtype), ptr<const void>(x), x_row_stride, num_rows, dim, ptr<void>(out),
+                            out_row_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("num_rows"), py::arg("dim"),
+      py::arg("out_ptr"), py::arg("out_row_stride"));
+
+  m.def(
+      "rope",
+      [](int dtype, std::uintptr_t x, int64_t x_row_stride, int64_t x_head_stride, int64_t num_rows,
+         int64_t num_heads, int64_t head_dim, std::uintptr_t cos, std::uintptr_t sin, int64_t cs_row_stride,
+         std::uintptr_t out, int64_t out_row_stride, int64_t out_head_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_rope(to_dtype(dtype), ptr<const void>(x), x_row_stride, x_head_stride, num_rows, num_heads,
+                        head_dim, ptr<const void>(cos), ptr<const void>(sin), cs_row_stride, ptr<void>(out),
+                        out_row_stride, out_head_stride);
+        }
+        check(st);
+      },
+      py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("x_head_stride"), py::arg("num_rows"),
+      py::arg("num_heads"), py::arg("head_dim"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("cs_row_stride"),
+      py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("out_head_stride"));
+
+  m.def(
+      "decoder_layers",
+      [](int dtype, int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+         int64_t intermediate_size, float eps, int64_t window, float scale, std::uintptr_t layers, int64_t num_layers,
+         std::uintptr_t hidden, int64_t num_rows, std::uintptr_t cos, std::uintptr_t sin, int64_t cs_row_stride,
+         std::uintptr_t slots, int64_t num_blocks, int64_t block_size, std::uintptr_t block_tables,
+         int64_t table_stride, std::uintptr_t cu_seqlens_q, std::uintptr_t context_lens, int64_t num_seqs) {
+        const bsr_decoder_config cfg{hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size,
+                                     eps,         window,    scale};
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_decoder_layers(to_dtype(dtype), &cfg, ptr<const bsr_layer_weights>(layers), num_layers,
+                                  ptr<void>(hidden), num_rows, ptr<const void>(cos), ptr<const void>(sin),
+                                  cs_row_stride, ptr<const int64_t>(slots), num_blocks, block_size,
+                                  ptr<const int32_t>(block_tables), table_stride, ptr<const int32_t>(cu_seqlens_q),
+                                  ptr<const int32_t>(context_lens), num_seqs);
+        }
+        check(st);
+      });
+
+  m.def(
       "lora_add",
       [](int dtype, std::uintptr_t x, int64_t x_row_stride, int64_t in_features, std::uintptr_t a,
          std::uintptr_t b, std::uintptr_t scaling, int64_t num_adapters, int64_t rank, int64_t out_features,

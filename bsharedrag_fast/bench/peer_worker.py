@@ -90,8 +90,8 @@ class Ours:
         "linear (base GEMMs, LM head)": [("ops/linear.py", "linear")],
         "LoRA shrink/expand": [("ops/lora_linear.py", "add_")],
         "attention": [("model/attention.py", "attend")],
-        "norms, rotary, SiLU": [("model/backbone.py", "rms_norm"), ("model/backbone.py", "apply_rope"),
-                                ("torch/nn/functional.py", "silu")],
+        "norms, rotary, SiLU": [("ops/rms_norm.py", "rms_norm"), ("ops/rms_norm.py", "add_rms_norm"),
+                                ("ops/rope.py", "rope"), ("ops/silu_mul.py", "silu_mul")],
         "sampling": [("engine/runtime.py", "_sample")],
         "pooling": [("engine/runtime.py", "_pool")],
     }

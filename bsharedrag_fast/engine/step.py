@@ -17,8 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import ops
 from ..model.attention import AttentionPlan
-from ..model.backbone import Backbone, ForwardContext, check_packed, positions_from_cu_seqlens, rms_norm
+from ..model.backbone import Backbone, ForwardContext, check_packed, positions_from_cu_seqlens
 from .kv_cache import KVCache
 
 
@@ -88,5 +89,5 @@ def run_step(model: Backbone, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
         raise
     hidden = None
     if return_hidden:
-        hidden = rms_norm(h, model.norm, model.config.rms_norm_eps) if final_norm else h
+        hidden = ops.rms_norm(h, model.norm, model.config.rms_norm_eps) if final_norm else h
     return StepOutput(logits=model.logits(h, logits_rows), hidden=hidden)

@@ -205,6 +205,16 @@ class AttentionPlan:
         plan.paged_call = _KernelCall(None, cu, tables, lens)
         return plan
 
+    def whole_step_call(self) -> Optional[_KernelCall]:
+        """The kernel call when this step is nothing else: every row a cached sequence's, in
+        order, written to `slots` then attending in one paged call (what ops.DecoderStack
+        runs); None otherwise."""
+        c = self.paged_call
+        if (self.mode != "kernel" or c is None or c.rows is not None or self.slot_rows is not None or self.self_seqs
+                or self.chunk_seqs or self.dec_rows is not None):
+            return None
+        return c
+
     def _self_kernel_call(self, device) -> _KernelCall:
         """The cache-less sequences as one kernel call over their packed k / v."""
         if self._self_call is None:

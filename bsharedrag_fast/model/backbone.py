@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops import _backends
+from ..ops.linear import cpp_pays
 from ..ops.lora_meta import LoRAMeta
 from ..util.jsonfile import read_json, write_json
 from ..util.sysinfo import release_free_heap
@@ -43,6 +45,9 @@ from .store import copy_tokenizer, resolve_model
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 IGNORE = -100  # label of rows that carry no loss (as torch's cross_entropy ignore_index)
+# "auto": engine steps the C++ decoder stack can run (ops.DecoderStack: CPU, inference, cached
+# rows only, no adapter rows, few rows) run every layer in one call; "off": always op by op.
+FUSED_LAYERS = "auto"
 
 # ----------------------------------------------------------------------------- config
 
@@ -279,33 +284,7 @@ def positions_from_cu_seqlens(cu: list[int], device, past: Optional[Sequence[int
     return torch.arange(cu[-1], device=device) - torch.repeat_interleave(starts, lens)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [T, head_dim] in fp32, cast to dtype (as transformers), sin with its first half
-    negated: transformers' rotate_half(x) * sin is then roll(x, head_dim / 2) * sin, bit for bit
-    (a sign flip is exact), in one op instead of a slice, a negation and a cat."""
-    freqs = positions[:, None].float() * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
-    return emb.cos().to(dtype), sin.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos / sin [T, head_dim] from rope_cos_sin."""
-    return x * cos[:, None, :] + x.roll(x.shape[-1] // 2, -1) * sin[:, None, :]
-
-
 # ----------------------------------------------------------------------------- building blocks
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale. In fp32 that is
-    torch.rms_norm, bit for bit, in one dispatch instead of six (one row: 24 -> 16 us a call,
-    60 calls a step on a 30-layer model); 16-bit inputs keep the cast before the scale."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -503,22 +482,25 @@ class Layer(nn.Module):
         B = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
         return ops.lora_linear(x, w, b, A[None], B[None], lora.scaling, lora.meta)
 
+    def weights(self) -> ops.LayerWeights:
+        return ops.LayerWeights(self.input_norm, self.qkv_weight, self.qkv_bias, self.o_weight, self.o_bias,
+                                self.post_norm, self.gate_up_weight, self.gate_up_bias, self.down_weight,
+                                self.down_bias)
+
     # -- the layer ------------------------------------------------------------------------
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext, li: int,
                 lora: Optional[LayerLoRA] = None) -> torch.Tensor:
         cfg = self.cfg
         T = h.shape[0]
-        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        x = ops.rms_norm(h, self.input_norm, cfg.rms_norm_eps)
         qkv = self.proj("qkv", x, ctx, lora)
         H, qk = cfg.num_attention_heads, cfg.q_size + cfg.kv_size
-        qk_rot = apply_rope(qkv[:, :qk].view(T, H + cfg.num_key_value_heads, cfg.head_dim), cos, sin)  # q, k at once
+        qk_rot = ops.rope(qkv[:, :qk].view(T, H + cfg.num_key_value_heads, cfg.head_dim), cos, sin)  # q, k at once
         v = qkv[:, qk:].view(T, cfg.num_key_value_heads, cfg.head_dim)
         attn = ctx.attention.attend(li, qk_rot[:, :H], qk_rot[:, H:], v)
-        h = h + self.proj("o", attn, ctx, lora)
-        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
-        gate, up = self.proj("gate_up", x, ctx, lora).split([cfg.intermediate_size, cfg.intermediate_size], dim=1)
-        return h + self.proj("down", F.silu(gate) * up, ctx, lora)
+        h, x = ops.add_rms_norm(h, self.proj("o", attn, ctx, lora), self.post_norm, cfg.rms_norm_eps)
+        return h + self.proj("down", ops.silu_mul(self.proj("gate_up", x, ctx, lora)), ctx, lora)
 
 
 def check_packed(input_ids, cu_seqlens) -> list[int]:
@@ -578,6 +560,7 @@ class Backbone(nn.Module):
         self.resident_adapters = ResidentAdapters.empty(cfg.num_hidden_layers)
         self.lora_spec: Optional[LoRASpec] = None  # the trainable LoRA, once add_lora is called
         self.activation_checkpointing = False  # recompute each layer in backward (training memory)
+        self._stack: Optional[tuple] = None  # (KV cache key, ops.DecoderStack): see _decoder_stack
 
     @property
     def dtype(self) -> torch.dtype:
@@ -738,8 +721,12 @@ class Backbone(nn.Module):
     def compute(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The one forward of every path (training, cache-less, engine steps): embedding and
         every layer, [T, d] before the final norm."""
-        cos, sin = rope_cos_sin(self.inv_freq, ctx.positions, ctx.autocast or self.dtype)
+        cos, sin = ops.rope_cos_sin(self.inv_freq, ctx.positions, ctx.autocast or self.dtype)
         h = F.embedding(input_ids.to(self.device), self.embed)
+        call = self._fused_call(h, ctx)
+        if call is not None:  # the whole stack in one C++ call (ops.DecoderStack), same kernels, same result
+            return self._decoder_stack(ctx.attention)(h, cos, sin, ctx.attention.slots, call.tables, call.cu,
+                                                      call.lens)
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         adapters = self.resident_adapters.layers if ctx.lora is not None else [None] * len(self.layers)  # read once
         for li, (layer, lora) in enumerate(zip(self.layers, adapters)):
@@ -748,6 +735,39 @@ class Backbone(nn.Module):
             else:
                 h = layer(h, cos, sin, ctx, li, lora)
         return h
+
+    def _fused_call(self, h: torch.Tensor, ctx: ForwardContext):
+        """The step's attention call when ops.DecoderStack can run it (FUSED_LAYERS, see the
+        module top): a CPU inference step of cached rows only, no adapter rows, and the dense
+        C++ linear being what ops.linear picks for every projection at this row count."""
+        if FUSED_LAYERS != "auto" or h.device.type != "cpu" or h.dtype not in ops.DecoderStack.DTYPES:
+            return None
+        if ctx.trained is not None or ctx.autocast is not None or torch.is_grad_enabled():
+            return None
+        if ctx.lora is not None and not ctx.lora.no_lora:
+            return None
+        cfg, T = self.config, h.shape[0]
+        if not all(cpp_pays(h.dtype, T, n) for n in (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)):
+            return None
+        if _backends._import_cpp() is None:
+            return None
+        return ctx.attention.whole_step_call()
+
+    def _decoder_stack(self, plan: AttentionPlan) -> ops.DecoderStack:
+        """The DecoderStack of these weights over the plan's KV caches, built once per cache
+        (dropped by _apply: .to() and friends replace the tensors it points at)."""
+        key = (plan.k_cache[0].data_ptr(), plan.v_cache[0].data_ptr(), len(plan.k_cache))
+        if self._stack is None or self._stack[0] != key:
+            cfg = self.config
+            shape = ops.DecoderShape(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                     cfg.intermediate_size, cfg.rms_norm_eps, cfg.sliding_window)
+            self._stack = (key, ops.DecoderStack([l.weights() for l in self.layers], shape, plan.k_cache,
+                                                 plan.v_cache))
+        return self._stack[1]
+
+    def _apply(self, fn, recurse=True):
+        self._stack = None
+        return super()._apply(fn, recurse)
 
     def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, adapters=None) -> torch.Tensor:
         """[T, d] after the last layer, before the final norm (`logits` and ops.pool fuse
@@ -768,7 +788,7 @@ class Backbone(nn.Module):
         """Final norm + LM head on the given rows of `hidden` (every row when None)."""
         if rows is not None:
             h = h.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=h.device))
-        x, head = rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head
+        x, head = ops.rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head
         dt = _autocast_dtype(x.device)
         if dt is not None:
             x, head = x.to(dt), head.to(dt)
@@ -779,7 +799,7 @@ class Backbone(nn.Module):
         """[T, d] after the final RMSNorm; final_norm=False returns the rows before it (so
         ops.pool(norm_weight=model.norm, eps=model.config.rms_norm_eps) can fuse it)."""
         h = self.hidden(input_ids, cu_seqlens, adapters)
-        return rms_norm(h, self.norm, self.config.rms_norm_eps) if final_norm else h
+        return ops.rms_norm(h, self.norm, self.config.rms_norm_eps) if final_norm else h
 
     @torch.inference_mode()
     def forward(self, input_ids, cu_seqlens, adapters=None, logits_rows=None) -> torch.Tensor:

@@ -1,15 +1,23 @@
-"""Fused ops: multi-LoRA linear, the dense base linear, pooled embedding and causal attention over the paged KV cache.
+"""Fused ops: multi-LoRA linear, the dense base linear, pooled embedding, causal attention over the
+paged KV cache, and the row-wise ops between a layer's matmuls (RMSNorm with its residual add,
+rotary embedding, SiLU-and-mul), and a whole decoder stack in one call (DecoderStack).
 
 Each op has a pure-torch reference beside its fast backends ("triton", "cpp");
 tests compare the fast paths against the reference.
 """
 from ._backends import triton_available
 from .attention import packed_tables, paged_attention, paged_attention_reference
+from .decoder import DecoderShape, DecoderStack, LayerWeights, decoder_layers_reference
 from .linear import linear
 from .lora_linear import LoRASlice, MergedLoRA, add_lora_, add_lora_slices_, lora_linear, lora_linear_reference
 from .lora_meta import LoRAMeta
 from .pool import pool, pool_reference
+from .rms_norm import add_rms_norm, rms_norm, rms_norm_reference
+from .rope import rope, rope_cos_sin, rope_reference
+from .silu_mul import silu_mul, silu_mul_reference
 
-__all__ = ["LoRAMeta", "LoRASlice", "MergedLoRA", "add_lora_", "add_lora_slices_", "linear", "lora_linear",
+__all__ = ["DecoderShape", "DecoderStack", "LayerWeights", "LoRAMeta", "LoRASlice", "MergedLoRA", "add_lora_",
+           "add_lora_slices_", "add_rms_norm", "decoder_layers_reference", "linear", "lora_linear",
            "lora_linear_reference", "packed_tables", "paged_attention", "paged_attention_reference", "pool",
-           "pool_reference", "triton_available"]
+           "pool_reference", "rms_norm", "rms_norm_reference", "rope", "rope_cos_sin", "rope_reference", "silu_mul",
+           "silu_mul_reference", "triton_available"]

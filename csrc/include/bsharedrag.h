@@ -202,6 +202,80 @@ BSR_API bsr_status bsr_pool(bsr_dtype dtype, const void* hidden, int64_t hidden_
                             int64_t num_seqs, bsr_pool_mode mode, const void* norm_weight,
                             float eps, int normalize, void* out, int64_t out_row_stride);
 
+/* ---- row-wise ops of a decoder layer ----------------------------------------------------- */
+
+/*
+ * RMSNorm of num_rows rows of dim elements (as transformers' LlamaRMSNorm):
+ *   s = x, or with add != NULL s = x + add rounded to dtype and written to sum_out (the
+ *     residual stream after a sublayer: one pass instead of an add and a norm);
+ *   out = weight * (s * rsqrt(mean(s^2) + eps)), the product in brackets rounded to dtype.
+ * weight [dim] in dtype; rows row_stride elements apart; sum_out may be x (in place) but
+ * out must not overlap x, add or sum_out. fp32 math. dtype: F32, F16 or BF16.
+ */
+BSR_API bsr_status bsr_rms_norm(bsr_dtype dtype, const void* x, int64_t x_row_stride, const void* add,
+                                int64_t add_row_stride, int64_t num_rows, int64_t dim, const void* weight, float eps,
+                                void* sum_out, int64_t sum_row_stride, void* out, int64_t out_row_stride);
+
+/*
+ * SiLU-and-mul of a merged gate/up projection: x [num_rows, 2 dim] (gate columns, then up)
+ * -> out [num_rows, dim] = silu(gate) * up, silu rounded to dtype first (as torch's
+ * F.silu(gate) * up). fp32 math. dtype: F32, F16 or BF16.
+ */
+BSR_API bsr_status bsr_silu_mul(bsr_dtype dtype, const void* x, int64_t x_row_stride, int64_t num_rows, int64_t dim,
+                                void* out, int64_t out_row_stride);
+
+/*
+ * Rotary position embedding, rotate-half form (GPT-NeoX / Llama), of num_rows rows of
+ * num_heads heads of head_dim (even) elements: with x1, x2 a head's halves and cos / sin
+ * the row's [head_dim / 2] values (rows cs_row_stride apart),
+ *   out1 = x1 cos - x2 sin,  out2 = x2 cos + x1 sin,
+ * each product and sum rounded to dtype (as torch's x * cos + rotate_half(x) * sin).
+ * out must not overlap x. fp32 math. dtype: F32, F16 or BF16.
+ */
+BSR_API bsr_status bsr_rope(bsr_dtype dtype, const void* x, int64_t x_row_stride, int64_t x_head_stride,
+                            int64_t num_rows, int64_t num_heads, int64_t head_dim, const void* cos, const void* sin,
+                            int64_t cs_row_stride, void* out, int64_t out_row_stride, int64_t out_head_stride);
+
+/* ---- a whole decoder stack ----------------------------------------------------------- */
+
+/* A Llama / Qwen2 / Mistral decoder's shape (what bsr_decoder_layers needs of config.json). */
+typedef struct bsr_decoder_config {
+  int64_t hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size;
+  float eps;     /* RMSNorm epsilon */
+  int64_t window; /* sliding window, 0 for none */
+  float scale;   /* attention scale; <= 0: 1 / sqrt(head_dim) */
+} bsr_decoder_config;
+
+/* One layer's weights (dtype, row-major, contiguous) and its KV cache. q/k/v and gate/up are
+ * merged: qkv_weight [(num_heads + 2 num_kv_heads) head_dim, hidden] (q rows, then k, then v),
+ * gate_up_weight [2 intermediate, hidden] (gate rows, then up); o_weight [hidden, num_heads
+ * head_dim]; down_weight [hidden, intermediate]; norms [hidden]; biases NULL or [out].
+ * k_cache / v_cache [num_blocks, block_size, num_kv_heads, head_dim], contiguous. */
+typedef struct bsr_layer_weights {
+  const void *input_norm, *qkv_weight, *qkv_bias, *o_weight, *o_bias, *post_norm, *gate_up_weight, *gate_up_bias,
+      *down_weight, *down_bias;
+  void *k_cache, *v_cache;
+} bsr_layer_weights;
+
+/*
+ * Every layer of a pre-norm decoder over one step's num_rows rows, in place on hidden
+ * [num_rows, hidden_size] (contiguous; the embeddings in, the last layer's output out, before
+ * the final norm). Per layer: x = RMSNorm(h); qkv = x qkv_weight^T + b; q, k rotated (cos /
+ * sin [num_rows, head_dim / 2], as bsr_rope); row r's k and v written to cache slot slots[r]
+ * (block slots[r] / block_size, offset slots[r] % block_size); causal attention of the q
+ * rows over the cache (as bsr_paged_attention: block_tables, cu_seqlens_q, context_lens of
+ * num_seqs sequences, every row's sequence in the cache); h += attn o_weight^T + b;
+ * x = RMSNorm(h); h += (silu(gate) * up) down_weight^T + b. The same kernels as the entry
+ * points named, in this order: results equal calling them one by one. Workspace is
+ * allocated per call (about num_rows x (hidden + 4 intermediate + 3 q + 3 kv) elements).
+ */
+BSR_API bsr_status bsr_decoder_layers(bsr_dtype dtype, const bsr_decoder_config* config,
+                                      const bsr_layer_weights* layers, int64_t num_layers, void* hidden,
+                                      int64_t num_rows, const void* cos, const void* sin, int64_t cs_row_stride,
+                                      const int64_t* slots, int64_t num_blocks, int64_t block_size,
+                                      const int32_t* block_tables, int64_t table_stride,
+                                      const int32_t* cu_seqlens_q, const int32_t* context_lens, int64_t num_seqs);
+
 #ifdef __cplusplus
 }
 #endif

@@ -682,6 +682,185 @@ static void test_pool(void) {
   }
 }
 
+/* ---- row-wise ops: bsr_rms_norm (with its residual add), bsr_silu_mul, bsr_rope ----------- */
+
+static void test_rowops(void) {
+  static const bsr_dtype dts[3] = {BSR_DTYPE_F32, BSR_DTYPE_F16, BSR_DTYPE_BF16};
+  enum { T = 70, d = 37, ld = 41 }; /* strided rows; the threaded path: tests/test_rowops.py */
+  double x[T * 2 * d], a[T * d], w[d];
+  unsigned char xbuf[T * 2 * ld * 4], abuf[T * ld * 4], wbuf[d * 4], sbuf[T * ld * 4], obuf[T * ld * 4];
+  int di, t, i, with_add;
+  for (i = 0; i < T * 2 * d; ++i) x[i] = 3 * urand();
+  for (i = 0; i < T * d; ++i) a[i] = urand();
+  for (i = 0; i < d; ++i) w[i] = 1.0 + 0.5 * urand();
+  for (di = 0; di < 3; ++di) {
+    bsr_dtype dt = dts[di];
+    double xr[T * 2 * d], ar[T * d], wr[d], err = 0;
+    for (t = 0; t < T; ++t)
+      for (i = 0; i < 2 * d; ++i) xr[t * 2 * d + i] = put(dt, xbuf, (size_t)t * 2 * ld + i, x[t * 2 * d + i]);
+    for (t = 0; t < T; ++t)
+      for (i = 0; i < d; ++i) ar[t * d + i] = put(dt, abuf, (size_t)t * ld + i, a[t * d + i]);
+    for (i = 0; i < d; ++i) wr[i] = put(dt, wbuf, (size_t)i, w[i]);
+    for (with_add = 0; with_add < 2; ++with_add) {
+      bsr_status st = bsr_rms_norm(dt, xbuf, 2 * ld, with_add ? abuf : NULL, ld, T, d, wbuf, 1e-6f, sbuf, ld, obuf, ld);
+      CHECK(st == BSR_OK, "rms_norm %s: status %d (%s)", dtype_name(dt), st, bsr_last_error());
+      for (t = 0; t < T; ++t) { /* reference on the first d columns of x's rows, + add */
+        double s[d], ss = 0, sc;
+        for (i = 0; i < d; ++i) {
+          s[i] = xr[t * 2 * d + i] + (with_add ? ar[t * d + i] : 0.0);
+          ss += s[i] * s[i];
+        }
+        sc = 1.0 / sqrt(ss / d + 1e-6);
+        for (i = 0; i < d; ++i) {
+          double e = fabs(get(dt, obuf, (size_t)t * ld + i) - s[i] * sc * wr[i]) / (1.0 + fabs(s[i] * sc * wr[i]));
+          if (with_add) {
+            double es = fabs(get(dt, sbuf, (size_t)t * ld + i) - s[i]) / (1.0 + fabs(s[i]));
+            if (es > e) e = es;
+          }
+          if (e > err) err = e;
+        }
+      }
+    }
+    for (i = 0; i < T * ld; ++i) ((unsigned char*)obuf)[i] = 0;
+    CHECK(bsr_silu_mul(dt, xbuf, 2 * ld, T, d, obuf, ld) == BSR_OK, "silu_mul %s: %s", dtype_name(dt),
+          bsr_last_error());
+    for (t = 0; t < T; ++t)
+      for (i = 0; i < d; ++i) {
+        double g = xr[t * 2 * d + i], want = g / (1.0 + exp(-g)) * xr[t * 2 * d + d + i];
+        double e = fabs(get(dt, obuf, (size_t)t * ld + i) - want) / (1.0 + fabs(want));
+        if (e > err) err = e;
+      }
+    CHECK(err <= tolerance(dt), "rms_norm / silu_mul %s: rel err %g", dtype_name(dt), err);
+  }
+  CHECK(bsr_rms_norm(BSR_DTYPE_F32, xbuf, d, NULL, 0, 2, d, wbuf, 0.f, NULL, 0, obuf, d) == BSR_ERR_INVALID_ARGUMENT &&
+            strstr(bsr_last_error(), "eps") != NULL, "rms_norm eps 0: '%s'", bsr_last_error());
+  CHECK(bsr_rms_norm(BSR_DTYPE_F32, xbuf, d, abuf, d, 2, d, wbuf, 1e-6f, NULL, 0, obuf, d) == BSR_ERR_NULL_POINTER,
+        "rms_norm add without sum_out");
+  CHECK(bsr_silu_mul(BSR_DTYPE_F32, xbuf, d, 2, d, obuf, d) == BSR_ERR_INVALID_ARGUMENT &&
+            strstr(bsr_last_error(), "x_row_stride") != NULL, "silu_mul stride: '%s'", bsr_last_error());
+  CHECK(bsr_silu_mul(BSR_DTYPE_F64, xbuf, 2 * d, 2, d, obuf, d) == BSR_ERR_UNSUPPORTED_DTYPE, "silu_mul f64");
+}
+
+/* bsr_rope on strided rows and heads (x's heads 10 apart in rows of 3 heads + 5), against the
+ * rotate-half formula in double on the stored inputs. */
+static void test_rope(void) {
+  static const bsr_dtype dts[3] = {BSR_DTYPE_F32, BSR_DTYPE_F16, BSR_DTYPE_BF16};
+  enum { T = 5, H = 3, D = 8, hs = 10, ld = H * hs + 5, half = D / 2 };
+  unsigned char xbuf[T * ld * 4], cbuf[T * half * 4], sbuf[T * half * 4], obuf[T * H * D * 4];
+  double xr[T * ld], cr[T * half], sr[T * half];
+  int di, t, h, i;
+  for (di = 0; di < 3; ++di) {
+    bsr_dtype dt = dts[di];
+    double err = 0;
+    for (i = 0; i < T * ld; ++i) xr[i] = put(dt, xbuf, (size_t)i, 2 * urand());
+    for (t = 0; t < T; ++t)
+      for (i = 0; i < half; ++i) {
+        cr[t * half + i] = put(dt, cbuf, (size_t)t * half + i, cos(0.3 * t * (i + 1)));
+        sr[t * half + i] = put(dt, sbuf, (size_t)t * half + i, sin(0.3 * t * (i + 1)));
+      }
+    CHECK(bsr_rope(dt, xbuf, ld, hs, T, H, D, cbuf, sbuf, half, obuf, H * D, D) == BSR_OK, "rope %s: %s",
+          dtype_name(dt), bsr_last_error());
+    for (t = 0; t < T; ++t)
+      for (h = 0; h < H; ++h)
+        for (i = 0; i < half; ++i) {
+          const double* x = xr + t * ld + h * hs;
+          double c = cr[t * half + i], s = sr[t * half + i];
+          double w1 = x[i] * c - x[i + half] * s, w2 = x[i + half] * c + x[i] * s;
+          double e1 = fabs(get(dt, obuf, (size_t)(t * H + h) * D + i) - w1) / (1.0 + fabs(w1));
+          double e2 = fabs(get(dt, obuf, (size_t)(t * H + h) * D + half + i) - w2) / (1.0 + fabs(w2));
+          if (e1 > err) err = e1;
+          if (e2 > err) err = e2;
+        }
+    CHECK(err <= 2 * tolerance(dt), "rope %s: rel err %g", dtype_name(dt), err);
+  }
+  CHECK(bsr_rope(BSR_DTYPE_F32, xbuf, ld, hs, T, H, 7, cbuf, sbuf, half, obuf, H * D, D) == BSR_ERR_INVALID_ARGUMENT &&
+            strstr(bsr_last_error(), "even") != NULL, "rope odd head_dim: '%s'", bsr_last_error());
+  CHECK(bsr_rope(BSR_DTYPE_F32, xbuf, 20, hs, T, H, D, cbuf, sbuf, half, obuf, H * D, D) == BSR_ERR_INVALID_ARGUMENT &&
+            strstr(bsr_last_error(), "x_row_stride") != NULL, "rope row stride: '%s'", bsr_last_error());
+  CHECK(bsr_rope(BSR_DTYPE_F32, xbuf, ld, hs, T, H, D, NULL, sbuf, half, obuf, H * D, D) == BSR_ERR_NULL_POINTER,
+        "rope NULL cos");
+}
+
+/* ---- bsr_decoder_layers ------------------------------------------------------------------ */
+/* Two layers (GQA 2 / 1 heads, qkv and down biases, the others NULL) over a step of two
+ * sequences (a decode row over 3 cached keys, a 2-row prefill), against the same entry
+ * points called one by one: equal bit for bit (memcmp), hidden and caches. */
+enum { DL_L = 2, DL_d = 8, DL_H = 2, DL_KV = 1, DL_D = 4, DL_I = 6, DL_T = 3, DL_NB = 6, DL_BS = 2 };
+enum { DL_Q = DL_H * DL_D, DL_KVC = DL_KV * DL_D, DL_QKV = DL_Q + 2 * DL_KVC };
+
+static void decoder_by_entry_points(const bsr_decoder_config* c, float w[DL_L][10][DL_QKV * DL_d], float* h,
+                                    float kc[DL_L][DL_NB * DL_BS * DL_KVC], float vc[DL_L][DL_NB * DL_BS * DL_KVC],
+                                    const float* cs, const float* sn, const int64_t* slots, const int32_t* tables,
+                                    const int32_t* cu, const int32_t* lens) {
+  float x[DL_T * DL_d], qkv[DL_T * DL_QKV], qk[DL_T * (DL_Q + DL_KVC)], at[DL_T * DL_Q], gu[DL_T * 2 * DL_I],
+      act[DL_T * DL_I], sub[DL_T * DL_d];
+  int l, r, i;
+  for (l = 0; l < DL_L; ++l) {
+    CHECK(bsr_rms_norm(BSR_DTYPE_F32, h, DL_d, NULL, 0, DL_T, DL_d, w[l][0], c->eps, NULL, 0, x, DL_d) == BSR_OK,
+          "ref rms_norm");
+    bsr_linear(BSR_DTYPE_F32, x, DL_d, DL_T, DL_d, w[l][1], DL_QKV, w[l][2], qkv, DL_QKV);
+    bsr_rope(BSR_DTYPE_F32, qkv, DL_QKV, DL_D, DL_T, DL_H + DL_KV, DL_D, cs, sn, DL_D / 2, qk, DL_Q + DL_KVC, DL_D);
+    for (r = 0; r < DL_T; ++r)
+      for (i = 0; i < DL_KVC; ++i) {
+        kc[l][slots[r] * DL_KVC + i] = qk[r * (DL_Q + DL_KVC) + DL_Q + i];
+        vc[l][slots[r] * DL_KVC + i] = qkv[r * DL_QKV + DL_Q + DL_KVC + i];
+      }
+    bsr_paged_attention(BSR_DTYPE_F32, qk, DL_Q + DL_KVC, DL_D, kc[l], vc[l], DL_KVC, DL_KVC, DL_NB, DL_BS, DL_KV,
+                        DL_H, DL_D, tables, 2, cu, lens, 2, 0, c->scale, at, DL_Q, DL_D);
+    bsr_linear(BSR_DTYPE_F32, at, DL_Q, DL_T, DL_Q, w[l][3], DL_d, NULL, sub, DL_d);
+    bsr_rms_norm(BSR_DTYPE_F32, h, DL_d, sub, DL_d, DL_T, DL_d, w[l][5], c->eps, h, DL_d, x, DL_d);
+    bsr_linear(BSR_DTYPE_F32, x, DL_d, DL_T, DL_d, w[l][6], 2 * DL_I, NULL, gu, 2 * DL_I);
+    bsr_silu_mul(BSR_DTYPE_F32, gu, 2 * DL_I, DL_T, DL_I, act, DL_I);
+    bsr_linear(BSR_DTYPE_F32, act, DL_I, DL_T, DL_I, w[l][8], DL_d, w[l][9], sub, DL_d);
+    for (i = 0; i < DL_T * DL_d; ++i) h[i] += sub[i];
+  }
+}
+
+static void test_decoder_layers(void) {
+  static float w[DL_L][10][DL_QKV * DL_d], kc[2][DL_L][DL_NB * DL_BS * DL_KVC], vc[2][DL_L][DL_NB * DL_BS * DL_KVC];
+  float h[2][DL_T * DL_d], cs[DL_T * DL_D / 2], sn[DL_T * DL_D / 2];
+  const bsr_decoder_config c = {DL_d, DL_H, DL_KV, DL_D, DL_I, 1e-6f, 0, 0.5f};
+  /* sequence 0: 3 cached keys (blocks 4, 1) + its decode row at position 3; sequence 1: rows 0-1 in block 2 */
+  const int32_t tables[4] = {4, 1, 2, 0}, cu[3] = {0, 1, 3}, lens[2] = {4, 2};
+  const int64_t slots[DL_T] = {1 * DL_BS + 1, 2 * DL_BS, 2 * DL_BS + 1};
+  const int64_t pos[DL_T] = {3, 0, 1};
+  bsr_layer_weights lw[DL_L];
+  int l, k, i;
+  for (l = 0; l < DL_L; ++l) {
+    for (k = 0; k < 10; ++k)
+      for (i = 0; i < DL_QKV * DL_d; ++i) w[l][k][i] = (float)((k == 0 || k == 5 ? 1.0 : 0.0) + 0.4 * urand());
+    for (i = 0; i < DL_NB * DL_BS * DL_KVC; ++i) kc[0][l][i] = kc[1][l][i] = (float)urand();
+    for (i = 0; i < DL_NB * DL_BS * DL_KVC; ++i) vc[0][l][i] = vc[1][l][i] = (float)urand();
+    lw[l].input_norm = w[l][0], lw[l].qkv_weight = w[l][1], lw[l].qkv_bias = w[l][2], lw[l].o_weight = w[l][3];
+    lw[l].o_bias = NULL, lw[l].post_norm = w[l][5], lw[l].gate_up_weight = w[l][6], lw[l].gate_up_bias = NULL;
+    lw[l].down_weight = w[l][8], lw[l].down_bias = w[l][9], lw[l].k_cache = kc[0][l], lw[l].v_cache = vc[0][l];
+  }
+  for (i = 0; i < DL_T * DL_d; ++i) h[0][i] = h[1][i] = (float)urand();
+  for (k = 0; k < DL_T; ++k)
+    for (i = 0; i < DL_D / 2; ++i) {
+      cs[k * DL_D / 2 + i] = (float)cos(pos[k] * (i + 1) * 0.5);
+      sn[k * DL_D / 2 + i] = (float)sin(pos[k] * (i + 1) * 0.5);
+    }
+  CHECK(bsr_decoder_layers(BSR_DTYPE_F32, &c, lw, DL_L, h[0], DL_T, cs, sn, DL_D / 2, slots, DL_NB, DL_BS, tables, 2,
+                           cu, lens, 2) == BSR_OK, "decoder_layers: %s", bsr_last_error());
+  decoder_by_entry_points(&c, w, h[1], kc[1], vc[1], cs, sn, slots, tables, cu, lens);
+  CHECK(memcmp(h[0], h[1], sizeof(h[0])) == 0, "decoder_layers: hidden differs from the entry points one by one");
+  CHECK(memcmp(kc[0], kc[1], sizeof(kc[0])) == 0 && memcmp(vc[0], vc[1], sizeof(vc[0])) == 0,
+        "decoder_layers: caches differ from the entry points one by one");
+  {
+    const int64_t bad_slots[DL_T] = {0, 1, DL_NB * DL_BS};
+    CHECK(bsr_decoder_layers(BSR_DTYPE_F32, &c, lw, DL_L, h[0], DL_T, cs, sn, DL_D / 2, bad_slots, DL_NB, DL_BS,
+                             tables, 2, cu, lens, 2) == BSR_ERR_INVALID_ARGUMENT &&
+              strstr(bsr_last_error(), "slots[2]") != NULL, "decoder_layers bad slot: '%s'", bsr_last_error());
+    lw[1].down_weight = NULL;
+    CHECK(bsr_decoder_layers(BSR_DTYPE_F32, &c, lw, DL_L, h[0], DL_T, cs, sn, DL_D / 2, slots, DL_NB, DL_BS, tables,
+                             2, cu, lens, 2) == BSR_ERR_NULL_POINTER && strstr(bsr_last_error(), "layers[1]") != NULL,
+          "decoder_layers NULL weight: '%s'", bsr_last_error());
+    CHECK(bsr_decoder_layers(BSR_DTYPE_F64, &c, lw, DL_L, h[0], DL_T, cs, sn, DL_D / 2, slots, DL_NB, DL_BS, tables,
+                             2, cu, lens, 2) == BSR_ERR_UNSUPPORTED_DTYPE, "decoder_layers f64");
+  }
+}
+
 /* ---- dense linear ------------------------------------------------------------------------ */
 /* y = x W^T (+ b) against a double reference on the stored (rounded) inputs; the padding
  * beyond out_features must stay untouched. */
@@ -763,6 +942,9 @@ int main(void) {
   test_expand_slices();
   test_paged_attention();
   test_pool();
+  test_rowops();
+  test_rope();
+  test_decoder_layers();
   test_linear();
   if (g_failures) {
     fprintf(stderr, "test_c_abi: %d of %d checks FAILED\n", g_failures, g_checks);
