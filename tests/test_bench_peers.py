@@ -72,6 +72,7 @@ def test_peer_bench_figures_follow_from_the_measurements(run):
     assert ours["embed"]["texts_per_s"] == pytest.approx(s["texts"] / ours["embed"]["seconds_median"])
     assert ours["rag_mix"]["requests_per_s"] == pytest.approx((s["prompts"] + s["mix_texts"])
                                                               / ours["rag_mix"]["seconds_median"])
+    assert ours["index"]["documents_per_s"] == pytest.approx(s["index_docs"] / ours["index"]["seconds_median"])
 
 
 def test_ours_and_transformers_peft_compute_the_same_outputs(run):
@@ -82,7 +83,7 @@ def test_ours_and_transformers_peft_compute_the_same_outputs(run):
     for w in ("generate", "generate_lora", "generate_4loras", "rag_mix"):
         assert check["ours"][f"{w}_answers_identical"] == f"{n}/{n}"
     assert check["ours"]["single_stream_answers_identical"] == "1/1"
-    for w in ("embed", "embed_lora", "rag_mix"):
+    for w in ("embed", "embed_lora", "rag_mix", "index"):  # index: `bsharedrag index`'s loop against HF's vectors
         assert check["ours"][f"{w}_min_cosine"] > 0.999
 
 
@@ -103,6 +104,12 @@ def test_text_workload_lengths(tmp_path):
     assert len(work["texts"]) == 5
     assert all(peers.TEXT_TOKENS[0] <= len(t) <= peers.TEXT_TOKENS[1] for t in work["texts"])
     assert all(len(p) + 8 <= peers.MAX_MODEL_LEN for p in work["prompts"])
+    tok = Tokenizer.from_pretrained(tmp_path)
+    docs, ids = work["index_docs"], work["passages"]
+    assert len(docs) == len(ids) == sizes["index_docs"] and len({d["id"] for d in docs}) == len(docs)
+    for d, p in zip(docs, ids):  # as `bsharedrag index` embeds them: prefix, text, EOS
+        assert p == tok.encode(f"passage: {d['title']} {d['text']}".strip(), add_special_tokens=True)[
+            : peers.INDEX_MAX_LENGTH - 1] + [tok.eos_token_id]
 
 
 def test_vllm_runs_the_rag_mix_as_an_embedder_and_a_generator_at_once():

@@ -35,6 +35,7 @@ import sys
 import time
 
 REPLY = "REPLY "
+INDEX_BATCH = 32  # documents per embedding call in the index workload: `bsharedrag index --batch-size`'s default
 ENGINES = ("ours", "hf", "vllm", "vllm-lora", "vllm-embed", "llamacpp")
 
 
@@ -115,6 +116,8 @@ class Ours:
         self.info = {"omp_wait": wait_description(), "malloc": malloc.POLICY}  # as this process imported us
 
     def run(self, generate, embed) -> tuple:
+        if embed and embed.get("index"):
+            return [], self._index(embed)
         rt = self.rt
         gens = [rt.submit_generate(p, adapter=a, max_new_tokens=generate["new_tokens"], eos_token_id=[])
                 for p, a in zip(generate["prompts"], generate["adapters"])] if generate else []
@@ -122,6 +125,26 @@ class Ours:
                 for t in embed["texts"]] if embed else []
         rt.run_until_done()
         return [h.result().token_ids for h in gens], [h.result().tolist() for h in embs]
+
+
+    def _index(self, embed: dict) -> list:
+        """`bsharedrag index`'s loop (index.build.index_documents: embed in batches of the
+        command's default size, upsert into HNSW + SQLite, save) into a fresh directory."""
+        import tempfile
+
+        from bsharedrag_fast.index.build import index_documents
+        from bsharedrag_fast.index.hnsw import HNSWIndex
+
+        docs = embed["index"]["docs"]
+        vecs = []
+        with tempfile.TemporaryDirectory(prefix="bsharedrag_peer_index_") as d:
+            idx = HNSWIndex(self.rt.model.config.hidden_size, space="ip")
+            for _, v in index_documents(self.rt, idx, docs, embed["texts"], adapter=embed["adapter"],
+                                        max_length=embed["index"]["max_length"], batch_size=INDEX_BATCH,
+                                        out=os.path.join(d, "index")):
+                vecs += v.tolist()
+            idx.close()
+        return vecs
 
 
 def left_padded(seqs: list) -> tuple:

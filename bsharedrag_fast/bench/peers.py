@@ -52,13 +52,16 @@ from .peer_worker import WorkerProcess
 PEERS = ("vllm", "llamacpp", "hf")
 LABELS = {"ours": "bsharedrag_fast", "hf": "transformers+peft", "vllm": "vLLM-CPU"}
 WORKLOADS = ("generate", "generate_lora", "generate_4loras", "single_stream", "first_token", "embed", "embed_lora",
-             "rag_mix")
-SIZES = {"default": dict(prompts=16, new_tokens=64, single_tokens=128, texts=256, mix_texts=64, rounds=3),
-         "quick": dict(prompts=4, new_tokens=8, single_tokens=16, texts=16, mix_texts=8, rounds=1)}
+             "rag_mix", "index")
+SIZES = {"default": dict(prompts=16, new_tokens=64, single_tokens=128, texts=256, mix_texts=64, index_docs=400,
+                         rounds=3),
+         "quick": dict(prompts=4, new_tokens=8, single_tokens=16, texts=16, mix_texts=8, index_docs=16, rounds=1)}
 TEXT_TOKENS = (107, 128)  # passage lengths, as the issue that set the workloads measured
 MAX_MODEL_LEN = 1024
+INDEX_MAX_LENGTH = 512  # `bsharedrag index --max-length`'s default (rag.pipeline.DEFAULT_MAX_LENGTH)
 # (workload, peer row, bound): ours >= bound x that peer, the goals of issue 17
-GOALS = [(w, "vllm", 1.0) for w in ("generate", "generate_lora", "generate_4loras", "embed", "embed_lora", "rag_mix")]
+GOALS = [(w, "vllm", 1.0) for w in ("generate", "generate_lora", "generate_4loras", "embed", "embed_lora", "rag_mix",
+                                    "index")]
 GOALS.append(("single_stream", "llamacpp-same-precision", 1.0))
 
 
@@ -154,11 +157,13 @@ def gguf_files(model: str, dtype: str, gguf: str | None) -> dict:
 def text_workload(tok, sizes: dict, max_new_tokens: int, seed: int = 0) -> dict:
     """Token ids of the RAG prompts (a question over its gold passage, in the chat template when
     the model has one) and the passages (title and text, joined with the next ones until
-    TEXT_TOKENS[0], cut at TEXT_TOKENS[1]), from a generated WorthBuying-mini corpus."""
+    TEXT_TOKENS[0], cut at TEXT_TOKENS[1]), from a generated WorthBuying-mini corpus; and its
+    first documents with their token ids as `bsharedrag index` embeds them (the index workload)."""
     import random
 
     from ..demo.worthbuying import generate_worthbuying
-    from ..rag.data import load_corpus, read_jsonl
+    from ..engine.runtime import cut_embedding_ids, embedding_ids
+    from ..rag.data import load_corpus, passage_text, read_jsonl
     from ..rag.pipeline import build_prompt, encode_prompt
 
     chat = bool(tok.chat_template)
@@ -174,6 +179,10 @@ def text_workload(tok, sizes: dict, max_new_tokens: int, seed: int = 0) -> dict:
                             max_length=MAX_MODEL_LEN, max_new_tokens=max_new_tokens)
         prompts.append(encode_prompt(tok, text, chat))
     docs = list(corpus.values())
+    # the index workload: whole documents, as `bsharedrag index` embeds them (prefix, EOS, --max-length)
+    index_docs = [dict(d, id=i) for i, d in list(corpus.items())[: sizes["index_docs"]]]
+    passages = [cut_embedding_ids(embedding_ids(tok, passage_text(d), "passage: ", tok.eos_token_id),
+                                  INDEX_MAX_LENGTH, tok.eos_token_id is not None) for d in index_docs]
     rng.shuffle(docs)
     texts, cur = [], []
     for doc in docs * (1 + TEXT_TOKENS[1] * sizes["texts"] // max(1, len(docs))):
@@ -183,7 +192,8 @@ def text_workload(tok, sizes: dict, max_new_tokens: int, seed: int = 0) -> dict:
             cur = []
             if len(texts) == sizes["texts"]:
                 break
-    return {"prompts": prompts[:-1], "single": prompts[-1], "texts": texts}
+    return {"prompts": prompts[:-1], "single": prompts[-1], "texts": texts, "index_docs": index_docs,
+            "passages": passages}
 
 
 def _requests(work: dict, sizes: dict) -> dict:
@@ -202,6 +212,9 @@ def _requests(work: dict, sizes: dict) -> dict:
         "embed_lora": {"embed": {"texts": work["texts"], "adapter": "retrieval"}},
         "rag_mix": {"embed": {"texts": work["texts"][: sizes["mix_texts"]], "adapter": "retrieval"},
                     "generate": gen(["lora0"] * len(p))},
+        # ours runs `bsharedrag index`'s loop (embed, HNSW + SQLite upsert, save); a peer embeds the same ids
+        "index": {"embed": {"texts": work["passages"], "adapter": "retrieval",
+                            "index": {"docs": work["index_docs"], "max_length": INDEX_MAX_LENGTH}}},
     }
 
 
@@ -213,7 +226,9 @@ def _small(req: dict) -> dict:
         out["generate"] = dict(g, prompts=g["prompts"][:2], adapters=g["adapters"][:2],
                                new_tokens=min(4, g["new_tokens"]))
     if req.get("embed"):
-        out["embed"] = dict(req["embed"], texts=req["embed"]["texts"][:2])
+        e = out["embed"] = dict(req["embed"], texts=req["embed"]["texts"][:2])
+        if e.get("index"):
+            e["index"] = dict(e["index"], docs=e["index"]["docs"][:2])
     return out
 
 
@@ -226,7 +241,7 @@ def _routes(row: str) -> dict:
     if row == "vllm":
         routes = {w: [("vllm", both)] for w in ("generate", "single_stream", "first_token")}
         routes.update({w: [("vllm-lora", both)] for w in ("generate_lora", "generate_4loras")})
-        routes.update({w: [("vllm-embed", both)] for w in ("embed", "embed_lora")})
+        routes.update({w: [("vllm-embed", both)] for w in ("embed", "embed_lora", "index")})
         routes["rag_mix"] = [("vllm-embed", ("embed",)), ("vllm-lora", ("generate",))]
         return routes
     return {w: [(row, both)] for w in ("generate", "single_stream", "first_token")}  # llamacpp-*
@@ -239,7 +254,7 @@ def _units(workload: str, req: dict) -> tuple:
         return len(g["prompts"]) + len(e["texts"]), "requests"
     if g:
         return len(g["prompts"]) * g["new_tokens"], "tokens"
-    return len(e["texts"]), "texts"
+    return len(e["texts"]), "documents" if e.get("index") else "texts"
 
 
 def _agreement(outputs: dict, reference: str) -> dict:

@@ -34,6 +34,7 @@ from .args import (add_embedder_args, add_index_load_args, add_max_length, add_m
 def cmd_index(args) -> int:
     from tqdm import tqdm
 
+    from ..index.build import index_documents
     from ..index.hnsw import HNSWIndex
     from ..rag.pipeline import report_truncated
 
@@ -49,20 +50,11 @@ def cmd_index(args) -> int:
         idx = HNSWIndex(rt.model.config.hidden_size, space=args.space, embedder=fp)
     todo = docs if args.upsert else [d for d in docs if d["id"] not in idx]
     bar = tqdm(total=len(docs), initial=len(docs) - len(todo), unit="doc", desc="indexing")
-    since_save = 0
-    for s in range(0, len(todo), args.batch_size):
-        batch = todo[s : s + args.batch_size]
-        texts = [passage_text(d) for d in batch]
-        vecs = rt.embed(texts, adapter=adapter, pooling=args.pooling, prefix=args.passage_prefix,
-                        max_tokens=args.max_length)
-        idx.upsert([d["id"] for d in batch], vecs, batch)
+    for batch, _ in index_documents(rt, idx, todo, [passage_text(d) for d in todo], adapter=adapter,
+                                    pooling=args.pooling, prefix=args.passage_prefix, max_length=args.max_length,
+                                    batch_size=args.batch_size, save_every=args.save_every, out=args.out):
         bar.update(len(batch))
-        since_save += len(batch)
-        if since_save >= args.save_every:
-            idx.save(args.out)
-            since_save = 0
     bar.close()
-    idx.save(args.out)
     report_truncated(rt, args.max_length)
     print(f"indexed {len(docs)} documents ({len(todo)} new) into {args.out}")
     return 0

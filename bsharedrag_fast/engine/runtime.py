@@ -331,19 +331,12 @@ class SharedRuntime:
         adapter = self._check_adapter(adapter)
         if pooling not in POOL_MODES:
             raise ValueError(f"pooling must be one of {POOL_MODES}, got {pooling!r}")
-        ids = self._as_ids(text, "embedding input")
+        ids, eos = self._as_ids(text, "embedding input"), None
         if ids is None:
             if not text.strip():
                 raise ValueError("cannot embed an empty text")
-            tok = self._need_tokenizer("embedding text")
-            ids = tok.encode((prefix or "") + text, add_special_tokens=True)
             eos = self._eos_id()
-            if eos is not None:
-                ids.append(eos)
-            if not ids:
-                raise ValueError(f"text {text!r} tokenizes to nothing")
-        else:
-            eos = None
+            ids = embedding_ids(self._need_tokenizer("embedding text"), text, prefix, eos)
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
             raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
         limit = self.max_embed_tokens if max_tokens is None else min(max_tokens, self.max_embed_tokens)
@@ -353,7 +346,7 @@ class SharedRuntime:
                     f"embedding input has {len(ids)} tokens, more than max_embed_tokens={self.max_embed_tokens} "
                     f"(min of max_length and max_batch_tokens); pass truncate=True to cut it"
                 )
-            ids = ids[: limit - 1] + [ids[-1]] if eos is not None else ids[:limit]
+            ids = cut_embedding_ids(ids, limit, eos is not None)
             self.truncated += 1
         return self._add("embed", _EmbedSpec(ids, adapter, pooling, bool(normalize)))
 
@@ -714,6 +707,24 @@ class SharedRuntime:
                 s.seq_id = None
                 self._running.remove(h)
                 self._finish(h, r, finished)
+
+
+def embedding_ids(tokenizer, text: str, prefix: Optional[str], eos: Optional[int]) -> list:
+    """The token ids a text is embedded as: prefix + text with the tokenizer's special tokens,
+    then the EOS (last-token pooling reads it)."""
+    ids = tokenizer.encode((prefix or "") + text, add_special_tokens=True)
+    if eos is not None:
+        ids.append(eos)
+    if not ids:
+        raise ValueError(f"text {text!r} tokenizes to nothing")
+    return ids
+
+
+def cut_embedding_ids(ids: list, limit: int, keep_eos: bool) -> list:
+    """ids cut to limit tokens, the EOS kept last when the ids end with one (embedding_ids')."""
+    if len(ids) <= limit:
+        return ids
+    return ids[: limit - 1] + [ids[-1]] if keep_eos else ids[:limit]
 
 
 def generate(model, tokenizer=None, prompts: Sequence[Sequence[int]] = (), adapters=None,
