@@ -497,7 +497,7 @@ def format_table(res: dict) -> str:
     lines.append(f"{'peak RSS':>16} | " + " ".join(f"{res['engines'][r]['peak_rss_bytes'] / 2**20:>15.0f} MB"
                                                    for r in rows))
     lines.append("(x: ours over that engine, peer seconds / ours for the same work; t/s tokens, t/s texts "
-                 "for embed, r/s requests for rag_mix)")
+                 "for embed, r/s requests for rag_mix, d/s documents for index)")
     for g in res["goals"]:
         lines.append(f"goal {g['goal']}: {g['value']:.2f}x -> {'met' if g['met'] else 'NOT met'}")
     for w, p in res.get("ours_profile", {}).items():
