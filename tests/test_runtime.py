@@ -4,6 +4,7 @@ Tiny random Llama / Qwen2 models and a tiny BPE tokenizer are built in tmp dirs;
 are random LoRA stacks. Nothing is downloaded.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -443,3 +444,31 @@ def test_default_kv_budget_is_sized_to_the_model_and_the_free_memory(monkeypatch
     assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 352 * per
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 4 * 10 * per)  # not even one sequence
     assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 304 * per
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_is_zero_and_resident_only_as_it_fills(dtype):
+    """Every layer's k and v: zeroed, contiguous views of one buffer, whose pages the OS maps
+    when written: a 256 MiB budget adds far less than that to the resident memory at start."""
+    from bsharedrag_fast import ModelConfig
+    from bsharedrag_fast.engine.kv_cache import KVCache
+
+    cfg = ModelConfig.from_hf(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   architectures=["LlamaForCausalLM"]))
+    before = _rss_bytes()
+    cache = KVCache(cfg, 256 << 20, dtype=dtype, block_size=16)
+    grown = _rss_bytes() - before
+    assert cache.nbytes > 250 << 20 and grown < 32 << 20, grown
+    for t in cache.k + cache.v:
+        assert t.dtype == dtype and t.is_contiguous() and t.shape == cache.k[0].shape
+    assert len({t.data_ptr() for t in cache.k + cache.v}) == 2 * cfg.num_hidden_layers
+    assert not any(bool(t.any()) for t in (cache.k[0], cache.v[-1]))
+    cache.k[1][3].fill_(1.0)  # layers do not alias each other
+    assert not cache.k[0].any() and not cache.k[2].any() and not cache.v[1].any()
