@@ -183,3 +183,21 @@ def test_decoder_stack_checks_its_input():
     with pytest.raises(ValueError, match=r"slots\[0\] = 8 is outside"):  # the C++ check, as a ValueError
         stack(torch.zeros(1, 8), cos, sin, torch.tensor([8]), tables, cu, lens)
     assert torch.count_nonzero(kc[0]) == 0  # a refused call wrote nothing
+
+
+def test_a_forced_kernel_backend_is_not_bypassed(tmp_path, monkeypatch):
+    """KERNEL_BACKEND = "triton" (the GPU kernel under TRITON_INTERPRET, tests/test_graphs.py)
+    must run the Triton attention, so such steps are not fused into the C++ stack."""
+    import bsharedrag_fast.model.attention as attention
+    from bsharedrag_fast.engine.kv_cache import KVCache
+    from bsharedrag_fast.engine.step import build_step
+
+    model = _engine_model(tmp_path, "llama")
+    cache = KVCache(model.config, 1 << 20, block_size=4)
+    sid = cache.allocate()
+    h = torch.zeros(1, model.config.hidden_size)
+    with torch.inference_mode():
+        ctx = build_step(model, [0, 1], [sid], cache)
+        assert model._fused_call(h, ctx) is not None
+        monkeypatch.setattr(attention, "KERNEL_BACKEND", "triton")
+        assert model._fused_call(h, ctx) is None

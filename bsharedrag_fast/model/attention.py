@@ -208,9 +208,9 @@ class AttentionPlan:
     def whole_step_call(self) -> Optional[_KernelCall]:
         """The kernel call when this step is nothing else: every row a cached sequence's, in
         order, written to `slots` then attending in one paged call (what ops.DecoderStack
-        runs); None otherwise."""
+        runs, with the C++ kernel: not when KERNEL_BACKEND forces another); None otherwise."""
         c = self.paged_call
-        if (self.mode != "kernel" or c is None or c.rows is not None or self.slot_rows is not None or self.self_seqs
+        if (self.mode != "kernel" or KERNEL_BACKEND != "auto" or c is None or c.rows is not None or self.slot_rows is not None or self.self_seqs
                 or self.chunk_seqs or self.dec_rows is not None):
             return None
         return c

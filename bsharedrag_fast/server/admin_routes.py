@@ -54,6 +54,8 @@ async def stats(request: Request):
         c = rt.cache
         return {"waiting": rt.num_waiting, "running": rt.num_running,
                 "kv_cache_blocks_used": c.num_blocks - c.num_free_blocks, "kv_cache_blocks_total": c.num_blocks,
-                "kv_cache_sequences": len(c.seq_ids), "adapters": rt.model.adapters, **rt.stats}
+                # the requests' sequences: each admitted generation holds one (the decode graphs' padding
+                # block is a cache sequence of the runner's own, counted in the blocks only)
+                "kv_cache_sequences": rt.num_running, "adapters": rt.model.adapters, **rt.stats}
 
     return await driver.run(snapshot)
