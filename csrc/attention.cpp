@@ -109,8 +109,7 @@ BSR_API bsr_status bsr_paged_attention(bsr_dtype dtype, const void* q, int64_t q
   static const char* fn = "bsr_paged_attention";
   clear_error();
   BSR_GUARD_BEGIN
-  if (dtype != BSR_DTYPE_F32 && dtype != BSR_DTYPE_F16 && dtype != BSR_DTYPE_BF16)
-    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: dtype %d is not f32, f16 or bf16", fn, static_cast<int>(dtype));
+  BSR_TRY(check_f32_f16_bf16(fn, dtype));
   BSR_TRY(check_at_least(fn, "num_seqs", num_seqs, 0));
   if (num_seqs == 0) return BSR_OK;
   BSR_TRY(check_at_least(fn, "num_blocks", num_blocks, 1));

@@ -61,8 +61,7 @@ BSR_API bsr_status bsr_decoder_layers(bsr_dtype dtype, const bsr_decoder_config*
   static const char* fn = "bsr_decoder_layers";
   clear_error();
   BSR_GUARD_BEGIN
-  if (dtype != BSR_DTYPE_F32 && dtype != BSR_DTYPE_F16 && dtype != BSR_DTYPE_BF16)
-    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: dtype must be F32, F16 or BF16, got %d", fn, static_cast<int>(dtype));
+  BSR_TRY(check_f32_f16_bf16(fn, dtype));
   BSR_CHECK_PTR(config, fn);
   const bsr_decoder_config& c = *config;
   BSR_TRY(check_at_least(fn, "config->hidden_size", c.hidden_size, 1));

@@ -161,9 +161,7 @@ extern "C" BSR_API bsr_status bsr_pool(bsr_dtype dtype, const void* hidden, int6
   static const char* fn = "bsr_pool";
   clear_error();
   BSR_GUARD_BEGIN
-  if (dtype != BSR_DTYPE_F32 && dtype != BSR_DTYPE_F16 && dtype != BSR_DTYPE_BF16)
-    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: dtype must be F32, F16 or BF16, got %d", fn,
-                static_cast<int>(dtype));
+  BSR_TRY(check_f32_f16_bf16(fn, dtype));
   if (mode != BSR_POOL_LAST && mode != BSR_POOL_MEAN && mode != BSR_POOL_CLS)
     return fail(BSR_ERR_INVALID_ARGUMENT, "%s: mode must be BSR_POOL_LAST, _MEAN or _CLS, got %d", fn,
                 static_cast<int>(mode));

@@ -69,11 +69,6 @@ void rows_op(RowOp op, bsr_dtype dtype, const void* args, int64_t rows, int64_t 
   rowops_generic::rows_op(op, dtype, args, rows, nt);
 }
 
-bsr_status check_dtype(const char* fn, bsr_dtype dtype) {
-  if (dtype == BSR_DTYPE_F32 || dtype == BSR_DTYPE_F16 || dtype == BSR_DTYPE_BF16) return BSR_OK;
-  return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: dtype must be F32, F16 or BF16, got %d", fn, static_cast<int>(dtype));
-}
-
 }  // namespace
 }  // namespace bsr
 
@@ -85,7 +80,7 @@ BSR_API bsr_status bsr_rms_norm(bsr_dtype dtype, const void* x, int64_t x_row_st
   static const char* fn = "bsr_rms_norm";
   clear_error();
   BSR_GUARD_BEGIN
-  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_f32_f16_bf16(fn, dtype));
   BSR_TRY(check_at_least(fn, "num_rows", num_rows, 0));
   BSR_TRY(check_rows(fn, "dim", dim, "x_row_stride", x_row_stride));
   BSR_TRY(check_rows(fn, "dim", dim, "out_row_stride", out_row_stride));
@@ -111,7 +106,7 @@ BSR_API bsr_status bsr_silu_mul(bsr_dtype dtype, const void* x, int64_t x_row_st
   static const char* fn = "bsr_silu_mul";
   clear_error();
   BSR_GUARD_BEGIN
-  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_f32_f16_bf16(fn, dtype));
   BSR_TRY(check_at_least(fn, "num_rows", num_rows, 0));
   BSR_TRY(check_at_least(fn, "dim", dim, 1));
   if (x_row_stride < 2 * dim)
@@ -133,7 +128,7 @@ BSR_API bsr_status bsr_rope(bsr_dtype dtype, const void* x, int64_t x_row_stride
   static const char* fn = "bsr_rope";
   clear_error();
   BSR_GUARD_BEGIN
-  BSR_TRY(check_dtype(fn, dtype));
+  BSR_TRY(check_f32_f16_bf16(fn, dtype));
   BSR_TRY(check_at_least(fn, "num_rows", num_rows, 0));
   BSR_TRY(check_at_least(fn, "num_heads", num_heads, 1));
   BSR_TRY(check_at_least(fn, "head_dim", head_dim, 2));

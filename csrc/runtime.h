@@ -44,6 +44,12 @@ inline bsr_status check_at_least(const char* fn, const char* name, int64_t value
               static_cast<long long>(value));
 }
 
+// The storage types of the entry points that take no f64 (attention, pool, the row ops, the decoder).
+inline bsr_status check_f32_f16_bf16(const char* fn, bsr_dtype dtype) {
+  if (dtype == BSR_DTYPE_F32 || dtype == BSR_DTYPE_F16 || dtype == BSR_DTYPE_BF16) return BSR_OK;
+  return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: dtype must be F32, F16 or BF16, got %d", fn, static_cast<int>(dtype));
+}
+
 // A row-major operand: `features` >= 1 columns, rows `stride` elements apart.
 inline bsr_status check_rows(const char* fn, const char* features_name, int64_t features, const char* stride_name,
                              int64_t stride) {

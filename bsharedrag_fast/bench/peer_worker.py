@@ -126,7 +126,6 @@ class Ours:
         rt.run_until_done()
         return [h.result().token_ids for h in gens], [h.result().tolist() for h in embs]
 
-
     def _index(self, embed: dict) -> list:
         """`bsharedrag index`'s loop (index.build.index_documents: embed in batches of the
         command's default size, upsert into HNSW + SQLite, save) into a fresh directory."""

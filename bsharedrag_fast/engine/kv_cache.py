@@ -61,7 +61,7 @@ def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
     memory the allocator kept is zeroed by writing it."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    n = math.prod(shape) * dtype.itemsize
     if n == 0:
         return torch.zeros(shape, dtype=dtype)
     buf = np.frombuffer(mmap.mmap(-1, n), dtype=np.uint8)  # the array holds the map, the tensor the array

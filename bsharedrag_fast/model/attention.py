@@ -209,11 +209,10 @@ class AttentionPlan:
         """The kernel call when this step is nothing else: every row a cached sequence's, in
         order, written to `slots` then attending in one paged call (what ops.DecoderStack
         runs, with the C++ kernel: not when KERNEL_BACKEND forces another); None otherwise."""
-        c = self.paged_call
-        if (self.mode != "kernel" or KERNEL_BACKEND != "auto" or c is None or c.rows is not None or self.slot_rows is not None or self.self_seqs
-                or self.chunk_seqs or self.dec_rows is not None):
+        # (a kernel-mode plan has no SDPA parts; its paged call's rows are slot_rows)
+        if self.mode != "kernel" or KERNEL_BACKEND != "auto" or self.slot_rows is not None or self.self_seqs:
             return None
-        return c
+        return self.paged_call
 
     def _self_kernel_call(self, device) -> _KernelCall:
         """The cache-less sequences as one kernel call over their packed k / v."""

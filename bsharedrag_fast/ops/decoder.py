@@ -148,7 +148,7 @@ class DecoderStack:
         B = context_lens.shape[0]
         if tuple(cu_seqlens_q.shape) != (B + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != B:
             raise ValueError(f"cu_seqlens_q must be [{B + 1}] and block_tables [{B}, max_blocks] for {B} context_lens")
-        out = h.contiguous().clone()
+        out = h.clone(memory_format=torch.contiguous_format)
         slots, tables = slots.contiguous(), block_tables.contiguous()
         cu, lens = cu_seqlens_q.contiguous(), context_lens.contiguous()
         # the kernel takes the halves' cos / sin [T, D / 2]: cos's first half, sin's second (its unnegated half)
