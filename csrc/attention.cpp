@@ -29,13 +29,6 @@
 #include "lora_common.h"
 #include "runtime.h"
 
-// The softmax's exp and selects vectorize only when compares may not trap (GCC keeps them as
-// branches otherwise; the loop ran scalar, 45% of a long prefill). No code here reads the FP
-// exception flags. Clang's default already.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-
 namespace bsr {
 
 constexpr int64_t kTileRows = 64;  // query vectors (positions x group heads) per work item

@@ -4,7 +4,7 @@
 // GCC / Clang. The includer defines, then this header undefines:
 //   BSR_PER_ISA_KERNELS  the header to compile ("lora_kernels.h", "attention_kernels.h")
 //   BSR_PER_ISA_NS(isa)  the namespace of each copy, isa = generic, avx2 or avx512
-// No include guard on purpose (lora.cpp and attention.cpp each include it once).
+// No include guard on purpose (lora.cpp, attention.cpp and rowops.cpp each include it once).
 
 namespace BSR_PER_ISA_NS(generic) {
 #include "lora_simd_generic.h"

@@ -213,6 +213,21 @@ def test_loaded_weights_leave_the_file(saved_llama, tmp_path):
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
 
 
+def test_weights_load_into_one_buffer_merging_without_copies(saved_llama):
+    """load_state_dict places every weight in one map (util.mapped: 2 MiB-aligned, advised for
+    huge pages), each layer's q, k, v and gate, up back to back: the merged projections are
+    views of it (one storage for every parameter), and they hold the file's tensors."""
+    model = Backbone.from_pretrained(saved_llama)
+    sd = safetensors_torch.load_file(str(saved_llama / "model.safetensors"))
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    assert model.embed.data_ptr() % (2 << 20) == 0  # the first weight starts the buffer
+    p, layer = "model.layers.0.", model.layers[0]
+    assert torch.equal(layer.qkv_weight, torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+    assert torch.equal(layer.gate_up_weight, torch.cat([sd[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up")]))
+    out = model.hf_state_dict()
+    assert sorted(out) == sorted(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
+
+
 def test_unknown_architecture(saved_llama, tmp_path):
     p = _copy(saved_llama, tmp_path / "m", edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):

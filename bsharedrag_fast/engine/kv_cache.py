@@ -35,12 +35,11 @@ Running out of blocks raises CacheFullError (a RuntimeError) before anything is 
 from __future__ import annotations
 
 import itertools
-import math
-import mmap
 from typing import Hashable, Optional
 
-import numpy as np
 import torch
+
+from ..util.mapped import mapped_zeros
 
 
 class CacheFullError(RuntimeError):
@@ -51,21 +50,6 @@ def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take over all layers (the one place this is computed)."""
     cfg, esize = model_config, torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * esize
-
-
-def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor whose pages, on CPU, are touched only when written: an anonymous mmap is
-    the OS's zero pages until written, so the budget counts in the resident memory as the
-    cache fills instead of all at start-up (torch.zeros writes every page: smollm2-135m's
-    default 360 MB were resident before the first request). Not a calloc: one served from
-    memory the allocator kept is zeroed by writing it."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    n = math.prod(shape) * dtype.itemsize
-    if n == 0:
-        return torch.zeros(shape, dtype=dtype)
-    buf = np.frombuffer(mmap.mmap(-1, n), dtype=np.uint8)  # the array holds the map, the tensor the array
-    return torch.from_numpy(buf).view(dtype).view(shape)
 
 
 class KVCache:
@@ -91,7 +75,10 @@ class KVCache:
                 f"({self.bytes_per_block} bytes = {block_size} tokens x {self.bytes_per_token} bytes/token)"
             )
         shape = (self.num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        kv = _zeros((2, self.num_layers) + shape, dtype, self.device)  # one buffer: every layer's k, then v
+        kv_shape = (2, self.num_layers) + shape  # one buffer: every layer's k, then v
+        # on CPU, a map whose pages become resident as the cache fills (util.mapped)
+        kv = mapped_zeros(kv_shape, dtype) if self.device.type == "cpu" else torch.zeros(kv_shape, dtype=dtype,
+                                                                                          device=self.device)
         self.k, self.v = list(kv[0].unbind(0)), list(kv[1].unbind(0))
         self.device = self.k[0].device  # "cuda" -> "cuda:0", comparable with the model's device
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first

@@ -37,6 +37,7 @@ from ..ops import _backends
 from ..ops.linear import cpp_pays
 from ..ops.lora_meta import LoRAMeta
 from ..util.jsonfile import read_json, write_json
+from ..util.mapped import mapped_zeros
 from ..util.sysinfo import release_free_heap
 from . import adapters as peft_adapters
 from .adapters import TARGET_MODULES, LayerLoRA, LoRAStack, ResidentAdapters
@@ -216,12 +217,17 @@ def _safetensors_files(path: str) -> list[str]:
 
 def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """Read the expected tensors (through safe_open memory maps, no pickle) into copies of dtype.
-    Missing, unexpected or mis-shaped tensors are a ValueError naming them."""
+    Missing, unexpected or mis-shaped tensors are a ValueError naming them.
+
+    On CPU the copies are views of one buffer on huge pages (util.mapped: a decode step streams
+    every weight, and 2 MiB pages stream faster), laid out so that each layer's q, k, v and its
+    gate, up lie back to back: Layer merges them as views, without a copy (see _merged)."""
     from safetensors import safe_open
 
     expected = cfg.tensor_shapes()
+    arena = _weight_arena(expected, dtype) if device.type == "cpu" else None
     sd: dict[str, torch.Tensor] = {}
-    unexpected = []
+    unexpected, bad = [], {}
     for fname in _safetensors_files(path):
         try:
             with safe_open(fname, framework="pt", device="cpu") as f:
@@ -236,22 +242,52 @@ def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> 
                 # weights too) resident for good. Measured at qwen2-0.5b (one 2 GB file):
                 # resident 2.9 -> 2.0 GB, load peak 3.8 -> 1.9 GB.
                 with safe_open(fname, framework="pt", device="cpu") as f:
-                    sd[key] = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != expected[key]:
+                        bad[key] = f"{key}: {tuple(t.shape)} != {expected[key]}"
+                    elif arena is not None:
+                        sd[key] = arena[key].copy_(t)
+                    else:
+                        sd[key] = t.to(device=device, dtype=dtype, copy=True)
             elif key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue  # recomputed / tied to the embedding
             else:
                 unexpected.append(key)
-    missing = sorted(set(expected) - set(sd))
+    missing = sorted(set(expected) - set(sd) - set(bad))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match its config ({cfg.architecture}): "
             f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
             f"unexpected tensors {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}"
         )
-    bad = [f"{k}: {tuple(v.shape)} != {expected[k]}" for k, v in sd.items() if tuple(v.shape) != expected[k]]
     if bad:
-        raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {bad[:10]}")
+        raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {list(bad.values())[:10]}")
     return sd
+
+
+def _weight_arena(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """name -> an empty view of one huge-page buffer (util.mapped), every start 64-byte aligned:
+    the weights in the order of `shapes` (each layer's q, k, v, o, gate, up, down), then the
+    biases, so the projections Layer merges are adjacent wherever their sizes keep the alignment."""
+    order = [k for k in shapes if not k.endswith(".bias")] + [k for k in shapes if k.endswith(".bias")]
+    offsets, end = {}, 0
+    for k in order:
+        offsets[k] = end
+        end += -(-math.prod(shapes[k]) * dtype.itemsize // 64) * 64
+    buf = mapped_zeros((end,), torch.uint8, huge_pages=True)
+    return {k: buf[o: o + math.prod(shapes[k]) * dtype.itemsize].view(dtype).view(shapes[k])
+            for k, o in offsets.items()}
+
+
+def _merged(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts stacked along dim 0: a view when they lie back to back in one buffer (as
+    load_state_dict places them), else a copy."""
+    first, end = parts[0], parts[0].data_ptr()
+    for t in parts:
+        if not t.is_contiguous() or t.data_ptr() != end or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]:
+            return torch.cat(parts, 0)
+        end += t.nbytes
+    return first.as_strided((sum(t.shape[0] for t in parts),) + tuple(first.shape[1:]), first.stride())
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -402,9 +438,9 @@ class Layer(nn.Module):
         def param(t):
             return None if t is None else nn.Parameter(t, requires_grad=False)
 
-        def cat(*names):  # the sources leave state_dict, so each is freed once merged
+        def cat(*names):  # the sources leave state_dict: a copy frees them once merged
             ts = [sd.pop(n, None) for n in names]
-            return param(None if ts[0] is None else torch.cat(ts, 0).contiguous())
+            return param(None if ts[0] is None else _merged(ts))
 
         self.cfg, self.groups = cfg, groups
         self.input_norm = param(sd[p + "input_layernorm.weight"])
