@@ -210,34 +210,47 @@ static inline void prefetch_row(const void* p, int64_t bytes) {
 struct OneScratch {
   std::vector<float> buf;
   std::vector<const void*> rows;
-  float *q, *acc, *inv, *s;
+  float *q, *acc, *m, *l, *s;
   const void **krows, **vrows;
   void size(int64_t G, int64_t dp, int64_t n) {
     const int64_t Gp = round_up(G, kRows);
-    const size_t need = static_cast<size_t>(G * dp + Gp * dp + G + G * n);
+    const size_t need = static_cast<size_t>(G * dp + Gp * dp + 2 * G + G * n);
     if (buf.size() < need) buf.resize(need);
     if (rows.size() < static_cast<size_t>(2 * n)) rows.resize(2 * n);
     q = buf.data();       // [G, dp] queries, pre-scaled, zero-padded
     acc = q + G * dp;     // [Gp, dp] weighted values (rows past G: scratch of the last output block)
-    inv = acc + Gp * dp;  // [G] 1 / the softmax sums
-    s = inv + G;          // [G, n] scores, then probabilities
+    m = acc + Gp * dp;    // [G] the max scores
+    l = m + G;            // [G] the softmax sums, sum_j exp(s_j - m)
+    s = l + G;            // [G, n] scores, then probabilities
     krows = rows.data();  // [n] the keys' cache rows
     vrows = krows + n;    // [n] the values'
   }
 };
+
+// Where a decode row's output goes: out (normalized), or with its keys split into parts, one
+// part's partial result, per head [m, l, acc[dp]] (see merge_parts).
+constexpr int64_t partial_stride(int64_t dp) { return dp + 2; }
 
 // One query position (a decode row) of sequence t.b on KV head g: its G heads against every
 // key it sees, read in place from the cache (V::load widens 16-bit rows; no copies). All n
 // scores are kept, so the softmax is exact in two passes with no running rescale; dot products
 // go 4 keys at a time into one hsum4. The tiled kernel above, built for many query vectors,
 // spends most of a decode row's time on per-chunk copies, masks and 4-row softmax loops:
-// this is 4x faster at 16 rows of 170 keys (smollm2's 9 / 3 heads).
+// this is 4x faster at 16 rows of 170 keys (smollm2's 9 / 3 heads). With parts > 1 it sees
+// only part `part` of the keys (a contiguous share) and writes that part's partial result,
+// [G, partial_stride(dp)], to `partial` for merge_parts.
 template <class T>
-void attend_one(const AttentionArgs& A, const AttentionTile& t, int64_t g, OneScratch& S) {
+void attend_one(const AttentionArgs& A, const AttentionTile& t, int64_t g, OneScratch& S, int64_t part = 0,
+                int64_t parts = 1, float* partial = nullptr) {
   const int64_t d = A.head_dim, G = A.num_heads / A.num_kv_heads, dp = round_up(d, kR);
   const int64_t n_new = A.cu_seqlens_q[t.b + 1] - A.cu_seqlens_q[t.b];
-  const int64_t pos = A.context_lens[t.b] - n_new + t.i0;  // the query's position: keys [k_lo, pos]
-  const int64_t k_lo = A.window > 0 ? std::max<int64_t>(0, pos - A.window + 1) : 0, n = pos + 1 - k_lo;
+  const int64_t pos = A.context_lens[t.b] - n_new + t.i0;  // the query's position: keys [k_first, pos]
+  const int64_t k_first = A.window > 0 ? std::max<int64_t>(0, pos - A.window + 1) : 0, n_all = pos + 1 - k_first;
+  const int64_t k_lo = k_first + n_all * part / parts, n = k_first + n_all * (part + 1) / parts - k_lo;
+  if (n == 0) {  // (a part of none of the keys, when there are fewer than parts: merge_parts skips it)
+    for (int64_t r = 0; r < G; ++r) partial[r * partial_stride(dp) + 1] = 0.f;
+    return;
+  }
   S.size(G, dp, n);
   const T* q = static_cast<const T*>(A.q) + (A.cu_seqlens_q[t.b] + t.i0) * A.q_row_stride + g * G * A.q_head_stride;
   for (int64_t r = 0; r < G; ++r) {
@@ -283,7 +296,8 @@ void attend_one(const AttentionArgs& A, const AttentionTile& t, int64_t g, OneSc
       s[j] = exp_nonpos(s[j] - mx);
       sum += s[j];
     }
-    S.inv[r] = 1.f / sum;  // >= 1: the max key gives exp(0)
+    S.m[r] = mx;
+    S.l[r] = sum;  // >= 1: the max key gives exp(0)
   }
   for (int64_t r0 = 0; r0 < G; r0 += kRows) {  // acc[r, :] = sum_j p[r, j] v_j, kRows x 2 vectors at a time
     const float* p[kRows];  // (rows past G repeat the last: their sums land in acc's scratch rows)
@@ -306,16 +320,60 @@ void attend_one(const AttentionArgs& A, const AttentionTile& t, int64_t g, OneSc
       }
     }
   }
+  if (partial != nullptr) {
+    for (int64_t r = 0; r < G; ++r) {
+      float* pr = partial + r * partial_stride(dp);
+      pr[0] = S.m[r];
+      pr[1] = S.l[r];
+      std::copy(S.acc + r * dp, S.acc + (r + 1) * dp, pr + 2);
+    }
+    return;
+  }
   T* out = static_cast<T*>(A.out) + (A.cu_seqlens_q[t.b] + t.i0) * A.out_row_stride + g * G * A.out_head_stride;
   for (int64_t r = 0; r < G; ++r) {
     T* o = out + r * A.out_head_stride;
-    for (int64_t c = 0; c < d; ++c) Scalar<T>::store(o + c, S.acc[r * dp + c] * S.inv[r]);
+    const float inv = 1.f / S.l[r];
+    for (int64_t c = 0; c < d; ++c) Scalar<T>::store(o + c, S.acc[r * dp + c] * inv);
   }
 }
 
+// A decode row's output from the partial results of its `parts` key parts (flash-decoding's
+// merge): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, M the largest m_p.
 template <class T>
-void attend_items(const AttentionArgs& A, const std::vector<AttentionTile>& tiles, int nt) {
-  const int64_t items = static_cast<int64_t>(tiles.size()) * A.num_kv_heads;
+void merge_parts(const AttentionArgs& A, const AttentionTile& t, int64_t g, const float* partials, int64_t parts,
+                 OneScratch& S) {
+  const int64_t d = A.head_dim, G = A.num_heads / A.num_kv_heads, dp = round_up(d, kR), ps = partial_stride(dp);
+  S.size(G, dp, 1);
+  T* out = static_cast<T*>(A.out) + (A.cu_seqlens_q[t.b] + t.i0) * A.out_row_stride + g * G * A.out_head_stride;
+  for (int64_t r = 0; r < G; ++r) {
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t p = 0; p < parts; ++p) {
+      const float* pr = partials + (p * G + r) * ps;
+      if (pr[1] > 0.f) mx = std::max(mx, pr[0]);
+    }
+    float* acc = S.acc;
+    std::fill(acc, acc + dp, 0.f);
+    for (int64_t p = 0; p < parts; ++p) {
+      const float* pr = partials + (p * G + r) * ps;
+      if (pr[1] == 0.f) continue;  // an empty part
+      const float w = exp_nonpos(pr[0] - mx);
+      sum += w * pr[1];
+#pragma omp simd
+      for (int64_t c = 0; c < dp; ++c) acc[c] += w * pr[2 + c];
+    }
+    T* o = out + r * A.out_head_stride;
+    const float inv = 1.f / sum;  // >= 1: the part holding the max gives e^0 times its l >= 1
+    for (int64_t c = 0; c < d; ++c) Scalar<T>::store(o + c, acc[c] * inv);
+  }
+}
+
+// Work items are (tile, KV head); with parts > 1 (decode rows only, see attend_all) each
+// item's keys are split into parts, attended separately and merged.
+template <class T>
+void attend_items(const AttentionArgs& A, const std::vector<AttentionTile>& tiles, int nt, int64_t parts) {
+  const int64_t KV = A.num_kv_heads, items = static_cast<int64_t>(tiles.size()) * KV, units = items * parts;
+  const int64_t pstride = A.num_heads / KV * partial_stride(round_up(A.head_dim, kR));
+  std::vector<float> partials(parts > 1 ? units * pstride : 0);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
@@ -325,16 +383,26 @@ void attend_items(const AttentionArgs& A, const std::vector<AttentionTile>& tile
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t w = items - 1; w >= 0; --w) {  // the last tiles of a sequence see the most keys: first
-      const AttentionTile& t = tiles[w / A.num_kv_heads];
-      if (t.i1 - t.i0 == 1) attend_one<T>(A, t, w % A.num_kv_heads, S1);
-      else attend_tile<T>(A, t, w % A.num_kv_heads, S);
+    for (int64_t u = units - 1; u >= 0; --u) {  // the last tiles of a sequence see the most keys: first
+      const int64_t w = u / parts;
+      const AttentionTile& t = tiles[w / KV];
+      if (parts > 1) attend_one<T>(A, t, w % KV, S1, u % parts, parts, partials.data() + u * pstride);
+      else if (t.i1 - t.i0 == 1) attend_one<T>(A, t, w % KV, S1);
+      else attend_tile<T>(A, t, w % KV, S);
+    }
+    if (parts > 1) {  // (after the loop's barrier: every part is written)
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t w = 0; w < items; ++w)
+        merge_parts<T>(A, tiles[w / KV], w % KV, partials.data() + w * parts * pstride, parts, S1);
     }
   }
 }
 
-static void attend(const AttentionArgs& A, bsr_dtype dtype, const std::vector<AttentionTile>& tiles, int nt) {
-  if (dtype == BSR_DTYPE_F32) attend_items<float>(A, tiles, nt);
-  else if (dtype == BSR_DTYPE_F16) attend_items<f16_t>(A, tiles, nt);
-  else attend_items<bf16_t>(A, tiles, nt);
+static void attend(const AttentionArgs& A, bsr_dtype dtype, const std::vector<AttentionTile>& tiles, int nt,
+                   int64_t parts) {
+  if (dtype == BSR_DTYPE_F32) attend_items<float>(A, tiles, nt, parts);
+  else if (dtype == BSR_DTYPE_F16) attend_items<f16_t>(A, tiles, nt, parts);
+  else attend_items<bf16_t>(A, tiles, nt, parts);
 }

@@ -81,6 +81,33 @@ def test_paged_attention_matches_the_reference(new, past, H, KV, D, bs, window):
                                        atol=1e-5)
 
 
+@pytest.mark.parametrize("new,past,H,KV,D,bs,window", [
+    ([1], [300], 9, 3, 64, 16, None),        # smollm2's heads, one decode row: 3 items in 3 parts each
+    ([1], [1], 64, 1, 128, 16, None),        # 2 keys in 8 parts: 6 empty ones
+    ([1, 1], [40, 700], 8, 2, 32, 16, 100),  # a window: the parts share its last 100 keys
+    ([1, 1, 1], [500, 3, 77], 6, 2, 20, 8, None),  # 6 items in 2 parts, head_dim 20
+])  # fmt: skip
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_rows_split_into_key_parts_match_the_reference(new, past, H, KV, D, bs, window, threads):
+    """A decode step of fewer (sequence, KV head) items than csrc/attention.cpp's kDecodeUnits
+    splits each one's keys into parts (on any thread count), merged after: the result is the
+    reference's, and the same on 1 and 3 threads, bit for bit (bsharedrag.h: results do not
+    depend on the thread count)."""
+    old = torch.get_num_threads()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v, table, cu, lens = _case(new, past, H, KV, D, bs, dtype, seed=3)
+            torch.set_num_threads(1)
+            one = ops.paged_attention(q, k, v, table, cu, lens, window=window, backend="cpp")
+            torch.set_num_threads(threads)
+            got = ops.paged_attention(q, k, v, table, cu, lens, window=window, backend="cpp")
+            ref = ops.paged_attention_reference(q, k, v, table, cu, lens, window=window)
+            torch.testing.assert_close(got.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
+            assert torch.equal(got, one)
+    finally:
+        torch.set_num_threads(old)
+
+
 TRITON_CASES = [
     ([1], [0], 1, 1, 8, 1),                               # one key, length 1
     ([17, 1, 3, 40], [0, 63, 5, 0], 9, 3, 64, 16),        # smollm2's heads: prefill, decode, a chunk

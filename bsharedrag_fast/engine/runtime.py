@@ -662,7 +662,9 @@ class SharedRuntime:
         """Pick each row's next token. A row that fails (non-finite logits from its adapter, a
         sampling error) fails its request alone: its KV blocks are freed, the others go on."""
         scores = logits.float()
-        finite = torch.isfinite(scores).all(dim=1).tolist()
+        # a row's sum is non-finite iff one of its logits is (or they overflow it, |logits| ~1e34:
+        # a broken row too): one pass, where isfinite().all() took 150 us a step at 49k columns
+        finite = torch.isfinite(scores.sum(dim=1)).tolist()
         live = []
         for i, h in enumerate(handles):
             if finite[i]:
@@ -684,8 +686,9 @@ class SharedRuntime:
                 scores[rows] = sub
         toks: dict[int, int] = {}
         greedy = [i for i in live if handles[i]._spec.temperature == 0.0]
-        if greedy:
-            toks.update(zip(greedy, sample(scores[greedy], 0.0).tolist()))
+        if greedy:  # (every row, the common case: no copy of the logits)
+            rows = scores if len(greedy) == len(handles) else scores[greedy]
+            toks.update(zip(greedy, sample(rows, 0.0).tolist()))
         for i in live:
             s = handles[i]._spec
             if s.temperature != 0.0:  # per request: its own generator and parameters
