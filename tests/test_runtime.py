@@ -472,3 +472,21 @@ def test_kv_cache_is_zero_and_resident_only_as_it_fills(dtype):
     assert not any(bool(t.any()) for t in (cache.k[0], cache.v[-1]))
     cache.k[1][3].fill_(1.0)  # layers do not alias each other
     assert not cache.k[0].any() and not cache.k[2].any() and not cache.v[1].any()
+
+
+def test_large_cpu_steps_hand_freed_heap_back(model, monkeypatch):
+    """A CPU step of at least SharedRuntime.TRIM_ROWS rows returns the heap its activations
+    freed (util.sysinfo.release_free_heap, glibc's malloc_trim); smaller steps (decode) do not."""
+    from bsharedrag_fast.engine import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "release_free_heap", lambda: calls.append(1))
+    monkeypatch.setattr(SharedRuntime, "TRIM_ROWS", 40)
+    rt = SharedRuntime(model, max_batch_tokens=64)
+    h = rt.submit_generate(_prompts([50])[0], max_new_tokens=3, eos_token_id=[])
+    rt.step()  # the 50-row prefill
+    assert calls == [1]
+    rt.run_until_done()  # decode rows only
+    assert calls == [1] and len(h.result().token_ids) == 3
+    rt.embed([list(range(1, 31)), list(range(2, 22))])  # 30 + 20 rows in one step
+    assert calls == [1, 1]

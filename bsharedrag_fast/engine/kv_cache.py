@@ -168,9 +168,8 @@ class KVCache:
             table, past = self._tables[sid], self._lengths[sid]
             for _ in range(self.blocks_needed(n, sid)):
                 table.append(self._free.pop())
-            pos = torch.arange(past, past + n)
-            blocks = torch.tensor(table, dtype=torch.long)[pos // bs]
-            slots = blocks * bs + pos % bs
+            # (in Python: a decode row's one slot took 5 tensor ops, ~80 us on a cold cache)
+            slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(past, past + n)], dtype=torch.long)
             out.append((past, slots if on_host else slots.to(self.device)))
             self._lengths[sid] = past + n
         return out

@@ -79,7 +79,7 @@ import torch
 
 from .. import ops
 from ..util.pool_modes import MODES as POOL_MODES
-from ..util.sysinfo import available_memory_bytes
+from ..util.sysinfo import available_memory_bytes, release_free_heap
 from .cost import StepCosts
 from .generation import (GenerationResult, append_token, apply_repetition_penalty, check_sampling, eos_ids, primary_eos,
                          sample, stop_strings)
@@ -224,6 +224,11 @@ class SharedRuntime:
     """
 
     MAX_EMBED_DEFER = 64
+    # After a CPU step of at least this many rows, the heap pages its activations freed go back
+    # to the OS (util.malloc keeps freed memory for reuse; prefills, then embeddings of other
+    # shapes, kept stacking it up). smollm2-135m, 16 x 64 generations then 128 embeddings: peak
+    # RSS 1090 -> 1050 MB, after them 1090 -> 916; the time within noise (29.2 against 28.9 s)
+    TRIM_ROWS = 256
 
     def __init__(self, model, tokenizer=None, max_batch_tokens: int = 2048,
                  cache_budget_bytes: Optional[int] = None, block_size: int = 16,
@@ -595,6 +600,9 @@ class SharedRuntime:
             for it in items:
                 self._fail(it[1], exc, finished)
             raise
+        del out
+        if cu[-1] >= self.TRIM_ROWS and self.model.device.type == "cpu":
+            release_free_heap()
         st = self.stats
         st["steps"] += 1
         st["rows"] += cu[-1]

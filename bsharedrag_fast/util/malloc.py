@@ -9,7 +9,9 @@ project's 2-vCPU VM, SmolLM2-135M embedding 64 texts of ~118 tokens: 300-470k mi
 faults and 0.9-1.5 s of system time per run, against 29-32k and 0.07-0.11 s with the settings
 below (peak RSS within 2%). So at import, before anything big is allocated, the package sets
 M_MMAP_THRESHOLD to 32 MB (glibc's largest) and M_TRIM_THRESHOLD to 1 GiB: freed blocks stay
-in the heap and are reused (vLLM's CPU backend asks for tcmalloc for the same reason).
+in the heap and are reused (vLLM's CPU backend asks for tcmalloc for the same reason). The
+engine hands them back after each large step (SharedRuntime.TRIM_ROWS): within a step they
+are reused, across steps of other shapes they piled up.
 
 Left alone when the user chose: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ /
 MALLOC_TOP_PAD_ set, glibc.malloc tunables in GLIBC_TUNABLES, another allocator in
