@@ -695,8 +695,8 @@ class SharedRuntime:
         toks: dict[int, int] = {}
         greedy = [i for i in live if handles[i]._spec.temperature == 0.0]
         if greedy:  # (every row, the common case: no copy of the logits)
-            rows = scores if len(greedy) == len(handles) else scores[greedy]
-            toks.update(zip(greedy, sample(rows, 0.0).tolist()))
+            greedy_scores = scores if len(greedy) == len(handles) else scores[greedy]
+            toks.update(zip(greedy, sample(greedy_scores, 0.0).tolist()))
         for i in live:
             s = handles[i]._spec
             if s.temperature != 0.0:  # per request: its own generator and parameters

@@ -28,7 +28,10 @@ def mapped_zeros(shape: tuple, dtype: torch.dtype, huge_pages: bool = False) -> 
     if n == 0:
         return torch.zeros(shape, dtype=dtype)
     pad = HUGE_PAGE if huge_pages else 0  # room to start on a 2 MiB boundary; never touched
-    m = mmap.mmap(-1, n + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # (shared would be shmem)
+    if hasattr(mmap, "MAP_PRIVATE"):  # POSIX: private (a shared map would be shmem, without THP)
+        m = mmap.mmap(-1, n + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:
+        m = mmap.mmap(-1, n + pad)
     if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a no-op where THP is "never"
         m.madvise(mmap.MADV_HUGEPAGE)
     buf = np.frombuffer(m, dtype=np.uint8)  # the array holds the map, the tensor the array
