@@ -93,8 +93,9 @@ void attend_all(const AttentionArgs& A, bsr_dtype dtype, int64_t B) {
   // on the thread count (the results must not, bsharedrag.h).
   int64_t parts = decode && items > 0 && items < kDecodeUnits ? (kDecodeUnits + items - 1) / items : 1;
   // Below a few thousand key rows a parallel region costs more than it saves; a decode row's
-  // cache rows are cold (the step's weights streamed through the caches since), and two
-  // threads paid from ~100 keys there: 150-215 keys, 12-20% less.
+  // cache rows are cold (the step's weights streamed through the caches since): at smollm2's
+  // heads (from ~30 keys here) two threads cost nothing at 32 keys and paid from ~100, 12-20%
+  // less at 150-215.
   const double min_work = decode ? (1 << 14) : (1 << 17);
   const int nt = work >= min_work ? static_cast<int>(std::min<int64_t>(num_threads(), items * parts)) : 1;
   attend(A, dtype, tiles, nt, parts);

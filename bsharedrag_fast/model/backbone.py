@@ -535,7 +535,9 @@ class Layer(nn.Module):
         qk_rot = ops.rope(qkv[:, :qk].view(T, H + cfg.num_key_value_heads, cfg.head_dim), cos, sin)  # q, k at once
         v = qkv[:, qk:].view(T, cfg.num_key_value_heads, cfg.head_dim)
         attn = ctx.attention.attend(li, qk_rot[:, :H], qk_rot[:, H:], v)
+        del qkv, qk_rot, v  # freed before the MLP, whose activations are a long step's largest
         h, x = ops.add_rms_norm(h, self.proj("o", attn, ctx, lora), self.post_norm, cfg.rms_norm_eps)
+        del attn
         return h + self.proj("down", ops.silu_mul(self.proj("gate_up", x, ctx, lora)), ctx, lora)
 
 
