@@ -446,25 +446,21 @@ def test_default_kv_budget_is_sized_to_the_model_and_the_free_memory(monkeypatch
     assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 304 * per
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_is_zero_and_resident_only_as_it_fills(dtype):
     """Every layer's k and v: zeroed, contiguous views of one buffer, whose pages the OS maps
     when written: a 256 MiB budget adds far less than that to the resident memory at start."""
     from bsharedrag_fast import ModelConfig
     from bsharedrag_fast.engine.kv_cache import KVCache
+    from bsharedrag_fast.util.sysinfo import rss_bytes
 
     cfg = ModelConfig.from_hf(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                    architectures=["LlamaForCausalLM"]))
-    before = _rss_bytes()
+    before = rss_bytes()
     cache = KVCache(cfg, 256 << 20, dtype=dtype, block_size=16)
-    grown = _rss_bytes() - before
+    grown = rss_bytes() - before
     assert cache.nbytes > 250 << 20 and grown < 32 << 20, grown
     for t in cache.k + cache.v:
         assert t.dtype == dtype and t.is_contiguous() and t.shape == cache.k[0].shape

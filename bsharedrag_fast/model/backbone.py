@@ -270,13 +270,12 @@ def _weight_arena(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dic
     the weights in the order of `shapes` (each layer's q, k, v, o, gate, up, down), then the
     biases, so the projections Layer merges are adjacent wherever their sizes keep the alignment."""
     order = [k for k in shapes if not k.endswith(".bias")] + [k for k in shapes if k.endswith(".bias")]
-    offsets, end = {}, 0
+    spans, end = {}, 0  # name -> (offset, bytes)
     for k in order:
-        offsets[k] = end
-        end += -(-math.prod(shapes[k]) * dtype.itemsize // 64) * 64
+        spans[k] = end, math.prod(shapes[k]) * dtype.itemsize
+        end += -(-spans[k][1] // 64) * 64
     buf = mapped_zeros((end,), torch.uint8, huge_pages=True)
-    return {k: buf[o: o + math.prod(shapes[k]) * dtype.itemsize].view(dtype).view(shapes[k])
-            for k, o in offsets.items()}
+    return {k: buf[o: o + n].view(dtype).view(shapes[k]) for k, (o, n) in spans.items()}
 
 
 def _merged(parts: list[torch.Tensor]) -> torch.Tensor:
