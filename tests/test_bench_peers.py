@@ -31,7 +31,7 @@ def run(tmp_path_factory):
 
 def test_peer_bench_writes_json_and_plot_and_skips_what_is_missing(run):
     out, res = run
-    assert list(res["engines"]) == ["ours", "hf"]
+    assert list(res["engines"]) == ["ours", "ours-nodraft", "hf"]
     assert any(n.startswith("vllm skipped: no vllm importable by /nonexistent/python") for n in res["notes"])
     assert any(n.startswith("llamacpp skipped") for n in res["notes"])  # not installed, or no GGUF of a HF dir
     assert res["goals"] == []  # the goals are against vLLM and llama.cpp
@@ -49,7 +49,7 @@ def test_ours_reports_its_wait_policy_and_the_peers_get_their_own(run, monkeypat
 
     monkeypatch.setattr(threads, "WAIT_POLICY", "spin")  # the package set the variable ...
     monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
-    assert peers.engine_env("ours")["GOMP_SPINCOUNT"] == "30000"
+    assert peers.engine_env("ours")["GOMP_SPINCOUNT"] == peers.engine_env("ours-nodraft")["GOMP_SPINCOUNT"] == "30000"
     assert "GOMP_SPINCOUNT" not in peers.engine_env("vllm") and "GOMP_SPINCOUNT" not in peers.engine_env("hf")
     monkeypatch.setattr(threads, "WAIT_POLICY", "user")  # ... the user did: every engine keeps it
     assert peers.engine_env("llamacpp")["GOMP_SPINCOUNT"] == "30000"
@@ -58,14 +58,17 @@ def test_ours_reports_its_wait_policy_and_the_peers_get_their_own(run, monkeypat
 def test_peer_bench_figures_follow_from_the_measurements(run):
     _, res = run
     rounds = res["sizes"]["rounds"]
-    for row in res["engines"].values():
-        assert set(row["workloads"]) == set(peers.WORKLOADS)
+    for name, row in res["engines"].items():  # ours without drafts: the single stream only
+        assert set(row["workloads"]) == ({"single_stream"} if name == "ours-nodraft" else set(peers.WORKLOADS))
         assert row["peak_rss_bytes"] > 100 * 2**20
         for w, rec in row["workloads"].items():
             assert len(rec["seconds"]) == rounds and rec["seconds_min"] == min(rec["seconds"]) > 0
     hf, ours = res["engines"]["hf"]["workloads"], res["engines"]["ours"]["workloads"]
     for w in peers.WORKLOADS:
         assert res["speedup_ours_over"]["hf"][w] == pytest.approx(hf[w]["seconds_median"] / ours[w]["seconds_median"])
+    plain = res["engines"]["ours-nodraft"]["workloads"]["single_stream"]["seconds_median"]
+    assert res["speedup_ours_over"]["ours-nodraft"] == {
+        "single_stream": pytest.approx(plain / ours["single_stream"]["seconds_median"])}
     s = res["sizes"]
     assert ours["generate"]["tokens_per_s"] == pytest.approx(s["prompts"] * s["new_tokens"]
                                                              / ours["generate"]["seconds_median"])
@@ -83,6 +86,7 @@ def test_ours_and_transformers_peft_compute_the_same_outputs(run):
     for w in ("generate", "generate_lora", "generate_4loras", "rag_mix"):
         assert check["ours"][f"{w}_answers_identical"] == f"{n}/{n}"
     assert check["ours"]["single_stream_answers_identical"] == "1/1"
+    assert check["ours-nodraft"] == {"single_stream_answers_identical": "1/1", "single_stream_mean_common_prefix": 1.0}
     for w in ("embed", "embed_lora", "rag_mix", "index"):  # index: `bsharedrag index`'s loop against HF's vectors
         assert check["ours"][f"{w}_min_cosine"] > 0.999
 

@@ -6,7 +6,7 @@ and bsharedrag_fast only inside the engines that are ours or run beside it).
 
 SPEC.json: {"engine": one of ENGINES, "model": HF directory, "gguf": file (llamacpp), "dtype",
 "threads", "max_model_len", "kv_gib" (vLLM's cache), "adapters": {name: PEFT directory}, "rank"
-(the adapters' largest)}.
+(the adapters' largest), "speculate" (ours: draft tokens, SharedRuntime's default when absent)}.
 Commands are JSON lines on stdin: {"op": "run", "generate": {"prompts": [[ids]], "adapters":
 [name or null per prompt], "new_tokens": n} or null, "embed": {"texts": [[ids]], "adapter": name
 or null} or null, "keep": bool, "profile": bool (ours: where the time goes, see Ours.PHASES)}
@@ -18,7 +18,8 @@ Reply lines start with REPLY; libraries may print other lines.
 
 Engines:
   ours        SharedRuntime over one Backbone with every adapter; embedding and generation
-              rows of a run share steps.
+              rows of a run share steps; greedy decoding drafts by prompt lookup unless the
+              spec's "speculate" is 0.
   hf          transformers (+ peft with `adapter_names` per row): left-padded batches; a run's
               embeddings, then its generations.
   vllm        vLLM's LLM, generate runner, no LoRA (its fastest base configuration).
@@ -109,7 +110,8 @@ class Ours:
         for name, path in spec["adapters"].items():
             model.load_adapter(path, name)
         # the runtime's own defaults (step size, KV budget), as a user gets them
-        self.rt = SharedRuntime(model, None, max_length=spec["max_model_len"])
+        kw = {"speculate": spec["speculate"]} if "speculate" in spec else {}
+        self.rt = SharedRuntime(model, None, max_length=spec["max_model_len"], **kw)
         from bsharedrag_fast.util import malloc
         from bsharedrag_fast.util.threads import wait_description
 

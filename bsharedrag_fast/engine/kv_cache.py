@@ -29,6 +29,7 @@ API:
     cache.can_fit(n, sid=None)        # would n more tokens (for sid, or a new sequence) fit?
     cache.blocks_needed(n, sid=None)  # blocks that would take; sum these across requests
     cache.free(sid)                   # blocks back to the free list
+    cache.truncate(sid, n)            # keep its first n tokens (rejected draft tokens)
     cache.nbytes, cache.num_blocks, cache.num_free_blocks, cache.capacity_tokens
 Running out of blocks raises CacheFullError (a RuntimeError) before anything is changed.
 """
@@ -173,6 +174,18 @@ class KVCache:
             out.append((past, slots if on_host else slots.to(self.device)))
             self._lengths[sid] = past + n
         return out
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Keep the first `length` tokens of seq_id (rejected draft tokens: engine/speculative.py);
+        blocks past them go back to the free list."""
+        self._check(seq_id)
+        if not 0 <= length <= self._lengths[seq_id]:
+            raise ValueError(f"truncate: length {length} outside 0..{self._lengths[seq_id]} of sequence {seq_id!r}")
+        table = self._tables[seq_id]
+        keep = -(-length // self.block_size)
+        self._free.extend(reversed(table[keep:]))
+        del table[keep:]
+        self._lengths[seq_id] = length
 
     def snapshot(self, seq_ids) -> dict:
         """Block-table sizes and lengths of seq_ids, for restore() if a step fails."""

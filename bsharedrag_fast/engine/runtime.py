@@ -86,6 +86,7 @@ from .generation import (GenerationResult, append_token, apply_repetition_penalt
 from .graphs import MODES as GRAPH_MODES
 from .graphs import DecodeGraphs
 from .kv_cache import CacheFullError, KVCache, kv_bytes_per_token
+from .speculative import PromptLookup
 from .step import StepOutput, run_step
 
 __all__ = ["SharedRuntime", "RequestHandle", "RequestCancelled", "RequestFailed", "generate"]
@@ -159,6 +160,7 @@ class _GenSpec:
     seq_id: object = None
     prefilled: int = 0  # prompt tokens already in the cache
     reserved_blocks: int = 0  # worst-case blocks (prompt + max_new_tokens - 1 tokens)
+    lookup: Optional[PromptLookup] = None  # its n-gram index, once it drafts (engine/speculative.py)
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], "length"))
 
 
@@ -221,6 +223,10 @@ class SharedRuntime:
     decode_graphs: "off" (default); "cuda": steps of decode rows only run as CUDA graphs, one
         captured per batch bucket (engine/graphs.py; CUDA with triton); "static": the same
         static-buffer path run eagerly (any device: what the graphs capture, for tests).
+    speculate: draft tokens a greedy generation (temperature 0, no repetition penalty) may add
+        to its decode row by prompt lookup (engine/speculative.py; same tokens, fewer steps),
+        while the step's decode and draft rows stay within SPEC_MAX_ROWS; 0: off. Off with
+        decode_graphs, whose captured steps take one row per sequence.
     """
 
     MAX_EMBED_DEFER = 64
@@ -229,11 +235,15 @@ class SharedRuntime:
     # shapes, kept stacking it up). smollm2-135m, 16 x 64 generations then 128 embeddings: peak
     # RSS 1090 -> 1050 MB, after them 1090 -> 916; the time within noise (29.2 against 28.9 s)
     TRIM_ROWS = 256
+    # Decode + draft rows of a step that may carry drafts: up to here a step still streams each
+    # weight once and a row costs ~7% of it (engine/speculative.py); at 16 decode rows and
+    # more, drafts would only make the big batches' steps dearer
+    SPEC_MAX_ROWS = 8
 
     def __init__(self, model, tokenizer=None, max_batch_tokens: int = 2048,
                  cache_budget_bytes: Optional[int] = None, block_size: int = 16,
                  max_length: Optional[int] = None, max_running: Optional[int] = None, mixing: str = "cost",
-                 decode_graphs: str = "off"):
+                 decode_graphs: str = "off", speculate: int = 4):
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
         if mixing not in ("cost", "always"):
@@ -259,12 +269,15 @@ class SharedRuntime:
         self.graphs = None
         if decode_graphs != "off":
             self.graphs = DecodeGraphs(model, self.cache, decode_graphs)
+        if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
+            raise ValueError(f"speculate must be an int >= 0, got {speculate!r}")
+        self.speculate = speculate if self.graphs is None else 0
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self._waiting: list[RequestHandle] = []  # submission order, both kinds
         self._running: list[RequestHandle] = []  # admitted generations, admission order
         self.stats = {"steps": 0, "rows": 0, "decode_rows": 0, "prefill_rows": 0, "embed_rows": 0,
-                      "step_seconds": 0.0}
+                      "draft_rows": 0, "drafts_accepted": 0, "step_seconds": 0.0}
 
     @classmethod
     def from_pretrained(cls, model: str, adapters: Optional[dict] = None, *, dtype: torch.dtype = torch.float32,
@@ -490,7 +503,8 @@ class SharedRuntime:
         lens: list[int] = []
         seq_ids: list = []
         adapters: list = []
-        # per packed sequence: ("gen", handle, needs_logits) (decode row or prompt chunk) or ("emb", handle)
+        # per packed sequence: ("gen", handle, needs_logits, draft) (decode row + its draft tokens,
+        # or a prompt chunk) or ("emb", handle)
         items: list[tuple] = []
 
         def pack(toks, sid, adapter, item):
@@ -500,20 +514,26 @@ class SharedRuntime:
             adapters.append(adapter)
             items.append(item)
 
-        # 1. decode rows; 2. prefill chunks of admitted prompts (oldest first)
+        # 1. decode rows (with their drafts while the step stays small); 2. prefill chunks of
+        # admitted prompts (oldest first)
         n_dec = 0
+        room = 0
+        if self.speculate:
+            room = self.SPEC_MAX_ROWS - sum(h._spec.prefilled == len(h._spec.prompt) for h in self._running)
         for h in self._running:
             s = h._spec
             if s.prefilled == len(s.prompt) and budget > 0:
-                pack([s.result.token_ids[-1]], s.seq_id, s.adapter, ("gen", h, True))
-                budget -= 1
+                draft = self._draft(s, min(room, budget - 1)) if room > 0 else []
+                room -= len(draft)
+                pack([s.result.token_ids[-1]] + draft, s.seq_id, s.adapter, ("gen", h, True, draft))
+                budget -= 1 + len(draft)
                 n_dec += 1
         for h in self._running:
             s = h._spec
             if s.prefilled < len(s.prompt) and budget > 0:
                 n = min(budget, len(s.prompt) - s.prefilled)
                 pack(s.prompt[s.prefilled: s.prefilled + n], s.seq_id, s.adapter,
-                     ("gen", h, s.prefilled + n == len(s.prompt)))
+                     ("gen", h, s.prefilled + n == len(s.prompt), ()))
                 budget -= n
         # 3. waiting requests, FIFO per kind; embeddings join a step that generates only where
         # that is cheaper than steps of their own (engine/cost.py), or once they waited long
@@ -552,7 +572,7 @@ class SharedRuntime:
                 self._running.append(h)
                 admitted.append(h)
                 n = min(budget, len(s.prompt))
-                pack(s.prompt[:n], s.seq_id, s.adapter, ("gen", h, n == len(s.prompt)))
+                pack(s.prompt[:n], s.seq_id, s.adapter, ("gen", h, n == len(s.prompt), ()))
                 budget -= n
         if admitted:
             gone = set(id(h) for h in admitted)
@@ -570,11 +590,13 @@ class SharedRuntime:
         cu = [0]
         for n in lens:
             cu.append(cu[-1] + n)
-        logits_rows = [cu[i + 1] - 1 for i, it in enumerate(items) if it[0] == "gen" and it[2]]
+        # a decode row's logits and its drafts' (each checks the next draft token)
+        logits_rows = [r for i, it in enumerate(items) if it[0] == "gen" and it[2]
+                       for r in range(cu[i + 1] - 1 - len(it[3]), cu[i + 1])]
         emb_idx = [i for i, it in enumerate(items) if it[0] == "emb"]
         cache = self.cache if any(sid is not None for sid in seq_ids) else None
         try:
-            if self.graphs is not None and n_dec == len(items) and self.graphs.takes(seq_ids):
+            if self.graphs is not None and n_dec == len(items) == len(ids) and self.graphs.takes(seq_ids):
                 slots = [self.model.adapter_slot(a) for a in adapters]
                 out = StepOutput(self.graphs.run(seq_ids, ids, slots), None)
             else:
@@ -593,9 +615,9 @@ class SharedRuntime:
         try:
             if emb_idx:
                 self._pool(out.hidden, cu, lens, [items[i][1] for i in emb_idx], emb_idx, finished)
-            gen_items = [it[1] for it in items if it[0] == "gen" and it[2]]
+            gen_items = [it for it in items if it[0] == "gen" and it[2]]
             if gen_items:
-                self._sample(out.logits, gen_items, finished)
+                self._sample(out.logits, [it[1] for it in gen_items], finished, [it[3] for it in gen_items])
         except Exception as exc:  # a bug of ours: this step's unfinished requests fail, the engine goes on
             for it in items:
                 self._fail(it[1], exc, finished)
@@ -608,8 +630,10 @@ class SharedRuntime:
         st["rows"] += cu[-1]
         st_emb = sum(lens[i] for i in emb_idx)
         st["embed_rows"] += st_emb
+        drafted = sum(len(it[3]) for it in items if it[0] == "gen")
         st["decode_rows"] += n_dec
-        st["prefill_rows"] += cu[-1] - n_dec - st_emb
+        st["draft_rows"] += drafted
+        st["prefill_rows"] += cu[-1] - n_dec - drafted - st_emb
         elapsed = time.perf_counter() - t0
         st["step_seconds"] += elapsed
         self.costs.observe(cu[-1], elapsed)
@@ -666,50 +690,78 @@ class SharedRuntime:
             for k, j in enumerate(js):
                 self._finish(handles[j], vecs[k].clone(), finished)
 
-    def _sample(self, logits, handles, finished) -> None:
+    def _draft(self, s: _GenSpec, room: int) -> list:
+        """Draft tokens for a greedy generation's decode row (engine/speculative.py): at most
+        `speculate`, `room`, and one fewer than the tokens it has left (the step emits one more)."""
+        if s.temperature != 0.0 or s.repetition_penalty != 1.0:  # drafts are checked by argmax
+            return []
+        k = min(self.speculate, room, s.max_new_tokens - len(s.result.token_ids) - 1)
+        if k <= 0:
+            return []
+        if s.lookup is None:
+            s.lookup = PromptLookup()
+            s.lookup.extend(s.prompt)
+        s.lookup.extend(s.result.token_ids[len(s.lookup.tokens) - len(s.prompt):])
+        return s.lookup.draft(k)
+
+    def _sample(self, logits, handles, finished, drafts) -> None:
         """Pick each row's next token. A row that fails (non-finite logits from its adapter, a
-        sampling error) fails its request alone: its KV blocks are freed, the others go on."""
+        sampling error) fails its request alone: its KV blocks are freed, the others go on.
+        drafts[i]: handle i's draft tokens, whose logits rows follow its own; it keeps the
+        drafts its greedy tokens agree with, and the cache drops the rest."""
         scores = logits.float()
+        first = list(itertools.accumulate((1 + len(d) for d in drafts), initial=0))  # handle -> its row
         # a row's sum is non-finite iff one of its logits is (or they overflow it, |logits| ~1e34:
         # a broken row too): one pass, where isfinite().all() took 150 us a step at 49k columns
         finite = torch.isfinite(scores.sum(dim=1)).tolist()
         live = []
         for i, h in enumerate(handles):
-            if finite[i]:
+            if finite[first[i]]:
                 live.append(i)
                 continue
             s = h._spec
             self._fail(h, RequestFailed(
                 f"request {h.id}: the model's logits are not finite (NaN or inf) at generated token "
                 f"{len(s.result.token_ids) + 1} with adapter {s.adapter!r}; the request was stopped"), finished)
-        # repetition penalty: rows grouped by penalty value (generate's helper, in place)
+        # repetition penalty: rows grouped by penalty value (generate's helper, in place; no drafts)
         by_pen: dict[float, list[int]] = {}
         for i in live:
             by_pen.setdefault(handles[i]._spec.repetition_penalty, []).append(i)
-        for pen, rows in by_pen.items():
+        for pen, hs in by_pen.items():
             if pen != 1.0:
+                rows = [first[i] for i in hs]
                 sub = scores[rows]
                 apply_repetition_penalty(sub, [handles[i]._spec.prompt + handles[i]._spec.result.token_ids
-                                               for i in rows], pen)
+                                               for i in hs], pen)
                 scores[rows] = sub
-        toks: dict[int, int] = {}
-        greedy = [i for i in live if handles[i]._spec.temperature == 0.0]
+        toks: dict[int, int] = {}  # row -> token
+        greedy = [r for i in live if handles[i]._spec.temperature == 0.0 for r in range(first[i], first[i + 1])]
         if greedy:  # (every row, the common case: no copy of the logits)
-            greedy_scores = scores if len(greedy) == len(handles) else scores[greedy]
+            greedy_scores = scores if len(greedy) == first[-1] else scores[greedy]
             toks.update(zip(greedy, sample(greedy_scores, 0.0).tolist()))
         for i in live:
             s = handles[i]._spec
             if s.temperature != 0.0:  # per request: its own generator and parameters
+                r = first[i]
                 try:
-                    toks[i] = sample(scores[i: i + 1], s.temperature, s.top_k, s.top_p, s.generator).item()
+                    toks[r] = sample(scores[r: r + 1], s.temperature, s.top_k, s.top_p, s.generator).item()
                 except RuntimeError as e:  # e.g. a distribution torch.multinomial refuses
                     self._fail(handles[i], RequestFailed(
                         f"request {handles[i].id}: sampling failed (temperature={s.temperature}, top_k={s.top_k}, "
                         f"top_p={s.top_p}, repetition_penalty={s.repetition_penalty}): {e}", status=400), finished)
-        for i, t in toks.items():  # (failed rows have no token)
+        for i in live:
             h = handles[i]
-            s, r = h._spec, h._spec.result
-            done = append_token(r, int(t), s.eos, s.stop, self.tokenizer, s.max_new_tokens)
+            if h.done:  # (its sampling failed)
+                continue
+            s, r, draft = h._spec, h._spec.result, drafts[i]
+            for j in range(len(draft) + 1):  # the decode row's token, then each agreeing draft's
+                done = append_token(r, int(toks[first[i] + j]), s.eos, s.stop, self.tokenizer, s.max_new_tokens)
+                if done is not None or j == len(draft) or r.token_ids[-1] != draft[j] or not finite[first[i] + j + 1]:
+                    break
+            if draft:
+                self.stats["drafts_accepted"] += j
+                # the cache holds the decode row and every draft; keep those before the last token
+                self.cache.truncate(s.seq_id, self.cache.length(s.seq_id) - (len(draft) - j))
             if done is not None:
                 r.finish_reason = done
                 if r.text is None and self.tokenizer is not None:

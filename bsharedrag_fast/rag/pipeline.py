@@ -265,14 +265,14 @@ def load_rag(model: str, index_dir: str, retrieval_adapter: Optional[str] = None
              raw: bool = False, context_tokens: int = 768, max_new_tokens: int = 128, pooling: Optional[str] = None,
              query_prefix: Optional[str] = None, passage_prefix: Optional[str] = None,
              max_length: int = DEFAULT_MAX_LENGTH, dtype=None, device="cpu", max_batch_tokens: int = 2048,
-             verify: bool = True, allow_mismatch: bool = False) -> RAGPipeline:
+             speculate: int = 4, verify: bool = True, allow_mismatch: bool = False) -> RAGPipeline:
     """The RAG pipeline over one backbone: `model` (a directory, .gguf or model name) with
     its retrieval and generation adapters (PEFT directories; None: the base model), and the
     index at index_dir, checked (sha256 unless verify=False) and matched against this
     embedder before the model loads, so a bad index costs nothing. The template and chat
     choice default to what the generation adapter was trained with, the pooling and
     prefixes to what the retrieval adapter was trained with (prompt_settings,
-    embedding_settings)."""
+    embedding_settings). speculate: SharedRuntime's draft tokens."""
     import torch
 
     from ..engine.runtime import SharedRuntime
@@ -287,7 +287,8 @@ def load_rag(model: str, index_dir: str, retrieval_adapter: Optional[str] = None
                               emb["passage_prefix"], max_length)
     index = HNSWIndex.load(index_dir, embedder=fp, verify=verify, allow_mismatch=allow_mismatch)
     rt = SharedRuntime.from_pretrained(model, {"retrieval": retrieval_adapter, "generation": generation_adapter},
-                                       dtype=dtype or torch.float32, device=device, max_batch_tokens=max_batch_tokens)
+                                       dtype=dtype or torch.float32, device=device, max_batch_tokens=max_batch_tokens,
+                                       speculate=speculate)
     return RAGPipeline(rt, index, "retrieval" if retrieval_adapter else None,
                        "generation" if generation_adapter else None, k=k, template=template,
                        context_tokens=context_tokens, max_new_tokens=max_new_tokens,
