@@ -214,7 +214,11 @@ def test_save_round_trip_through_peft(qwen, model, tmp_path, case):
 # ----------------------------------------------------------------------------- hot-load / unload
 
 
-def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
+def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path, monkeypatch):
+    from bsharedrag_fast.model import backbone
+
+    trims = []  # each load / unload rebuilds the stacks: the old ones' heap pages go back
+    monkeypatch.setattr(backbone, "release_free_heap", lambda: trims.append(1))
     hf = qwen[0]
     peft_adapter(hf, tmp_path / "a", seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
     pb = peft_adapter(hf, tmp_path / "b", seed=22, r=16, lora_alpha=8)  # higher rank: re-pads
@@ -248,6 +252,7 @@ def test_hot_load_and_unload_keep_other_adapters(qwen, model, tmp_path):
     model.unload_adapter("c")
     assert model.adapters == [] and model.num_lora_slots == 0
     assert torch.equal(model(ids, cu), base)
+    assert len(trims) == 6  # 3 loads, 3 unloads
 
 
 def test_prepare_then_commit_is_load_even_when_the_residents_changed(qwen, model, tmp_path):

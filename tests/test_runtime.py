@@ -470,6 +470,48 @@ def test_kv_cache_is_zero_and_resident_only_as_it_fills(dtype):
     assert not cache.k[0].any() and not cache.k[2].any() and not cache.v[1].any()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_an_empty_kv_cache_hands_its_pages_back():
+    """release_pages: once no sequence holds a block, the written pages leave the resident
+    memory and read as zeros; never while a sequence holds one, nor twice for nothing."""
+    from bsharedrag_fast import ModelConfig
+    from bsharedrag_fast.engine.kv_cache import KVCache
+    from bsharedrag_fast.util.sysinfo import rss_bytes
+
+    cfg = ModelConfig.from_hf(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   architectures=["LlamaForCausalLM"]))
+    cache = KVCache(cfg, 128 << 20, block_size=16)
+    a, b = cache.allocate(), cache.allocate()
+    cache.reserve([(a, 16), (b, 16)])
+    for t in cache.k + cache.v:  # every page written, as a long run of generations leaves it
+        t.fill_(1.0)
+    cache.free(a)
+    assert not cache.release_pages() and bool(cache.k[0].all())  # b still holds a block
+    cache.free(b)
+    before = rss_bytes()
+    assert cache.release_pages()
+    assert rss_bytes() < before - (96 << 20)
+    assert not any(bool(t.any()) for t in cache.k + cache.v)
+    assert not cache.release_pages()  # nothing written since
+    c = cache.allocate()
+    cache.reserve([(c, 3)])
+    cache.free(c)
+    assert cache.release_pages()
+
+
+def test_the_engine_empties_the_kv_cache_when_its_last_generation_ends(model):
+    rt = SharedRuntime(model, max_batch_tokens=64)
+    prompts = _prompts([7, 12])
+    first = rt.generate(prompts, max_new_tokens=6, eos_token_id=[])
+    assert not any(bool(t.any()) for t in rt.cache.k + rt.cache.v)  # released, not just freed
+    h = rt.submit_generate(prompts[0], max_new_tokens=6, eos_token_id=[])
+    rt.step()
+    assert rt.cache.k[0].any()  # a running generation keeps its pages
+    assert h.result().token_ids == first[0].token_ids
+    assert rt.generate(prompts, max_new_tokens=6, eos_token_id=[]) == first
+
+
 def test_large_cpu_steps_hand_freed_heap_back(model, monkeypatch):
     """A CPU step of at least SharedRuntime.TRIM_ROWS rows returns the heap its activations
     freed (util.sysinfo.release_free_heap, glibc's malloc_trim); smaller steps (decode) do not."""

@@ -30,6 +30,7 @@ API:
     cache.blocks_needed(n, sid=None)  # blocks that would take; sum these across requests
     cache.free(sid)                   # blocks back to the free list
     cache.truncate(sid, n)            # keep its first n tokens (rejected draft tokens)
+    cache.release_pages()             # empty: the CPU map's pages back to the OS
     cache.nbytes, cache.num_blocks, cache.num_free_blocks, cache.capacity_tokens
 Running out of blocks raises CacheFullError (a RuntimeError) before anything is changed.
 """
@@ -40,7 +41,7 @@ from typing import Hashable, Optional
 
 import torch
 
-from ..util.mapped import mapped_zeros
+from ..util.mapped import drop_pages, mapped_zeros
 
 
 class CacheFullError(RuntimeError):
@@ -81,6 +82,8 @@ class KVCache:
         kv = mapped_zeros(kv_shape, dtype) if self.device.type == "cpu" else torch.zeros(kv_shape, dtype=dtype,
                                                                                           device=self.device)
         self.k, self.v = list(kv[0].unbind(0)), list(kv[1].unbind(0))
+        self._storage = kv if self.device.type == "cpu" else None  # the map release_pages empties
+        self._written = False  # a token was reserved since the map was last emptied
         self.device = self.k[0].device  # "cuda" -> "cuda:0", comparable with the model's device
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first
         self._tables: dict[Hashable, list[int]] = {}
@@ -165,6 +168,7 @@ class KVCache:
             )
         out = []
         bs = self.block_size
+        self._written = True
         for sid, n in requests:
             table, past = self._tables[sid], self._lengths[sid]
             for _ in range(self.blocks_needed(n, sid)):
@@ -174,6 +178,14 @@ class KVCache:
             out.append((past, slots if on_host else slots.to(self.device)))
             self._lengths[sid] = past + n
         return out
+
+    def release_pages(self) -> bool:
+        """When no sequence holds a block: the CPU cache's pages go back to the OS, to become
+        resident again as tokens are written (util.mapped.drop_pages). True if it released."""
+        if self._storage is None or not self._written or len(self._free) < self.num_blocks:
+            return False
+        self._written = False
+        return drop_pages(self._storage)
 
     def truncate(self, seq_id: Hashable, length: int) -> None:
         """Keep the first `length` tokens of seq_id (rejected draft tokens: engine/speculative.py);

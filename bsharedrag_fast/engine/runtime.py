@@ -233,7 +233,8 @@ class SharedRuntime:
     # After a CPU step of at least this many rows, the heap pages its activations freed go back
     # to the OS (util.malloc keeps freed memory for reuse; prefills, then embeddings of other
     # shapes, kept stacking it up). smollm2-135m, 16 x 64 generations then 128 embeddings: peak
-    # RSS 1090 -> 1050 MB, after them 1090 -> 916; the time within noise (29.2 against 28.9 s)
+    # RSS 1090 -> 1050 MB, after them 1090 -> 916; the time within noise (29.2 against 28.9 s).
+    # Likewise the KV cache's pages when its last generation finishes (KVCache.release_pages).
     TRIM_ROWS = 256
     # Decode + draft rows of a step that may carry drafts: up to here a step still streams each
     # weight once and a row costs ~7% of it (engine/speculative.py); at 16 decode rows and
@@ -625,6 +626,8 @@ class SharedRuntime:
         del out
         if cu[-1] >= self.TRIM_ROWS and self.model.device.type == "cpu":
             release_free_heap()
+        if not self._running:  # the last generation finished: its KV pages need not stay resident
+            self.cache.release_pages()
         st = self.stats
         st["steps"] += 1
         st["rows"] += cu[-1]

@@ -684,6 +684,9 @@ class Backbone(nn.Module):
         (missing file, bad shape, unsupported option, duplicate name) is a ValueError and
         leaves the model unchanged."""
         peft_adapters.load_adapter(self, peft_dir, name)
+        # the stacks were rebuilt one slot larger: the old ones' pages go back to the OS (five
+        # r=16 adapters on smollm2-135m: 93 MB of stacks had taken 173 MB of RSS)
+        release_free_heap()
 
     def save_adapter(self, name: str, out_dir) -> None:
         """Write `name` as a PEFT directory (loadable by peft.PeftModel.from_pretrained),
@@ -694,6 +697,7 @@ class Backbone(nn.Module):
         """Free `name`'s slot: the stacks are compacted, so later adapters' slots move down
         by one (address adapters by name; slot ints / LoRAMetas from before are stale)."""
         peft_adapters.unload_adapter(self, name)
+        release_free_heap()
 
     @property
     def adapters(self) -> list[str]:
