@@ -9,35 +9,23 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from bsharedrag_fast import Backbone, Tokenizer  # noqa: E402
+from bsharedrag_fast import Tokenizer  # noqa: E402
 from bsharedrag_fast.engine.generation import sample, warp_logits  # noqa: E402
 from bsharedrag_fast.engine.runtime import generate  # noqa: E402
 from bsharedrag_fast.engine.kv_cache import CacheFullError, KVCache  # noqa: E402
 from bsharedrag_fast.engine.step import run_step  # noqa: E402
 from bsharedrag_fast.model.adapters import LoRAStack  # noqa: E402
-from tiny_models import cu_seqlens, hf_model  # noqa: E402
+from tiny_models import GENERATION_CASES, cu_seqlens, saved_generation_case  # noqa: E402
 
 TOL = 1e-4
 V = 128
-CASES = {
-    "llama": {},
-    # untied: a tied random head mostly predicts the input token again (degenerate greedy runs)
-    "qwen2": dict(tie_word_embeddings=False),
-    # a window shorter than prompt + generation, so the banded mask is exercised with the cache
-    "mistral": dict(sliding_window=8, head_dim=16),
-}
 PROMPT_LENS = [3, 11, 6]
 NEW = 10
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(GENERATION_CASES))
 def case(request, tmp_path_factory):
-    hf = hf_model(request.param, embed_scale=3.0, **CASES[request.param])
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return request.param, hf, Backbone.from_pretrained(path)
+    return (request.param, *saved_generation_case(request.param, tmp_path_factory))
 
 
 def _prompts(lens=PROMPT_LENS, seed=1):

@@ -8,25 +8,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from bsharedrag_fast import Backbone  # noqa: E402
 from bsharedrag_fast.engine.kv_cache import KVCache  # noqa: E402
 from bsharedrag_fast.engine.runtime import SharedRuntime  # noqa: E402
 from bsharedrag_fast.engine.speculative import PromptLookup  # noqa: E402
-from tiny_models import hf_model  # noqa: E402
+from tiny_models import GENERATION_CASES, saved_generation_case  # noqa: E402
 
 V = 128
-CASES = {"llama": {}, "qwen2": dict(tie_word_embeddings=False), "mistral": dict(sliding_window=8, head_dim=16)}
 NEW = 40
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(GENERATION_CASES))
 def case(request, tmp_path_factory):
-    hf = hf_model(request.param, embed_scale=3.0, **CASES[request.param])
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return hf, Backbone.from_pretrained(path)
+    return saved_generation_case(request.param, tmp_path_factory)
 
 
 def _prompts(seed=1):

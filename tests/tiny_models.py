@@ -37,6 +37,29 @@ def hf_model(arch: str, embed_scale: float = 1.0, **overrides):
     return model
 
 
+# the generation tests' cases: tied and untied heads, and a window shorter than prompt +
+# generation, so the banded mask is exercised with the cache
+GENERATION_CASES = {
+    "llama": {},
+    # untied: a tied random head mostly predicts the input token again (degenerate greedy runs)
+    "qwen2": dict(tie_word_embeddings=False),
+    "mistral": dict(sliding_window=8, head_dim=16),
+}
+
+
+def saved_generation_case(arch: str, tmp_path_factory):
+    """(transformers model, our Backbone of it saved in a tmp dir) for GENERATION_CASES[arch];
+    no EOS, so transformers' generate runs every prompt to its token limit."""
+    from bsharedrag_fast import Backbone
+
+    hf = hf_model(arch, embed_scale=3.0, **GENERATION_CASES[arch])
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    path = tmp_path_factory.mktemp(arch)
+    hf.save_pretrained(path)
+    return hf, Backbone.from_pretrained(path)
+
+
 def cu_seqlens(lens) -> torch.Tensor:
     return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
 

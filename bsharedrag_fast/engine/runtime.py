@@ -34,7 +34,10 @@ Requests
   are a ValueError at submit time.
 
 Scheduling (each step(), up to max_batch_tokens rows, one step.run_step call):
-1. decode: every running generation past its prompt contributes its last token (1 row);
+1. decode: every running generation past its prompt contributes its last token (1 row),
+   and a greedy one up to `speculate` draft tokens found by prompt lookup, while the step's
+   decode and draft rows stay within SPEC_MAX_ROWS; it keeps the drafts its own greedy
+   tokens agree with, the cache drops the rest (engine/speculative.py);
 2. prefill: generations still in their prompt get the next chunk (oldest first), as long
    as tokens are left in the budget (chunked prefill; only a chunk that completes the
    prompt gets a logits row);
