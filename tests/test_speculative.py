@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from bsharedrag_fast.engine.kv_cache import KVCache  # noqa: E402
 from bsharedrag_fast.engine.runtime import SharedRuntime  # noqa: E402
 from bsharedrag_fast.engine.speculative import PromptLookup  # noqa: E402
-from tiny_models import GENERATION_CASES, saved_generation_case  # noqa: E402
+from tiny_models import GENERATION_CASES, hf_model, saved_generation_case  # noqa: E402
 
 V = 128
 NEW = 40
@@ -142,6 +142,18 @@ def test_kv_cache_truncate_frees_the_blocks_past_the_kept_tokens(case):
         cache.truncate(sid, 12)
     cache.truncate(sid, 0)
     assert cache.block_table(sid) == [] and cache.num_free_blocks == cache.num_blocks
+
+
+def test_drafts_are_off_by_default_below_float32(tmp_path):
+    """bf16 / fp16 steps of several rows round differently from a decode row: drafts would
+    change the greedy text there, so they are only on by default for float32 weights."""
+    from bsharedrag_fast import Backbone
+
+    hf_model("llama").save_pretrained(tmp_path)
+    for dtype, want in ((torch.float32, 4), (torch.bfloat16, 0), (torch.float16, 0)):
+        model = Backbone.from_pretrained(tmp_path, dtype=dtype)
+        assert SharedRuntime(model, None, max_batch_tokens=64).speculate == want
+    assert SharedRuntime(model, None, max_batch_tokens=64, speculate=2).speculate == 2  # asked for
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "4"])

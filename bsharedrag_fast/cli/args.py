@@ -82,9 +82,9 @@ def add_model_args(p) -> None:
     p.add_argument("--max-batch-tokens", type=positive_int, default=2048, help="tokens packed into one engine step")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="run decode steps as CUDA graphs, one captured per batch size bucket (--device cuda)")
-    p.add_argument("--speculate", type=nonnegative_int, default=4,
+    p.add_argument("--speculate", type=nonnegative_int, default=None,
                    help="draft tokens a greedy decode step may check, found by prompt lookup: the same output in "
-                        "fewer steps (default 4; 0: off)")
+                        "fewer steps (default 4 with float32 weights, else 0; 0: off)")
 
 
 def add_index_load_args(p) -> None:

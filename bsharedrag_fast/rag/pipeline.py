@@ -265,7 +265,7 @@ def load_rag(model: str, index_dir: str, retrieval_adapter: Optional[str] = None
              raw: bool = False, context_tokens: int = 768, max_new_tokens: int = 128, pooling: Optional[str] = None,
              query_prefix: Optional[str] = None, passage_prefix: Optional[str] = None,
              max_length: int = DEFAULT_MAX_LENGTH, dtype=None, device="cpu", max_batch_tokens: int = 2048,
-             speculate: int = 4, verify: bool = True, allow_mismatch: bool = False) -> RAGPipeline:
+             speculate: Optional[int] = None, verify: bool = True, allow_mismatch: bool = False) -> RAGPipeline:
     """The RAG pipeline over one backbone: `model` (a directory, .gguf or model name) with
     its retrieval and generation adapters (PEFT directories; None: the base model), and the
     index at index_dir, checked (sha256 unless verify=False) and matched against this
