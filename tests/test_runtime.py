@@ -446,18 +446,24 @@ def test_default_kv_budget_is_sized_to_the_model_and_the_free_memory(monkeypatch
     assert runtime.default_kv_budget(cfg, torch.float32, "cpu", 100, 300, 16) == 304 * per
 
 
+def _cache_config():
+    """The config of the KV-cache residency tests (only the cache is built from it)."""
+    from bsharedrag_fast import ModelConfig
+
+    return ModelConfig.from_hf(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    architectures=["LlamaForCausalLM"]))
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_is_zero_and_resident_only_as_it_fills(dtype):
     """Every layer's k and v: zeroed, contiguous views of one buffer, whose pages the OS maps
     when written: a 256 MiB budget adds far less than that to the resident memory at start."""
-    from bsharedrag_fast import ModelConfig
     from bsharedrag_fast.engine.kv_cache import KVCache
     from bsharedrag_fast.util.sysinfo import rss_bytes
 
-    cfg = ModelConfig.from_hf(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   architectures=["LlamaForCausalLM"]))
+    cfg = _cache_config()
     before = rss_bytes()
     cache = KVCache(cfg, 256 << 20, dtype=dtype, block_size=16)
     grown = rss_bytes() - before
@@ -474,13 +480,10 @@ def test_kv_cache_is_zero_and_resident_only_as_it_fills(dtype):
 def test_an_empty_kv_cache_hands_its_pages_back():
     """release_pages: once no sequence holds a block, the written pages leave the resident
     memory and read as zeros; never while a sequence holds one, nor twice for nothing."""
-    from bsharedrag_fast import ModelConfig
     from bsharedrag_fast.engine.kv_cache import KVCache
     from bsharedrag_fast.util.sysinfo import rss_bytes
 
-    cfg = ModelConfig.from_hf(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   architectures=["LlamaForCausalLM"]))
+    cfg = _cache_config()
     cache = KVCache(cfg, 128 << 20, block_size=16)
     a, b = cache.allocate(), cache.allocate()
     cache.reserve([(a, 16), (b, 16)])

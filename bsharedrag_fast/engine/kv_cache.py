@@ -200,14 +200,11 @@ class KVCache:
         self._lengths[seq_id] = length
 
     def snapshot(self, seq_ids) -> dict:
-        """Block-table sizes and lengths of seq_ids, for restore() if a step fails."""
-        return {sid: (len(self._tables[sid]), self._lengths[sid]) for sid in seq_ids if sid in self._tables}
+        """The lengths of seq_ids, for restore() if a step fails."""
+        return {sid: self._lengths[sid] for sid in seq_ids if sid in self._tables}
 
     def restore(self, snap: dict) -> None:
         """Undo reserve()s since snapshot(): lengths back, newly taken blocks freed."""
-        for sid, (nb, n) in snap.items():
+        for sid, n in snap.items():
             if sid in self._tables:
-                table = self._tables[sid]
-                self._free.extend(reversed(table[nb:]))
-                del table[nb:]
-                self._lengths[sid] = n
+                self.truncate(sid, n)

@@ -21,14 +21,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
+from typing import Optional
 
 MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 POLICY = "not set"  # what configure() did, for machine_info and bench records
+
+
+@functools.cache
+def libc() -> Optional[ctypes.CDLL]:
+    """The C library (errno kept), looked up once: find_library runs ldconfig, ~4 ms a call,
+    and the engine calls malloc_trim / madvise after its large steps. None where it has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def _user_choice() -> str | None:
@@ -57,10 +69,10 @@ def configure() -> str:
         POLICY = "left alone (not glibc)"
     else:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-            ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
-        except (OSError, AttributeError):
+            c = libc()
+            ok = c.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            ok = c.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+        except AttributeError:  # (no C library: None has no mallopt)
             ok = False
         POLICY = (f"keep freed memory (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
                   f"{TRIM_THRESHOLD >> 20} MiB)") if ok else "left alone (mallopt failed)"

@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import mmap
 
 import numpy as np
 import torch
+
+from .malloc import libc
 
 HUGE_PAGE = 2 << 20
 
@@ -50,15 +51,14 @@ def drop_pages(t: torch.Tensor) -> bool:
     """Hand the whole pages under a mapped_zeros tensor back to the OS (MADV_DONTNEED: a
     private anonymous map reads as zeros again and takes no memory until written). False,
     changing nothing, where the OS has no madvise."""
-    name = ctypes.util.find_library("c")
-    if _MADV_DONTNEED is None or not name or t.device.type != "cpu":
+    c = libc()
+    if _MADV_DONTNEED is None or c is None or t.device.type != "cpu":
         return False
     page = mmap.PAGESIZE
     start = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end <= start:
         return True
-    libc = ctypes.CDLL(name, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
+    if c.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
         raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
     return True

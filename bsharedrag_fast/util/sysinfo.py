@@ -49,14 +49,7 @@ def release_free_heap() -> None:
     """Give the heap pages malloc keeps after frees back to the OS (glibc's malloc_trim; a
     no-op elsewhere). Loading a checkpoint frees the copies it read and merged: smollm2-135m
     left 111 MB of such pages in the RSS (631 -> 520 MB over the baseline, weights 513 MB)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        trim = None
+    trim = getattr(malloc.libc(), "malloc_trim", None)  # (None: not glibc)
     if trim is not None:
         trim(0)
 
