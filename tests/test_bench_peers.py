@@ -32,6 +32,8 @@ def run(tmp_path_factory):
 def test_peer_bench_writes_json_and_plot_and_skips_what_is_missing(run):
     out, res = run
     assert list(res["engines"]) == ["ours", "ours-nodraft", "hf"]
+    assert [(res["engines"][r]["dtype"], res["engines"][r]["speculate"]) for r in ("ours", "ours-nodraft")] == [
+        ("float32", 4), ("float32", 0)]
     assert any(n.startswith("vllm skipped: no vllm importable by /nonexistent/python") for n in res["notes"])
     assert any(n.startswith("llamacpp skipped") for n in res["notes"])  # not installed, or no GGUF of a HF dir
     assert res["goals"] == []  # the goals are against vLLM and llama.cpp
@@ -89,6 +91,21 @@ def test_ours_and_transformers_peft_compute_the_same_outputs(run):
     assert check["ours-nodraft"] == {"single_stream_answers_identical": "1/1", "single_stream_mean_common_prefix": 1.0}
     for w in ("embed", "embed_lora", "rag_mix", "index"):  # index: `bsharedrag index`'s loop against HF's vectors
         assert check["ours"][f"{w}_min_cosine"] > 0.999
+
+
+def test_a_bfloat16_run_sets_ours_beside_its_own_fp32(tmp_path):
+    # below float32 ours does not draft, so its no-draft row would repeat it: the row beside it
+    # is the same engine on float32 weights, and the bf16 goal is measured against that
+    rag_checkpoint(tmp_path, positions=1024, adapters=())
+    res = peers.run_peer_bench(model=str(tmp_path / "model"), peers=[], quick=True, dtype="bfloat16", threads=1,
+                               workloads=["single_stream"])
+    assert list(res["engines"]) == ["ours", "ours-fp32"]
+    ours, fp32 = res["engines"]["ours"], res["engines"]["ours-fp32"]
+    assert (ours["dtype"], ours["speculate"]) == ("bfloat16", 0)
+    assert (fp32["dtype"], fp32["speculate"]) == ("float32", 0)
+    ratio = fp32["workloads"]["single_stream"]["seconds_median"] / ours["workloads"]["single_stream"]["seconds_median"]
+    assert res["goals"] == [{"goal": "single_stream: ours >= 1.8x ours-fp32", "value": pytest.approx(ratio),
+                             "met": ratio >= 1.8}]
 
 
 def test_agreement_reports_answers_that_part():

@@ -115,7 +115,8 @@ class Ours:
         from bsharedrag_fast.util import malloc
         from bsharedrag_fast.util.threads import wait_description
 
-        self.info = {"omp_wait": wait_description(), "malloc": malloc.POLICY}  # as this process imported us
+        self.info = {"omp_wait": wait_description(), "malloc": malloc.POLICY,  # as this process imported us
+                     "dtype": str(model.dtype).replace("torch.", ""), "speculate": self.rt.speculate}
 
     def run(self, generate, embed) -> tuple:
         if embed and embed.get("index"):

