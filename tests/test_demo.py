@@ -41,6 +41,14 @@ def test_report_is_complete(demo):
     nd = [res["retrieval"][n]["ndcg@5"] for n in ("BSharedRAG", "w/o hard negatives", "w/o continual pre-training",
                                                  "Fully-shared")]
     assert goals["retrieval_order"]["met"] == (nd[0] > nd[1] > nd[2] > nd[3])
+    pairs = goals["retrieval_order"]["pairs"]  # each neighbouring pair: the mean difference and its interval
+    assert [p["pair"] for p in pairs] == ["BSharedRAG - w/o hard negatives",
+                                          "w/o hard negatives - w/o continual pre-training",
+                                          "w/o continual pre-training - Fully-shared"]
+    for p, a, b in zip(pairs, nd, nd[1:]):
+        lo, hi = p["ci95"]
+        assert p["difference"] == pytest.approx(a - b) and lo <= p["difference"] <= hi
+        assert p["resolved"] == (lo > 0 or hi < 0)
     acc = {n: m["contains"] for n, m in res["generation"].items()}
     best_other = max(v for n, v in acc.items() if n != "BSharedRAG")
     assert goals["answer_accuracy"]["met"] == (acc["BSharedRAG"] >= 0.6 and acc["BSharedRAG"] > best_other)
@@ -100,3 +108,17 @@ def test_saved_index_answers_through_the_cli(demo, capsys):
                  question]) == 0  # the index records the demo's embedder
     rec = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert len(rec["sources"]) == 3 and isinstance(rec["answer"], str)
+
+
+def test_paired_interval_is_the_bootstrap_interval_of_the_mean_difference():
+    import numpy as np
+
+    from bsharedrag_fast.demo.pipeline import _paired_interval
+
+    d = np.random.default_rng(0).normal(0.1, 0.2, 400)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))  # the normal approximation, which n = 400 reaches
+    lo, hi = _paired_interval(d.tolist(), seed=0)
+    assert lo == pytest.approx(d.mean() - half, abs=0.004) and hi == pytest.approx(d.mean() + half, abs=0.004)
+    assert _paired_interval([0.25] * 5, seed=0) == [0.25, 0.25]  # no spread: the difference itself
+    lo, hi = _paired_interval([1.0, -1.0] * 20, seed=0)  # as many queries better as worse
+    assert lo < 0 < hi

@@ -224,14 +224,38 @@ def _holds(answer: str, gold: str) -> bool:
     return generation_metrics([answer], [gold])["contains"] == 1.0
 
 
-def _goals(retrieval: dict, generation: dict, updates: list) -> dict:
+def _paired_interval(diffs: list, seed: int) -> list:
+    """The 95% bootstrap interval (scipy's, percentile) of the mean of per-query differences
+    between two retrievers: the same queries under both, so each query's pair is resampled as one."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if np.ptp(d) == 0:  # every query moved by the same amount: nothing to resample
+        return [float(d[0]), float(d[0])]
+    ci = bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", random_state=seed).confidence_interval
+    return [float(ci.low), float(ci.high)]
+
+
+def _goals(retrieval: dict, generation: dict, updates: list, per_query: Optional[dict] = None,
+           seed: int = 0) -> dict:
     """The demo's goals, each {"goal", "met", ...}: the paper's retrieval order, answer accuracy,
-    and the update stream reaching the answers."""
+    and the update stream reaching the answers. per_query ({system: {qid: metrics}}) adds, for
+    each neighbouring pair of the order, the mean nDCG@5 difference over the test queries and its
+    95% interval: whether the test set can tell the two apart at all."""
     order = [n for n in ("BSharedRAG", "w/o hard negatives", "w/o continual pre-training", "Fully-shared")
              if n in retrieval]
     nd = [retrieval[n]["ndcg@5"] for n in order]
     goals = {"retrieval_order": {"goal": " > ".join(order) + " on nDCG@5",
                                  "met": all(a > b for a, b in zip(nd, nd[1:])), "ndcg@5": dict(zip(order, nd))}}
+    if per_query:
+        pairs = []
+        for a, b in zip(order, order[1:]):
+            diffs = [per_query[a][q]["ndcg@5"] - per_query[b][q]["ndcg@5"] for q in per_query[a]]
+            lo, hi = _paired_interval(diffs, seed)
+            pairs.append({"pair": f"{a} - {b}", "difference": sum(diffs) / len(diffs), "ci95": [lo, hi],
+                          "resolved": lo > 0 or hi < 0})
+        goals["retrieval_order"]["pairs"] = pairs
     if generation:
         acc = {n: m["contains"] for n, m in generation.items()}
         best_other = max(v for n, v in acc.items() if n != "BSharedRAG")
@@ -259,7 +283,9 @@ def _markdown(results: dict) -> str:
     for name, m in results["generation"].items():
         lines.append(f"| {name} | {m['contains']:.3f} | {m['exact']:.3f} | {m['bleu3']:.2f} | {m['rougeL']:.3f} |")
     lines += ["", "## Goals", ""]
-    lines += [f"- {g['goal']}: **{'met' if g['met'] else 'not met'}**" for g in results["goals"].values()]
+    for g in results["goals"].values():
+        lines.append(f"- {g['goal']}: **{'met' if g['met'] else 'not met'}**")
+        lines += [f"  - {line}" for line in _pair_lines(g)]
     mem = results["memory"]
     lines += ["", "## Memory (resident weights)", "",
               f"BSharedRAG (1 backbone + 2 LoRAs): {mem['shared_bytes'] / 2**20:.2f} MiB; "
@@ -295,6 +321,14 @@ def _print_table(results: dict) -> None:
           f"{mem['separate_bytes'] / 2**20:.2f} MiB (ratio {mem['ratio']:.3f})")
     for g in results["goals"].values():
         print(f"goal: {g['goal']}: {'met' if g['met'] else 'NOT met'}")
+        for line in _pair_lines(g):
+            print(f"  {line}")
+
+
+def _pair_lines(goal: dict) -> list:
+    """The retrieval order's pairwise differences, one line each (none for other goals)."""
+    return [f"{p['pair']}: {p['difference']:+.3f} nDCG@5 (95% interval {p['ci95'][0]:+.3f} .. {p['ci95'][1]:+.3f}"
+            f"{'' if p['resolved'] else ': within the noise of this test set'})" for p in goal.get("pairs", [])]
 
 
 def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 0,
@@ -303,7 +337,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     is also written to out_dir/report/results.json. base: a pretrained model (name, GGUF file
     or HF directory) or "tiny" (trained from nothing here); data: a BEIR directory of the
     user's (see user_data.py) instead of WorthBuying-mini; plan overrides plan_for(base, quick)."""
-    from ..eval.metrics import generation_metrics, retrieval_metrics
+    from ..eval.metrics import generation_metrics, per_query_metrics, retrieval_metrics
     from ..model.fingerprint import embedder_fingerprint
     from ..model.store import resolve_model
     from ..rag.data import load_beir, read_jsonl
@@ -434,11 +468,12 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
             rt_cpt.model.load_adapter(g_dir, "generation")
 
     with _stage(secs, "evaluate", "retrieval metrics, RAG answers, memory"):
-        retrieval = {}
+        retrieval, per_query = {}, {}
         for name, (rt, a) in systems.items():
             run = _exact_run(rt, a, *vectors[name], test.queries, max(RETRIEVAL_KS), plan.query_max_len,
                              plan.pooling)
             retrieval[name] = retrieval_metrics(run, test.qrels, ks=RETRIEVAL_KS)
+            per_query[name] = per_query_metrics(run, test.qrels, ks=RETRIEVAL_KS)
         generation, samples, rags = {}, [], {}
         if g_dir:
             qa_test = list(read_jsonl(paths.qa_test))[: plan.eval_questions]
@@ -477,7 +512,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         "mode": "quick" if quick else "full", "base": base, "data": data or "WorthBuying-mini", "seed": seed,
         "plan": asdict(plan), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "retrieval": retrieval, "generation": generation, "memory": memory,
-        "goals": _goals(retrieval, generation, update_rows),
+        "goals": _goals(retrieval, generation, update_rows, per_query, seed),
         "samples": samples, "updates": update_rows, "loss_curves": losses, "seconds": secs,
         "machine": machine_info("cpu"), "load_average": os.getloadavg(),
     }
