@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 from bsharedrag_fast.ops import _backends
-from bsharedrag_fast.ops.linear import KERNEL_DTYPES, cpp_pays
+from bsharedrag_fast.ops.linear import KERNEL_DTYPES, _onednn_op, cpp_pays, onednn_pays
 
 pytestmark = pytest.mark.skipif(_backends._import_cpp() is None, reason="bsharedrag_fast._C is not built")
 
@@ -74,14 +74,46 @@ def test_strided_inputs():
 def test_auto_picks_kernel_where_it_pays(dtype):
     for rows, k in [(1, 96), (2, 96), (8, 96), (9, 96), (16, 96), (17, 96), (200, 96), (17, 768), (200, 800)]:
         x, w, b = make(rows, k, 40, dtype, seed=rows)
-        want = ops.linear(x, w, b, backend="cpp" if cpp_pays(dtype, rows, k) else "reference")
-        assert torch.equal(ops.linear(x, w, b), want), (rows, k)
+        backend = ("cpp" if cpp_pays(dtype, rows, k) else "onednn" if onednn_pays(dtype, rows, k) and _onednn_op()
+                   else "reference")
+        assert torch.equal(ops.linear(x, w, b), ops.linear(x, w, b, backend=backend)), (rows, k)
         check_close(ops.linear(x, w, b), x, w, b)
-    assert cpp_pays(torch.float32, 4, 64) and cpp_pays(torch.float32, 512, 896, isa="avx512")
-    assert not cpp_pays(torch.float32, 512, 896, isa="avx2")  # the AVX2 kernel loses to the gemm from 32 rows
+    assert cpp_pays(torch.float32, 4, 64) and cpp_pays(torch.float32, 127, 896, isa="avx512")
+    assert not cpp_pays(torch.float32, 128, 896, isa="avx512")  # oneDNN's gemm from 128 rows
+    assert not cpp_pays(torch.float32, 64, 896, isa="avx2")  # the AVX2 kernel loses to the gemm from 32 rows
     assert not cpp_pays(torch.float32, 64, 256, isa="avx512") and not cpp_pays(torch.float16, 1, 896)
     assert not cpp_pays(torch.bfloat16, 16, 896, native_bf16=True) and not cpp_pays(torch.float64, 4, 896)
     assert cpp_pays(torch.bfloat16, 512, 896, native_bf16=False)  # torch emulates bf16 without AVX512-BF16
+
+
+def test_onednn_takes_the_avx512_rows_the_kernel_leaves():
+    assert onednn_pays(torch.float32, 17, 576, isa="avx512") and onednn_pays(torch.float32, 128, 1536, isa="avx512")
+    assert not onednn_pays(torch.float32, 16, 576, isa="avx512")  # the C++ kernel's rows
+    assert not onednn_pays(torch.float32, 127, 1536, isa="avx512")  # the AVX-512 kernel's, with >= 768 features
+    assert not onednn_pays(torch.float32, 512, 576, isa="avx2")  # not measured there: F.linear
+    assert not onednn_pays(torch.bfloat16, 512, 576, isa="avx512") and not onednn_pays(torch.float64, 512, 576,
+                                                                                         isa="avx512")
+
+
+@pytest.mark.skipif(_onednn_op() is None, reason="torch was built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_matches_fp64_reference(dtype, shape, bias):
+    rows, k, n = shape
+    x, w, b = make(rows, k, n, dtype, bias)
+    check_close(ops.linear(x, w, b, backend="onednn"), x, w, b)
+    xs = torch.cat([x, x], 1)[:, :k]  # rows with a stride: taken as they are
+    check_close(ops.linear(xs, w, b, backend="onednn"), x, w, b)
+
+
+@pytest.mark.skipif(_onednn_op() is None, reason="torch was built without oneDNN")
+def test_onednn_is_inference_only():
+    x, w, b = make(200, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="backend='onednn' is inference only"):
+        ops.linear(x.requires_grad_(), w, b, backend="onednn")
+    with pytest.raises(ValueError, match="backend='onednn' supports float32, float16 and bfloat16"):
+        ops.linear(x.detach().double(), w.double(), b.double(), backend="onednn")
 
 
 def test_auto_is_reference_for_float64_and_graphs():

@@ -12,8 +12,8 @@ W; past 128 rows it makes one pass per 128 rows of x (their micro-tiles stay in 
 2 threads, torch 2.13; Qwen2-0.5B's shapes, weights streamed from memory) and on the tiny
 preset's cache-resident weights, per dtype and per machine (`cpp_pays`):
   float32   up to 16 rows: 1.8-4.6x (0.9-1.4x on cache-resident weights). With the AVX-512
-            kernel also more rows when in_features >= 768: 1.0-2.9x at 32-512 rows (with
-            fewer input features the reduction that ends each micro-tile is not amortized:
+            kernel also 17-127 rows when in_features >= 768: 1.0-2.9x F.linear (with fewer
+            input features the reduction that ends each micro-tile is not amortized:
             0.7-0.9x). The AVX2 kernel (3 rows x 4 weight rows up to 16 rows, 4 x 2 above)
             is 1.2-2.9x at 16 rows and 0.9-1.7x at 32, 0.8-1.3x at 64 on an AVX2-only EPYC
             (2026-12-07): not taken above 16.
@@ -21,6 +21,11 @@ preset's cache-resident weights, per dtype and per machine (`cpp_pays`):
   bfloat16  1..8 rows where the CPU has AVX512-BF16 / AMX (from 16 rows torch's gemm uses
             those dot products); every row count where it has not (torch emulates bf16:
             the kernel measured 3.5-4.5x at 2-512 rows on the AVX2-only EPYC).
+On that AVX-512 machine (a Zen 4 EPYC) `auto` takes torch's oneDNN gemm
+(`torch.ops.mkldnn._linear_pointwise`, what torch.compile calls on CPU) for the other fp32
+row counts (`onednn_pays`): F.linear there is MKL's sgemm, and oneDNN's beat it by 1.02-1.25x
+at 128-2048 rows and 1.07-1.86x at 17-64 on SmolLM2-135M's shapes, and beat the C++ kernel
+from 128 rows (1.05-1.39x; 2026-12-07, 2 threads, plain weights: no packed copy is kept).
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 
 The Backbone runs every base projection and its LM head through this op, then adds the
@@ -40,6 +45,7 @@ from ..util.sysinfo import cpu_has_bf16
 from . import _backends
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bsr_linear takes here (fp64: F.linear)
+ONEDNN_MIN_ROWS = 128  # AVX-512, fp32: from here oneDNN's gemm beats the C++ kernel at every in_features
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,39 +64,67 @@ def cpp_pays(dtype: torch.dtype, rows: int, in_features: int, isa: Optional[str]
         isa = here[0] if isa is None else isa
         native_bf16 = here[1] if native_bf16 is None else native_bf16
     if dtype == torch.float32:
-        return rows <= 16 or (in_features >= 768 and isa == "avx512")
+        return rows <= 16 or (in_features >= 768 and isa == "avx512" and rows < ONEDNN_MIN_ROWS)
     if dtype == torch.float16:
         return rows >= 2
     return dtype == torch.bfloat16 and (rows <= 8 or not native_bf16)
 
 
-BACKENDS = ("auto", "cpp", "reference")
+def onednn_pays(dtype: torch.dtype, rows: int, in_features: int, isa: Optional[str] = None) -> bool:
+    """Whether `auto` takes torch's oneDNN gemm for a CPU x [rows, in_features]: fp32 on the
+    AVX-512 machine, where the C++ kernel does not pay (see the module doc)."""
+    isa = _machine()[0] if isa is None else isa
+    return dtype == torch.float32 and isa == "avx512" and not cpp_pays(dtype, rows, in_features, isa, False)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_op():
+    """torch's oneDNN linear, or None where torch was built without oneDNN (mkldnn)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+BACKENDS = ("auto", "cpp", "onednn", "reference")
 
 
 def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _plain_cpu_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """x [T, in] on CPU with a contiguous weight and bias of its dtype, outside autograd: what
+    the C++ kernel and oneDNN's gemm take."""
     return (
         x.device.type == "cpu"
         and x.dim() == 2
-        and cpp_pays(x.dtype, x.shape[0], x.shape[1])
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and weight.shape[1] == x.shape[1]
         and weight.is_contiguous()
         and (bias is None or (bias.dtype == x.dtype and tuple(bias.shape) == (weight.shape[0],)))
         and not _needs_graph(x, weight, bias)
-        and _backends._import_cpp() is not None
     )
 
 
-def _check_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (_plain_cpu_call(x, weight, bias) and cpp_pays(x.dtype, x.shape[0], x.shape[1])
+            and _backends._import_cpp() is not None)
+
+
+def _onednn_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (_plain_cpu_call(x, weight, bias) and onednn_pays(x.dtype, x.shape[0], x.shape[1])
+            and _onednn_op() is not None)
+
+
+def _check_cpu_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> None:
     _backends.check_float_matrix("x", x, "[T, in]")
     _backends.check_float_matrix("weight", weight, "[out, in]")
     if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"backend='cpp' supports float32, float16 and bfloat16, got {x.dtype}")
+        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and (t.device.type != "cpu" or t.dtype != x.dtype):
             raise ValueError(f"{name} must be a {x.dtype} CPU tensor like x, got {t.dtype} on {t.device}")
@@ -99,7 +133,8 @@ def _check_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if _needs_graph(x, weight, bias):
-        raise ValueError("backend='cpp' is inference only; use 'auto' or 'reference' where autograd needs a graph")
+        raise ValueError(f"backend={backend!r} is inference only; use 'auto' or 'reference' where autograd "
+                         "needs a graph")
 
 
 def _cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,19 +149,33 @@ def _cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_op()(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), "none",
+                        [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
     """y = x W^T + b, x [T, in], weight [out, in], bias [out] or None.
 
-    backend: "auto" (the C++ kernel where it pays, see the module doc, else F.linear),
-    "cpp" (the kernel for any row count; CPU, inference only) or "reference" (F.linear).
+    backend: "auto" (the C++ kernel or oneDNN's gemm where they pay, see the module doc, else
+    F.linear), "cpp" (the kernel for any row count; CPU, inference only), "onednn" (torch's
+    oneDNN gemm; CPU, inference only) or "reference" (F.linear).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpp":
         _backends.cpp()
-        _check_cpp(x, weight, bias)
+        _check_cpu_call(x, weight, bias, backend)
         return _cpp_linear(x, weight, bias)
-    if backend == "auto" and _cpp_pays(x, weight, bias):
-        return _cpp_linear(x, weight, bias)
+    if backend == "onednn":
+        if _onednn_op() is None:
+            raise ValueError("backend='onednn' needs a torch built with oneDNN (torch.backends.mkldnn)")
+        _check_cpu_call(x, weight, bias, backend)
+        return _onednn_linear(x, weight, bias)
+    if backend == "auto":
+        if _cpp_pays(x, weight, bias):
+            return _cpp_linear(x, weight, bias)
+        if _onednn_pays(x, weight, bias):
+            return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
