@@ -394,7 +394,8 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
                 llama = name in files
                 spec = {"engine": "llamacpp" if llama else "ours" if name in OURS_ROWS else name,
                         "model": model_dir, "gguf": files.get(name),
-                        "dtype": "float32" if name == "ours-fp32" else dtype, "threads": threads, "max_model_len": MAX_MODEL_LEN, "kv_gib": kv_gib,
+                        "dtype": "float32" if name == "ours-fp32" else dtype, "threads": threads,
+                        "max_model_len": MAX_MODEL_LEN, "kv_gib": kv_gib,
                         "rank": rank,
                         # vLLM's base process runs without LoRA: its fastest setting for base requests
                         "adapters": {} if llama or name == "vllm" else adapters,

@@ -23,7 +23,7 @@ preset's cache-resident weights, per dtype and per machine (`cpp_pays`):
             the kernel measured 3.5-4.5x at 2-512 rows on the AVX2-only EPYC).
 On that AVX-512 machine (a Zen 4 EPYC) `auto` takes torch's oneDNN gemm
 (`torch.ops.mkldnn._linear_pointwise`, what torch.compile calls on CPU) for the other fp32
-row counts (`onednn_pays`): F.linear there is MKL's sgemm, and oneDNN's beat it by 1.02-1.25x
+row counts (`onednn_pays`): F.linear there is MKL's sgemm, and oneDNN's beat it by 1.02-1.58x
 at 128-2048 rows and 1.07-1.86x at 17-64 on SmolLM2-135M's shapes, and beat the C++ kernel
 from 128 rows (1.05-1.39x; 2026-12-07, 2 threads, plain weights: no packed copy is kept).
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
