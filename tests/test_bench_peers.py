@@ -171,16 +171,19 @@ def test_peer_bench_rejects_bad_arguments(argv, match, capsys):
 def test_a_run_over_the_budget_is_not_repeated_and_the_profile_splits_ours(tmp_path):
     rag_checkpoint(tmp_path, positions=1024, adapters=())
     res = peers.run_peer_bench(model=str(tmp_path / "model"), peers=["hf"], quick=True, rounds=2, threads=1,
-                               workloads=["generate_lora", "embed"], budget_s=0.0, profile=True)
+                               workloads=["generate", "generate_lora", "embed"], budget_s=0.0, profile=True)
     for row in ("ours", "hf"):
         assert [len(res["engines"][row]["workloads"][w]["seconds"]) for w in ("generate_lora", "embed")] == [1, 1]
-    assert sum("one round, its first took" in n for n in res["notes"]) == 4
-    assert set(res["engines"]["ours"]["workloads"]) == {"generate_lora", "embed"}
+    assert sum("one round, its first took" in n for n in res["notes"]) == 6
+    assert set(res["engines"]["ours"]["workloads"]) == {"generate", "generate_lora", "embed"}
     prof = res["ours_profile"]
-    assert set(prof) == {"generate_lora", "embed"}
+    assert set(prof) == {"generate", "generate_lora", "embed"}
     for p in prof.values():
         assert sum(p["share"].values()) == pytest.approx(1.0) and p["seconds"] > 0
         assert p["share"]["linear (base GEMMs, LM head)"] > 0.01 and p["share"]["attention"] > 0
+    # base decode steps run their layers in one C++ call; steps with adapter rows and prefill do not
+    assert prof["generate"]["share"]["decode layers in one C++ call"] > 0.01
+    assert prof["generate_lora"]["share"]["decode layers in one C++ call"] == 0
     assert prof["generate_lora"]["share"]["LoRA shrink/expand"] > 0 and prof["generate_lora"]["share"]["sampling"] > 0
     assert prof["embed"]["share"]["pooling"] > 0 and prof["embed"]["share"]["sampling"] == 0
 

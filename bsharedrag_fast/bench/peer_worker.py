@@ -90,6 +90,9 @@ class Ours:
     # (file path suffix, function); the rest is Python scheduling, step metadata and glue
     PHASES = {
         "linear (base GEMMs, LM head)": [("ops/linear.py", "linear")],
+        # a base decode step's layers in one C++ call (ops.DecoderStack): its linears, attention
+        # and row ops, which then do not pass through the Python ops above
+        "decode layers in one C++ call": [("ops/decoder.py", "__call__")],
         "LoRA shrink/expand": [("ops/lora_linear.py", "add_")],
         "attention": [("model/attention.py", "attend")],
         "norms, rotary, SiLU": [("ops/rms_norm.py", "rms_norm"), ("ops/rms_norm.py", "add_rms_norm"),

@@ -39,7 +39,7 @@ that nothing polls beside the one measured. A figure is the median round (min be
 speedup = peer seconds / ours for the same work (> 1: ours is faster). A workload whose first
 timed run on an engine took more than --budget seconds is not repeated there (noted).
 --profile adds one run of each workload on ours under cProfile, split into phases (linear,
-LoRA, attention, small ops, sampling, pooling, the Python rest). Each run records the
+the decode layers' one C++ call, LoRA, attention, small ops, sampling, pooling, the Python rest). Each run records the
 machine's 1-minute load average; peak RSS is the sum of each engine's processes' VmHWM
 (vLLM's engine-core processes included).
 """
