@@ -110,16 +110,6 @@ def _plain_cpu_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     )
 
 
-def _cpp_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (_plain_cpu_call(x, weight, bias) and cpp_pays(x.dtype, x.shape[0], x.shape[1])
-            and _backends._import_cpp() is not None)
-
-
-def _onednn_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (_plain_cpu_call(x, weight, bias) and onednn_pays(x.dtype, x.shape[0], x.shape[1])
-            and _onednn_op() is not None)
-
-
 def _check_cpu_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> None:
     _backends.check_float_matrix("x", x, "[T, in]")
     _backends.check_float_matrix("weight", weight, "[out, in]")
@@ -173,9 +163,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise ValueError("backend='onednn' needs a torch built with oneDNN (torch.backends.mkldnn)")
         _check_cpu_call(x, weight, bias, backend)
         return _onednn_linear(x, weight, bias)
-    if backend == "auto":
-        if _cpp_pays(x, weight, bias):
-            return _cpp_linear(x, weight, bias)
-        if _onednn_pays(x, weight, bias):
+    if backend == "auto" and _plain_cpu_call(x, weight, bias):
+        rows, k = x.shape
+        if cpp_pays(x.dtype, rows, k):
+            if _backends._import_cpp() is not None:
+                return _cpp_linear(x, weight, bias)
+        elif onednn_pays(x.dtype, rows, k) and _onednn_op() is not None:
             return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
