@@ -337,7 +337,7 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
     is also written to out_dir/report/results.json. base: a pretrained model (name, GGUF file
     or HF directory) or "tiny" (trained from nothing here); data: a BEIR directory of the
     user's (see user_data.py) instead of WorthBuying-mini; plan overrides plan_for(base, quick)."""
-    from ..eval.metrics import generation_metrics, per_query_metrics, retrieval_metrics
+    from ..eval.metrics import generation_metrics, mean_metrics, per_query_metrics
     from ..model.fingerprint import embedder_fingerprint
     from ..model.store import resolve_model
     from ..rag.data import load_beir, read_jsonl
@@ -472,8 +472,8 @@ def run_demo(out_dir: str = "bsharedrag-demo", quick: bool = False, seed: int = 
         for name, (rt, a) in systems.items():
             run = _exact_run(rt, a, *vectors[name], test.queries, max(RETRIEVAL_KS), plan.query_max_len,
                              plan.pooling)
-            retrieval[name] = retrieval_metrics(run, test.qrels, ks=RETRIEVAL_KS)
             per_query[name] = per_query_metrics(run, test.qrels, ks=RETRIEVAL_KS)
+            retrieval[name] = mean_metrics(per_query[name], RETRIEVAL_KS)
         generation, samples, rags = {}, [], {}
         if g_dir:
             qa_test = list(read_jsonl(paths.qa_test))[: plan.eval_questions]

@@ -118,9 +118,12 @@ def per_query_metrics(run: Run, qrels: Qrels, ks: Any = (3, 5, 10)) -> dict[str,
 
 def retrieval_metrics(run: Run, qrels: Qrels, ks: Any = (3, 5, 10)) -> dict[str, float]:
     """Mean nDCG@k, Hit@k, Recall@k, MRR@k over the queries in the qrels (see the module docstring)."""
-    ks = parse_ks(ks)
-    per_query = per_query_metrics(run, qrels, ks)
-    names = [f"{m}@{k}" for m in RETRIEVAL_METRICS for k in ks]
+    return mean_metrics(per_query_metrics(run, qrels, ks), ks)
+
+
+def mean_metrics(per_query: Mapping[str, Mapping[str, float]], ks: Any = (3, 5, 10)) -> dict[str, float]:
+    """retrieval_metrics from per_query_metrics' rows (for a caller that needs both)."""
+    names = [f"{m}@{k}" for m in RETRIEVAL_METRICS for k in parse_ks(ks)]
     return {name: sum(q[name] for q in per_query.values()) / len(per_query) for name in names}
 
 
