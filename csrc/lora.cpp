@@ -36,6 +36,16 @@
 #define BSR_NOINLINE static
 #endif
 
+// Fully unrolls the loop that follows, so an array of accumulators indexed by its counter
+// stays in registers (GCC's own heuristics stop short of the 24 x 4 body of linear_lanes).
+#if defined(__clang__)
+#define BSR_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define BSR_UNROLL _Pragma("GCC unroll 64")
+#else
+#define BSR_UNROLL
+#endif
+
 // `#pragma omp simd reduction(+:acc)` when OpenMP is on (lets fp reductions vectorize
 // without -ffast-math); nothing otherwise.
 #if defined(_OPENMP) && _OPENMP >= 201307  // OpenMP 4.0 (simd); MSVC's 2.0 has none
@@ -60,12 +70,13 @@ struct Isa {
   void (*shrink)(const ShrinkPlan&, int64_t, int64_t);
   void (*expand)(const ExpandPlan&, int64_t, int64_t, float*);
   void (*linear)(const LinearPlan&, int64_t, int64_t);
+  int64_t lanes_min_rows;  // fp32 linear from this many rows up to W: rows in lanes (0: never)
 };
 
 #define BSR_ISA_ENTRY(ns, nm)                                                                  \
   Isa {                                                                                      \
     nm, ns::V::W, ns::V::SH_RB, ns::V::SH_RJ, ns::V::EX_RB, &ns::shrink_range, &ns::expand_range, \
-        &ns::linear_range                                                                      \
+        &ns::linear_range, ns::V::LN_LANES_NJ > 0 ? ns::V::LN_RB + 1 : 0                       \
   }
 
 static const Isa kGeneric = BSR_ISA_ENTRY(isa_generic, "generic");
@@ -135,6 +146,7 @@ struct Scratch {
   std::vector<int64_t> cost_prefix;
   std::vector<float> bt;
   std::vector<float> v;
+  std::vector<float> xt;
   std::vector<int32_t> sorted_idx, counts, starts;
 };
 static thread_local Scratch tl_scratch;
@@ -356,9 +368,20 @@ static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t
 }
 
 // Threads split the outputs into contiguous ranges (multiples of the micro-tiles), so each
-// streams its own part of W.
-static void do_linear(const LinearPlan& P) {
+// streams its own part of W. An fp32 call with more rows than the dot-product tile takes in
+// one pass, and at most a vector's lanes of them, first writes x transposed for linear_lanes.
+static void do_linear(LinearPlan P) {
   const Isa& I = isa();
+  if (P.dtype == BSR_DTYPE_F32 && I.lanes_min_rows > 0 && P.M >= I.lanes_min_rows && P.M <= I.W) {
+    std::vector<float>& xt = tl_scratch.xt;
+    grow(xt, static_cast<size_t>(P.K * I.W));
+    const float* x = static_cast<const float*>(P.x);
+    for (int64_t k = 0; k < P.K; ++k) {
+      float* d = xt.data() + k * I.W;
+      for (int64_t m = 0; m < I.W; ++m) d[m] = m < P.M ? x[m * P.ldx + k] : 0.f;
+    }
+    P.xt = xt.data();
+  }
   const int64_t work = P.M * P.N * P.K;
   const int64_t step = 12;  // a multiple of every ISA's weight-rows tile (2, 3, 4)
   const int64_t nblocks = (P.N + step - 1) / step;
@@ -655,6 +678,7 @@ BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stri
   P.bias = bias;
   P.y = y;
   P.ldy = y_row_stride;
+  P.xt = nullptr;
   do_linear(P);
   return BSR_OK;
   BSR_GUARD_END(fn)

@@ -165,6 +165,8 @@ struct LinearPlan {
   const void* bias;   // [N] or nullptr
   void* y;
   int64_t ldy;
+  // fp32 with rows in lanes (linear_lanes): x transposed, xt[k * W + m], zero past M; else nullptr
+  const float* xt;
 };
 
 // Finds the adapter of tile t (tile_prefix is nondecreasing, L+1 entries).

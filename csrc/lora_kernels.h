@@ -377,7 +377,8 @@ static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
 }
 
 // Up to kLinearFewRows rows (decode steps) take the ISA's wide tile (LN_RB rows), so the
-// weight stream is consumed in one or two passes, overlapping the arithmetic of more rows.
+// weight stream is consumed in one or two passes, overlapping the arithmetic of more rows
+// (fp32 past LN_RB rows takes linear_lanes below where the ISA has it).
 static constexpr int64_t kLinearFewRows = 16;
 
 template <class T>
@@ -386,6 +387,69 @@ static void linear_range_any(const LinearPlan& P, int64_t n0, int64_t n1) {
     linear_range_t<T, V::LN_RB, V::LN_RJ>(P, n0, n1);
   } else {
     linear_range_t<T, V::SH_RB, V::SH_RJ>(P, n0, n1);
+  }
+}
+
+// Rows in lanes (fp32, 1 < M <= W): lane m of acc[j] is output (m, n + j), and each
+// weight W[n + j, k] is broadcast once to all M rows: acc[j] += xt[k] * W[n + j, k], with
+// xt = x transposed and zero-padded to W lanes (LinearPlan::xt). The dot-product tile above
+// reloads x for every weight row and ends each tile with horizontal sums; this one issues one
+// FMA (with its broadcast load) per weight and no reduction, so a 16-row decode step on
+// AVX-512 makes one pass over W at the FMA rate instead of two (measured in
+// benchmarks/bench_linear.py). Each output sums its products in k order, one fma each.
+template <int NJ>
+BSR_ALWAYS_INLINE void lanes_micro(const float* xt, const float* w, int64_t K, const float* pf, float* tile) {
+  typename V::vf acc[NJ];
+  for (int j = 0; j < NJ; ++j) acc[j] = V::zero();
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    if (pf != nullptr) {
+      // the next block of NJ weight rows (NJ K floats) into L2, spread evenly over this one's k
+      for (int i = 0; i < (NJ + 3) / 4; ++i) V::prefetch_l2(pf + (k / 4 * ((NJ + 3) / 4) + i) * 16);
+    }
+    const typename V::vf x0 = V::load(xt + k * V::W), x1 = V::load(xt + (k + 1) * V::W);
+    const typename V::vf x2 = V::load(xt + (k + 2) * V::W), x3 = V::load(xt + (k + 3) * V::W);
+BSR_UNROLL
+    for (int j = 0; j < NJ; ++j) {
+      const float* wj = w + j * K + k;
+      acc[j] = V::fma(x0, V::set1(wj[0]), acc[j]);
+      acc[j] = V::fma(x1, V::set1(wj[1]), acc[j]);
+      acc[j] = V::fma(x2, V::set1(wj[2]), acc[j]);
+      acc[j] = V::fma(x3, V::set1(wj[3]), acc[j]);
+    }
+  }
+  for (; k < K; ++k) {
+    const typename V::vf xv = V::load(xt + k * V::W);
+    for (int j = 0; j < NJ; ++j) acc[j] = V::fma(xv, V::set1(w[j * K + k]), acc[j]);
+  }
+  for (int j = 0; j < NJ; ++j) V::store(tile + j * V::W, acc[j]);
+}
+
+template <int NJ>
+static inline void lanes_tile(int nj, const float* xt, const float* w, int64_t K, const float* pf, float* tile) {
+  if constexpr (NJ > 1) {
+    if (nj < NJ) {
+      lanes_tile<NJ - 1>(nj, xt, w, K, pf, tile);
+      return;
+    }
+  }
+  lanes_micro<NJ>(xt, w, K, pf, tile);
+}
+
+template <int NJ>
+static void linear_lanes(const LinearPlan& P, int64_t n0, int64_t n1) {
+  const float* w = static_cast<const float*>(P.w);
+  const float* bias = static_cast<const float*>(P.bias);
+  float* y = static_cast<float*>(P.y);
+  alignas(64) float tile[NJ * V::W];
+  for (int64_t n = n0; n < n1; n += NJ) {
+    const int nj = static_cast<int>(imin(NJ, n1 - n));
+    const float* pf = n + 2 * NJ <= n1 ? w + (n + NJ) * P.K : nullptr;
+    lanes_tile<NJ>(nj, P.xt, w + n * P.K, P.K, pf, tile);
+    for (int64_t m = 0; m < P.M; ++m) {
+      float* yr = y + m * P.ldy + n;
+      for (int j = 0; j < nj; ++j) yr[j] = tile[j * V::W + m] + (bias != nullptr ? bias[n + j] : 0.f);
+    }
   }
 }
 
@@ -409,6 +473,12 @@ BSR_OMP_SIMD_SUM_ACC
 static void linear_range(const LinearPlan& P, int64_t n0, int64_t n1) {
   switch (P.dtype) {
     case BSR_DTYPE_F32:
+      if constexpr (V::LN_LANES_NJ > 0) {
+        if (P.xt != nullptr) {
+          linear_lanes<V::LN_LANES_NJ>(P, n0, n1);
+          break;
+        }
+      }
       linear_range_any<float>(P, n0, n1);
       break;
     case BSR_DTYPE_F16:

@@ -15,6 +15,7 @@ struct V {
   // equal at 1-8 rows, where the weight stream bounds both (benchmarks.md, linear).
   static constexpr int LN_RB = 3;
   static constexpr int LN_RJ = 4;
+  static constexpr int LN_LANES_NJ = 0;  // no rows-in-lanes linear: slower than the 3 x 4 tile at 4-8 rows
   static constexpr int EX_RB = 4;
   static constexpr int EX_NV = 2;  // 8 accumulators
   using vf = __m256;

@@ -12,6 +12,7 @@ struct V {
   static constexpr int SH_RJ = 4;  // shrink: ranks per micro-tile  (16 accumulators)
   static constexpr int LN_RB = 8;  // dense linear, <= 16 rows: 24 accumulators + 8 x vectors
   static constexpr int LN_RJ = 3;
+  static constexpr int LN_LANES_NJ = 24;  // dense linear, 9-16 rows in lanes: 24 accumulators + 4 x vectors
   static constexpr int EX_RB = 4;  // expand: rows per micro-tile
   static constexpr int EX_NV = 4;  // expand: vectors of outputs per micro-tile (16 accumulators)
   using vf = __m512;

@@ -10,6 +10,7 @@ struct V {
   static constexpr int SH_RJ = 2;
   static constexpr int LN_RB = 4;  // dense linear: as shrink
   static constexpr int LN_RJ = 2;
+  static constexpr int LN_LANES_NJ = 0;  // no rows-in-lanes linear (4 lanes)
   static constexpr int EX_RB = 4;
   static constexpr int EX_NV = 2;
 #if defined(__GNUC__)

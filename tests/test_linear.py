@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bsharedrag_fast import ops
 from bsharedrag_fast.ops import _backends
-from bsharedrag_fast.ops.linear import KERNEL_DTYPES, _onednn_op, cpp_pays, onednn_pays
+from bsharedrag_fast.ops.linear import KERNEL_DTYPES, _machine, _onednn_op, cpp_pays, onednn_pays
 
 pytestmark = pytest.mark.skipif(_backends._import_cpp() is None, reason="bsharedrag_fast._C is not built")
 
@@ -130,15 +130,41 @@ def test_auto_is_reference_for_float64_and_graphs():
         assert torch.equal(ops.linear(xg, wg, b), ops.linear(x, w, b, backend="cpp"))
 
 
+def rows_in_lanes(dtype, rows):
+    """Whether the C++ kernel puts these rows in the lanes of its vectors (csrc linear_lanes):
+    fp32 calls of 9-16 rows with the AVX-512 kernels."""
+    return dtype == torch.float32 and _machine()[0] == "avx512" and 9 <= rows <= 16
+
+
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_a_row_does_not_depend_on_its_batch(dtype):
-    """Every output is one lane-wise dot product reduced the same way, whatever the tile
-    (8 x 3 up to 16 rows, 4 x 4 beyond) and the 128-row passes: a decode row gives the same
-    bits alone or in a mixed batch."""
+    """The dot-product tiles (8 x 3 up to 16 rows, 4 x 4 beyond, 128-row passes) reduce every
+    output the same way: a row gives the same bits alone or in a batch. Rows in lanes (fp32,
+    9-16 rows on AVX-512) sum in k order instead, the same whichever 9-16 rows share the call,
+    and within the tolerance of the others."""
     x, w, b = make(140, 200, 37, dtype)
     alone = torch.cat([ops.linear(x[i:i + 1], w, b, backend="cpp") for i in range(140)])
     for rows in (5, 16, 17, 140):
-        assert torch.equal(ops.linear(x[:rows], w, b, backend="cpp"), alone[:rows]), rows
+        y = ops.linear(x[:rows], w, b, backend="cpp")
+        if rows_in_lanes(dtype, rows):
+            assert torch.equal(y[3:12], ops.linear(x[3:12], w, b, backend="cpp"))
+            assert not torch.equal(y, alone[:rows])  # another summation order: the test sees that path
+            check_close(y, x[:rows], w, b)
+        else:
+            assert torch.equal(y, alone[:rows]), rows
+
+
+@pytest.mark.parametrize("rows", [9, 12, 16])
+@pytest.mark.parametrize("k, n", [(1, 1), (3, 23), (67, 25), (300, 49), (577, 97)])
+def test_rows_in_lanes_for_odd_shapes(rows, k, n):
+    """9-16 fp32 rows (in the lanes of the AVX-512 kernel; the tile elsewhere) against fp64:
+    k not a multiple of the 4-step unroll, outputs not a multiple of the 24-output tile, with
+    and without a bias, x with a row stride."""
+    x, w, b = make(rows, k, n, torch.float32, seed=rows + k)
+    check_close(ops.linear(x, w, b, backend="cpp"), x, w, b)
+    check_close(ops.linear(x, w, None, backend="cpp"), x, w, None)
+    wide = torch.cat([x, x], 1)[:, 1:k + 1]
+    check_close(ops.linear(wide, w, b, backend="cpp"), wide, w, b)
 
 
 def test_result_does_not_depend_on_threads():

@@ -145,6 +145,8 @@ BSR_API bsr_status bsr_lora_add(bsr_dtype dtype, const void* x, int64_t x_row_st
  *   weight [out_features, in_features] contiguous; bias [out_features] or NULL.
  * Each weight row is read from memory once per call whatever `rows` is; it pays over a BLAS
  * gemm (which packs the weight) up to a few dozen rows. y must not overlap x or weight.
+ * A row's summation order may depend on `rows` (with AVX-512, f32 calls of 9-16 rows sum each
+ * output in k order), never on the threads.
  */
 BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stride, int64_t rows,
                               int64_t in_features, const void* weight, int64_t out_features,

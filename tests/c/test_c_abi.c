@@ -909,8 +909,10 @@ static void run_linear(bsr_dtype dt, int M, int K, int N, int bias, int xpad, in
 
 static void test_linear(void) {
   static const bsr_dtype dts[4] = {BSR_DTYPE_F32, BSR_DTYPE_F16, BSR_DTYPE_BF16, BSR_DTYPE_F64};
-  /* M, K, N: odd tails of every micro-tile, one row, and a call over 128 rows (two passes) */
-  static const int shapes[][3] = {{1, 1, 1}, {1, 67, 33}, {3, 16, 4}, {5, 17, 7}, {9, 300, 129}, {130, 40, 21}};
+  /* M, K, N: odd tails of every micro-tile, one row, rows in lanes (9-16, fp32 on AVX-512),
+     and a call over 128 rows (two passes) */
+  static const int shapes[][3] = {{1, 1, 1},      {1, 67, 33},  {3, 16, 4},  {5, 17, 7},
+                                  {9, 300, 129}, {16, 67, 49}, {130, 40, 21}};
   float x[4] = {0}, w[4] = {0}, y[4] = {0};
   int d, s, v;
   bsr_status st;
