@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from safetensors import safe_open
 
 pytest.importorskip("peft")
 
@@ -36,7 +37,16 @@ def test_peer_bench_writes_json_and_plot_and_skips_what_is_missing(run):
         ("float32", 4), ("float32", 0)]
     assert any(n.startswith("vllm skipped: no vllm importable by /nonexistent/python") for n in res["notes"])
     assert any(n.startswith("llamacpp skipped") for n in res["notes"])  # not installed, or no GGUF of a HF dir
-    assert res["goals"] == []  # the goals are against vLLM and llama.cpp
+    # the speed goals are against vLLM and llama.cpp; ours' peak RSS has a goal of its own: at
+    # most what it holds (the checkpoint's tensors, adapters, KV budget) + 250 MB
+    ours = res["engines"]["ours"]
+    with safe_open(str(out.parent / "model" / "model.safetensors"), "pt") as f:
+        assert ours["memory"]["backbone"] >= sum(f.get_tensor(k).nbytes for k in f.keys()) > 0
+    assert ours["memory"]["lora_stacks"] > 0 and ours["memory"]["cache"] > 0  # 5 random adapters, the KV budget
+    bound = ours["memory"]["total"] + 250 * 2**20
+    assert res["goals"] == [{"goal": f"peak RSS: ours <= weights + KV budget + 250 MB = {bound / 2**20:.0f} MB",
+                             "value": ours["peak_rss_bytes"] / 2**20, "unit": "MB",
+                             "met": ours["peak_rss_bytes"] <= bound}]
     data = (out / "peers.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert res["machine"]["load_average_before"] >= 0 and res["threads"] == 1
@@ -104,8 +114,9 @@ def test_a_bfloat16_run_sets_ours_beside_its_own_fp32(tmp_path):
     assert (ours["dtype"], ours["speculate"]) == ("bfloat16", 0)
     assert (fp32["dtype"], fp32["speculate"]) == ("float32", 0)
     ratio = fp32["workloads"]["single_stream"]["seconds_median"] / ours["workloads"]["single_stream"]["seconds_median"]
-    assert res["goals"] == [{"goal": "single_stream: ours >= 1.8x ours-fp32", "value": pytest.approx(ratio),
-                             "met": ratio >= 1.8}]
+    assert res["goals"][0] == {"goal": "single_stream: ours >= 1.8x ours-fp32", "value": pytest.approx(ratio),
+                               "met": ratio >= 1.8}
+    assert [g["goal"].split(":")[0] for g in res["goals"][1:]] == ["peak RSS"]
 
 
 def test_agreement_reports_answers_that_part():
@@ -187,3 +198,14 @@ def test_a_run_over_the_budget_is_not_repeated_and_the_profile_splits_ours(tmp_p
     assert prof["generate_lora"]["share"]["LoRA shrink/expand"] > 0 and prof["generate_lora"]["share"]["sampling"] > 0
     assert prof["embed"]["share"]["pooling"] > 0 and prof["embed"]["share"]["sampling"] == 0
 
+
+
+def test_a_peer_without_the_chosen_workloads_is_skipped_with_a_note(tmp_path, monkeypatch):
+    # llama.cpp runs generation only: `--peers llamacpp --workloads embed` is ours alone
+    rag_checkpoint(tmp_path, positions=1024, adapters=())
+    monkeypatch.setattr(peers, "_has_module", lambda python, module: True)
+    monkeypatch.setattr(peers, "gguf_files", lambda model, dtype, gguf: {"llamacpp-F32": "/nonexistent.gguf"})
+    res = peers.run_peer_bench(model=str(tmp_path / "model"), peers=["llamacpp"], quick=True, threads=1,
+                               workloads=["embed"])
+    assert list(res["engines"]) == ["ours"] and res["speedup_ours_over"] == {}
+    assert "llamacpp-F32 skipped: it runs none of the workloads embed" in res["notes"]

@@ -72,6 +72,7 @@ GOALS = [(w, "vllm", 1.0) for w in ("generate", "generate_lora", "generate_4lora
                                     "index")]
 GOALS.append(("single_stream", "llamacpp-same-precision", 1.0))
 GOALS.append(("single_stream", "ours-fp32", 1.8))  # bf16 weights against our own fp32 (bfloat16 runs)
+RSS_HEADROOM = 250 * 2**20  # ours' peak RSS goal: at most its weights (base + adapters) + KV budget + this
 
 
 class PeerWorker(WorkerProcess):
@@ -362,6 +363,10 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     work = text_workload(tok, sizes, sizes["new_tokens"])
     requests = {w: r for w, r in _requests(work, sizes).items() if w in workloads}
     routes = {r: {w: ws for w, ws in _routes(r).items() if w in workloads} for r in rows}
+    for r in [r for r in rows if r != "ours" and not routes[r]]:
+        rows.remove(r)
+        notes.append(f"{r} skipped: it runs none of the workloads {','.join(workloads)}")
+        print(f"bench: {notes[-1]}", file=sys.stderr, flush=True)
     needed = sorted({name for r in rows for ws in routes[r].values() for name, _ in ws}, key=list(pythons).index)
     load_before = os.getloadavg()
     samples = {r: {w: [] for w in routes[r]} for r in rows}
@@ -458,7 +463,7 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
             "peak_rss_bytes": sum(peaks[n] for n in names), "load_average_median": statistics.median(loads[r]),
             "workloads": {},
         }
-        for key in ("omp_wait", "dtype", "speculate"):  # ours' rows: how each ran
+        for key in ("omp_wait", "dtype", "speculate", "memory"):  # ours' rows: how each ran, what it holds
             if key in infos.get(r, {}):
                 res["engines"][r][key] = infos[r][key]
         for w, secs in samples[r].items():
@@ -486,6 +491,11 @@ def _goals(res: dict, dtype: str) -> list:
         value = res["speedup_ours_over"].get(row, {}).get(w)
         if value is not None:
             out.append({"goal": f"{w}: ours >= {bound:.1f}x {row}", "value": value, "met": value >= bound})
+    ours = res["engines"]["ours"]
+    if "memory" in ours:
+        bound = ours["memory"]["total"] + RSS_HEADROOM
+        out.append({"goal": f"peak RSS: ours <= weights + KV budget + 250 MB = {bound / 2**20:.0f} MB",
+                    "value": ours["peak_rss_bytes"] / 2**20, "unit": "MB", "met": ours["peak_rss_bytes"] <= bound})
     return out
 
 
@@ -516,7 +526,8 @@ def format_table(res: dict) -> str:
     lines.append("(x: ours over that engine, peer seconds / ours for the same work; t/s tokens, t/s texts "
                  "for embed, r/s requests for rag_mix, d/s documents for index)")
     for g in res["goals"]:
-        lines.append(f"goal {g['goal']}: {g['value']:.2f}x -> {'met' if g['met'] else 'NOT met'}")
+        value = f"{g['value']:.0f} MB" if g.get("unit") == "MB" else f"{g['value']:.2f}x"
+        lines.append(f"goal {g['goal']}: {value} -> {'met' if g['met'] else 'NOT met'}")
     for w, p in res.get("ours_profile", {}).items():
         shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items() if v >= 0.005)
         lines.append(f"ours {w} under cProfile ({p['seconds']:.1f} s): {shares}")
