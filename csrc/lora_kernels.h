@@ -395,8 +395,8 @@ static void linear_range_any(const LinearPlan& P, int64_t n0, int64_t n1) {
 // xt = x transposed and zero-padded to W lanes (LinearPlan::xt). The dot-product tile above
 // reloads x for every weight row and ends each tile with horizontal sums; this one issues one
 // FMA (with its broadcast load) per weight and no reduction, so a 16-row decode step on
-// AVX-512 makes one pass over W at the FMA rate instead of two (measured in
-// benchmarks/bench_linear.py). Each output sums its products in k order, one fma each.
+// AVX-512 makes one pass over W at the FMA rate instead of two (docs/benchmarks.md, linear:
+// 31.0 -> 21.8 ms for SmolLM2-135M's projections). Each output sums its products in k order.
 template <int NJ>
 BSR_ALWAYS_INLINE void lanes_micro(const float* xt, const float* w, int64_t K, const float* pf, float* tile) {
   typename V::vf acc[NJ];

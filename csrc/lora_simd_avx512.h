@@ -10,7 +10,7 @@ struct V {
   // register blocking (32 zmm registers)
   static constexpr int SH_RB = 4;  // shrink: rows per micro-tile
   static constexpr int SH_RJ = 4;  // shrink: ranks per micro-tile  (16 accumulators)
-  static constexpr int LN_RB = 8;  // dense linear, <= 16 rows: 24 accumulators + 8 x vectors
+  static constexpr int LN_RB = 8;  // dense linear, <= 16 rows (fp32: <= 8): 24 accumulators + 8 x vectors
   static constexpr int LN_RJ = 3;
   static constexpr int LN_LANES_NJ = 24;  // dense linear, 9-16 rows in lanes: 24 accumulators + 4 x vectors
   static constexpr int EX_RB = 4;  // expand: rows per micro-tile

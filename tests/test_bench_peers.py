@@ -199,7 +199,6 @@ def test_a_run_over_the_budget_is_not_repeated_and_the_profile_splits_ours(tmp_p
     assert prof["embed"]["share"]["pooling"] > 0 and prof["embed"]["share"]["sampling"] == 0
 
 
-
 def test_a_peer_without_the_chosen_workloads_is_skipped_with_a_note(tmp_path, monkeypatch):
     # llama.cpp runs generation only: `--peers llamacpp --workloads embed` is ours alone
     rag_checkpoint(tmp_path, positions=1024, adapters=())
