@@ -5,6 +5,7 @@ reference of the output check), and the missing peers are skipped with a note. T
 own paths run in the committed benchmark (docs/benchmarks.md)."""
 import json
 import os
+import sys
 
 import pytest
 from safetensors import safe_open
@@ -208,3 +209,23 @@ def test_a_peer_without_the_chosen_workloads_is_skipped_with_a_note(tmp_path, mo
                                workloads=["embed"])
     assert list(res["engines"]) == ["ours"] and res["speedup_ours_over"] == {}
     assert "llamacpp-F32 skipped: it runs none of the workloads embed" in res["notes"]
+
+
+def test_a_peer_worker_that_exits_mid_run_is_noted_and_the_run_goes_on(tmp_path):
+    # a stand-in for vLLM's Python: it finds the module, loads, then exits on its first request
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import json, os, sys\n"
+                    "if sys.argv[1] == '-c':\n    sys.exit(0)\n"
+                    "print('REPLY ' + json.dumps({'load_seconds': 0.0, 'pid': os.getpid()}), flush=True)\n"
+                    "sys.stdin.readline()\nsys.exit(3)\n")
+    fake.chmod(0o755)
+    rag_checkpoint(tmp_path, positions=1024, adapters=())
+    res = peers.run_peer_bench(model=str(tmp_path / "model"), peers=["vllm"], vllm_python=str(fake), quick=True,
+                               threads=1, workloads=["generate", "embed"])
+    assert set(res["engines"]["ours"]["workloads"]) == {"generate", "embed"}
+    assert res["engines"]["vllm"]["workloads"] == {} and res["speedup_ours_over"] == {"vllm": {}}
+    stopped = sorted(n for n in res["notes"] if " stopped: " in n)
+    assert stopped == [f"{name} stopped: bench worker {name!r} exited with code 3 (its messages are above) during "
+                       f"{w}; what it had left to run was skipped" for name, w in (("vllm", "generate"),
+                                                                                   ("vllm-embed", "embed"))]

@@ -75,6 +75,10 @@ GOALS.append(("single_stream", "ours-fp32", 1.8))  # bf16 weights against our ow
 RSS_HEADROOM = 250 * 2**20  # ours' peak RSS goal: at most its weights (base + adapters) + KV budget + this
 
 
+class PeerDied(Exception):
+    """A peer's worker process exited mid-run (args: its name): its rows go on without it."""
+
+
 class PeerWorker(WorkerProcess):
     """A peer_worker process under an engine's Python, in a process group of its own so that it
     can be stopped while other engines run, and so that vLLM's engine processes end with it."""
@@ -375,16 +379,28 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     workers: dict = {}
     profiles: dict = {}
 
+    dead: dict = {}  # a peer's worker that exited mid-run -> why; its rows skip what routes through it
+
     def run(row: str, w: str, req: dict, keep: bool) -> tuple:
         """Run one workload's request on an engine row, every other worker stopped (SIGSTOP: an
-        idle vLLM process polls); (seconds, replies)."""
+        idle vLLM process polls); (seconds, replies). A peer worker that exits is recorded in
+        `dead` and raises PeerDied; ours' raises (a bug of ours ends the run)."""
         route = routes[row][w]
         active = {name for name, _ in route}
         for name, wk in workers.items():
             wk.resume() if name in active else wk.pause()
         for name, parts in route:
             workers[name].send({"op": "run", "keep": keep, **{p: req[p] for p in parts if req.get(p)}})
-        replies = [workers[name].read() for name, _ in route]
+        replies, failed = [], None
+        for name, _ in route:  # every reply is read, so a live worker stays in step after another died
+            try:
+                replies.append(workers[name].read())
+            except RuntimeError as exc:
+                if name in OURS_ROWS:
+                    raise
+                dead[name], failed = f"{exc} during {w}", name
+        if failed is not None:
+            raise PeerDied(failed)
         if len(replies) == 1:
             return replies[0]["seconds"], replies
         return max(x["end"] for x in replies) - min(x["start"] for x in replies), replies  # parts at once
@@ -417,17 +433,24 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
                         order = [r for r in rows if w in routes[r]]
                         k = (rnd + i) % len(order)
                         for r in order[k:] + order[:k]:
-                            if rnd == 0:
-                                run(r, w, _small(requests[w]), False)
-                            elif samples[r][w] and samples[r][w][0] > budget_s:
-                                pass  # once over the budget: its one sample stands (noted in the results)
-                            else:
-                                loads[r].append(os.getloadavg()[0])
-                                seconds, replies = run(r, w, requests[w], rnd == 1)
-                                samples[r][w].append(seconds)
-                                if rnd == 1:
-                                    outputs[r][w] = ([t for x in replies for t in x["tokens"]],
-                                                     [v for x in replies for v in x["embeddings"]])
+                            try:
+                                if any(name in dead for name, _ in routes[r][w]):
+                                    pass  # a worker of this route exited (noted in the results)
+                                elif rnd == 0:
+                                    run(r, w, _small(requests[w]), False)
+                                elif samples[r][w] and samples[r][w][0] > budget_s:
+                                    pass  # once over the budget: its one sample stands (noted in the results)
+                                else:
+                                    load = os.getloadavg()[0]
+                                    seconds, replies = run(r, w, requests[w], rnd == 1)
+                                    loads[r].append(load)
+                                    samples[r][w].append(seconds)
+                                    if rnd == 1:
+                                        outputs[r][w] = ([t for x in replies for t in x["tokens"]],
+                                                         [v for x in replies for v in x["embeddings"]])
+                            except PeerDied as exc:
+                                print(f"bench: {dead[exc.args[0]]}; the run goes on without it", file=sys.stderr,
+                                      flush=True)
                             bar.update()
             if profile:
                 for wk in workers.values():
@@ -445,9 +468,12 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
             for wk in workers.values():
                 wk.close()
 
+    notes += [f"{name} stopped: {why}; what it had left to run was skipped" for name, why in dead.items()]
     for r in rows:
+        samples[r] = {w: secs for w, secs in samples[r].items() if secs}  # none: its worker exited first
         notes += [f"{r} {w}: one round, its first took {secs[0]:.0f} s (more than the {budget_s:.0f} s budget)"
-                  for w, secs in samples[r].items() if len(secs) < sizes["rounds"]]
+                  for w, secs in samples[r].items()
+                  if len(secs) < sizes["rounds"] and not any(name in dead for name, _ in routes[r][w])]
     res = {"model": model, "dtype": dtype, "threads": threads, "sizes": sizes, "budget_s": budget_s, "notes": notes,
            "machine": dict(machine_info("cpu"), load_average_before=load_before[0],
                            load_average_after=os.getloadavg()[0]),
@@ -460,7 +486,8 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
         res["engines"][r] = {
             "label": LABELS.get(r, r.replace("llamacpp-", "llama.cpp ")),
             "processes": names, "load_seconds": {n: loaded[n] for n in names},
-            "peak_rss_bytes": sum(peaks[n] for n in names), "load_average_median": statistics.median(loads[r]),
+            "peak_rss_bytes": sum(peaks[n] for n in names),
+            "load_average_median": statistics.median(loads[r]) if loads[r] else None,
             "workloads": {},
         }
         for key in ("omp_wait", "dtype", "speculate", "memory"):  # ours' rows: how each ran, what it holds
