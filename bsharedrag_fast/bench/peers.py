@@ -378,8 +378,11 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     outputs = {r: {} for r in rows}
     workers: dict = {}
     profiles: dict = {}
-
     dead: dict = {}  # a peer's worker that exited mid-run -> why; its rows skip what routes through it
+
+    def cut(row: str, w: str) -> bool:
+        """Whether a worker of this row's route for w exited (noted in the results)."""
+        return any(name in dead for name, _ in routes[row][w])
 
     def run(row: str, w: str, req: dict, keep: bool) -> tuple:
         """Run one workload's request on an engine row, every other worker stopped (SIGSTOP: an
@@ -434,8 +437,8 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
                         k = (rnd + i) % len(order)
                         for r in order[k:] + order[:k]:
                             try:
-                                if any(name in dead for name, _ in routes[r][w]):
-                                    pass  # a worker of this route exited (noted in the results)
+                                if cut(r, w):
+                                    pass  # its worker exited
                                 elif rnd == 0:
                                     run(r, w, _small(requests[w]), False)
                                 elif samples[r][w] and samples[r][w][0] > budget_s:
@@ -472,8 +475,7 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     for r in rows:
         samples[r] = {w: secs for w, secs in samples[r].items() if secs}  # none: its worker exited first
         notes += [f"{r} {w}: one round, its first took {secs[0]:.0f} s (more than the {budget_s:.0f} s budget)"
-                  for w, secs in samples[r].items()
-                  if len(secs) < sizes["rounds"] and not any(name in dead for name, _ in routes[r][w])]
+                  for w, secs in samples[r].items() if len(secs) < sizes["rounds"] and not cut(r, w)]
     res = {"model": model, "dtype": dtype, "threads": threads, "sizes": sizes, "budget_s": budget_s, "notes": notes,
            "machine": dict(machine_info("cpu"), load_average_before=load_before[0],
                            load_average_after=os.getloadavg()[0]),
