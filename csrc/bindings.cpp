@@ -234,17 +234,27 @@ PYBIND11_MODULE(_C, m) {
          int64_t intermediate_size, float eps, int64_t window, float scale, std::uintptr_t layers, int64_t num_layers,
          std::uintptr_t hidden, int64_t num_rows, std::uintptr_t cos, std::uintptr_t sin, int64_t cs_row_stride,
          std::uintptr_t slots, int64_t num_blocks, int64_t block_size, std::uintptr_t block_tables,
-         int64_t table_stride, std::uintptr_t cu_seqlens_q, std::uintptr_t context_lens, int64_t num_seqs) {
+         int64_t table_stride, std::uintptr_t cu_seqlens_q, std::uintptr_t context_lens, int64_t num_seqs,
+         std::uintptr_t scales) {
         const bsr_decoder_config cfg{hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size,
                                      eps,         window,    scale};
         bsr_status st;
         {
           py::gil_scoped_release nogil;
-          st = bsr_decoder_layers(to_dtype(dtype), &cfg, ptr<const bsr_layer_weights>(layers), num_layers,
-                                  ptr<void>(hidden), num_rows, ptr<const void>(cos), ptr<const void>(sin),
-                                  cs_row_stride, ptr<const int64_t>(slots), num_blocks, block_size,
-                                  ptr<const int32_t>(block_tables), table_stride, ptr<const int32_t>(cu_seqlens_q),
-                                  ptr<const int32_t>(context_lens), num_seqs);
+          if (scales != 0) {  // int8 weights: bsr_decoder_layers_w8 (f32 rows)
+            st = bsr_decoder_layers_w8(&cfg, ptr<const bsr_layer_weights>(layers),
+                                       ptr<const bsr_layer_scales>(scales), num_layers, ptr<float>(hidden), num_rows,
+                                       ptr<const float>(cos), ptr<const float>(sin), cs_row_stride,
+                                       ptr<const int64_t>(slots), num_blocks, block_size,
+                                       ptr<const int32_t>(block_tables), table_stride,
+                                       ptr<const int32_t>(cu_seqlens_q), ptr<const int32_t>(context_lens), num_seqs);
+          } else {
+            st = bsr_decoder_layers(to_dtype(dtype), &cfg, ptr<const bsr_layer_weights>(layers), num_layers,
+                                    ptr<void>(hidden), num_rows, ptr<const void>(cos), ptr<const void>(sin),
+                                    cs_row_stride, ptr<const int64_t>(slots), num_blocks, block_size,
+                                    ptr<const int32_t>(block_tables), table_stride, ptr<const int32_t>(cu_seqlens_q),
+                                    ptr<const int32_t>(context_lens), num_seqs);
+          }
         }
         check(st);
       });
@@ -283,6 +293,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("rows"), py::arg("in_features"),
       py::arg("weight_ptr"), py::arg("out_features"), py::arg("bias_ptr"), py::arg("y_ptr"),
       py::arg("y_row_stride"), "Dense y = x W^T + b for few rows (bias_ptr 0 = no bias).");
+
+  m.def(
+      "linear_w8",
+      [](std::uintptr_t x, int64_t x_row_stride, int64_t rows, int64_t in_features, std::uintptr_t w,
+         std::uintptr_t scale, int64_t out_features, std::uintptr_t bias, std::uintptr_t y, int64_t y_row_stride) {
+        bsr_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = bsr_linear_w8(ptr<const float>(x), x_row_stride, rows, in_features, ptr<const int8_t>(w),
+                             ptr<const float>(scale), out_features, ptr<const float>(bias), ptr<float>(y),
+                             y_row_stride);
+        }
+        check(st);
+      },
+      py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("rows"), py::arg("in_features"), py::arg("weight_ptr"),
+      py::arg("scale_ptr"), py::arg("out_features"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("y_row_stride"),
+      "Weight-only int8 y = scale * (x Wq^T) + b, f32 rows (bias_ptr 0 = no bias).");
 
   m.attr("POOL_LAST") = static_cast<int>(BSR_POOL_LAST);
   m.attr("POOL_MEAN") = static_cast<int>(BSR_POOL_MEAN);

@@ -47,21 +47,25 @@ void write_cache(const bsr_decoder_config& c, int64_t T, int64_t es, const char*
   }
 }
 
-}  // namespace
-}  // namespace bsr
+// One projection: bsr_linear, or bsr_linear_w8 where the weight has int8 scales.
+bsr_status project(bsr_dtype dtype, const void* x, int64_t rows, int64_t in, const void* w, const float* scale,
+                   int64_t out, const void* bias, void* y) {
+  if (scale != nullptr)
+    return bsr_linear_w8(static_cast<const float*>(x), in, rows, in, static_cast<const int8_t*>(w), scale, out,
+                         static_cast<const float*>(bias), static_cast<float*>(y), out);
+  return bsr_linear(dtype, x, in, rows, in, w, out, bias, y, out);
+}
 
-using namespace bsr;
-
-BSR_API bsr_status bsr_decoder_layers(bsr_dtype dtype, const bsr_decoder_config* config,
-                                      const bsr_layer_weights* layers, int64_t num_layers, void* hidden,
-                                      int64_t num_rows, const void* cos, const void* sin, int64_t cs_row_stride,
-                                      const int64_t* slots, int64_t num_blocks, int64_t block_size,
-                                      const int32_t* block_tables, int64_t table_stride,
-                                      const int32_t* cu_seqlens_q, const int32_t* context_lens, int64_t num_seqs) {
-  static const char* fn = "bsr_decoder_layers";
-  clear_error();
-  BSR_GUARD_BEGIN
+// bsr_decoder_layers, and bsr_decoder_layers_w8 with its scales (one bsr_layer_scales per layer).
+bsr_status decoder_layers(const char* fn, bsr_dtype dtype, const bsr_decoder_config* config,
+                          const bsr_layer_weights* layers, const bsr_layer_scales* scales, int64_t num_layers,
+                          void* hidden, int64_t num_rows, const void* cos, const void* sin, int64_t cs_row_stride,
+                          const int64_t* slots, int64_t num_blocks, int64_t block_size, const int32_t* block_tables,
+                          int64_t table_stride, const int32_t* cu_seqlens_q, const int32_t* context_lens,
+                          int64_t num_seqs) {
   BSR_TRY(check_f32_f16_bf16(fn, dtype));
+  if (scales != nullptr && dtype != BSR_DTYPE_F32)
+    return fail(BSR_ERR_UNSUPPORTED_DTYPE, "%s: int8 weights take f32 rows (dtype BSR_DTYPE_F32)", fn);
   BSR_CHECK_PTR(config, fn);
   const bsr_decoder_config& c = *config;
   BSR_TRY(check_at_least(fn, "config->hidden_size", c.hidden_size, 1));
@@ -109,20 +113,58 @@ BSR_API bsr_status bsr_decoder_layers(bsr_dtype dtype, const bsr_decoder_config*
   const float scale = c.scale > 0.f ? c.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   for (int64_t l = 0; l < num_layers; ++l) {
     const bsr_layer_weights& w = layers[l];
+    const bsr_layer_scales none = {nullptr, nullptr, nullptr, nullptr};
+    const bsr_layer_scales& s = scales != nullptr ? scales[l] : none;
     BSR_TRY(bsr_rms_norm(dtype, hidden, d, nullptr, 0, T, d, w.input_norm, c.eps, nullptr, 0, x, d));
-    BSR_TRY(bsr_linear(dtype, x, d, T, d, w.qkv_weight, qkv_cols, w.qkv_bias, qkv, qkv_cols));
+    BSR_TRY(project(dtype, x, T, d, w.qkv_weight, s.qkv, qkv_cols, w.qkv_bias, qkv));
     BSR_TRY(bsr_rope(dtype, qkv, qkv_cols, D, T, H + KV, D, cos, sin, cs_row_stride, qk, qcols + kvcols, D));
     write_cache(c, T, es, qk, qcols + kvcols, qkv, qkv_cols, slots, w.k_cache, w.v_cache);
     BSR_TRY(bsr_paged_attention(dtype, qk, qcols + kvcols, D, w.k_cache, w.v_cache, kvcols, kvcols, num_blocks,
                                 block_size, KV, H, D, block_tables, table_stride, cu_seqlens_q, context_lens,
                                 num_seqs, c.window, scale, attn, qcols, D));
-    BSR_TRY(bsr_linear(dtype, attn, qcols, T, qcols, w.o_weight, d, w.o_bias, sub, d));
+    BSR_TRY(project(dtype, attn, T, qcols, w.o_weight, s.o, d, w.o_bias, sub));
     BSR_TRY(bsr_rms_norm(dtype, hidden, d, sub, d, T, d, w.post_norm, c.eps, hidden, d, x, d));
-    BSR_TRY(bsr_linear(dtype, x, d, T, d, w.gate_up_weight, 2 * I, w.gate_up_bias, gu, 2 * I));
+    BSR_TRY(project(dtype, x, T, d, w.gate_up_weight, s.gate_up, 2 * I, w.gate_up_bias, gu));
     BSR_TRY(bsr_silu_mul(dtype, gu, 2 * I, T, I, act, I));
-    BSR_TRY(bsr_linear(dtype, act, I, T, I, w.down_weight, d, w.down_bias, sub, d));
+    BSR_TRY(project(dtype, act, T, I, w.down_weight, s.down, d, w.down_bias, sub));
     add_into(dtype, hidden, sub, T * d);
   }
   return BSR_OK;
+}
+
+}  // namespace
+}  // namespace bsr
+
+using namespace bsr;
+
+BSR_API bsr_status bsr_decoder_layers(bsr_dtype dtype, const bsr_decoder_config* config,
+                                      const bsr_layer_weights* layers, int64_t num_layers, void* hidden,
+                                      int64_t num_rows, const void* cos, const void* sin, int64_t cs_row_stride,
+                                      const int64_t* slots, int64_t num_blocks, int64_t block_size,
+                                      const int32_t* block_tables, int64_t table_stride,
+                                      const int32_t* cu_seqlens_q, const int32_t* context_lens, int64_t num_seqs) {
+  static const char* fn = "bsr_decoder_layers";
+  clear_error();
+  BSR_GUARD_BEGIN
+  return decoder_layers(fn, dtype, config, layers, nullptr, num_layers, hidden, num_rows, cos, sin, cs_row_stride,
+                        slots, num_blocks, block_size, block_tables, table_stride, cu_seqlens_q, context_lens,
+                        num_seqs);
+  BSR_GUARD_END(fn)
+}
+
+BSR_API bsr_status bsr_decoder_layers_w8(const bsr_decoder_config* config, const bsr_layer_weights* layers,
+                                         const bsr_layer_scales* scales, int64_t num_layers, float* hidden,
+                                         int64_t num_rows, const float* cos, const float* sin,
+                                         int64_t cs_row_stride, const int64_t* slots, int64_t num_blocks,
+                                         int64_t block_size, const int32_t* block_tables, int64_t table_stride,
+                                         const int32_t* cu_seqlens_q, const int32_t* context_lens,
+                                         int64_t num_seqs) {
+  static const char* fn = "bsr_decoder_layers_w8";
+  clear_error();
+  BSR_GUARD_BEGIN
+  if (num_layers > 0 && num_rows > 0) BSR_CHECK_PTR(scales, fn);
+  return decoder_layers(fn, BSR_DTYPE_F32, config, layers, scales, num_layers, hidden, num_rows, cos, sin,
+                        cs_row_stride, slots, num_blocks, block_size, block_tables, table_stride, cu_seqlens_q,
+                        context_lens, num_seqs);
   BSR_GUARD_END(fn)
 }

@@ -372,7 +372,8 @@ static bsr_status do_expand(Scratch& S, bsr_dtype dtype, const float* v, int64_t
 // one pass, and at most a vector's lanes of them, first writes x transposed for linear_lanes.
 static void do_linear(LinearPlan P) {
   const Isa& I = isa();
-  if (P.dtype == BSR_DTYPE_F32 && I.lanes_min_rows > 0 && P.M >= I.lanes_min_rows && P.M <= I.W) {
+  if (P.dtype == BSR_DTYPE_F32 && P.scale == nullptr && I.lanes_min_rows > 0 && P.M >= I.lanes_min_rows &&
+      P.M <= I.W) {
     std::vector<float>& xt = tl_scratch.xt;
     grow(xt, static_cast<size_t>(P.K * I.W));
     const float* x = static_cast<const float*>(P.x);
@@ -400,6 +401,25 @@ static void do_linear(LinearPlan P) {
   }
 #endif
   I.linear(P, 0, P.N);
+}
+
+// The plan of a bsr_linear (scale nullptr) or bsr_linear_w8 call, before do_linear adds xt.
+static LinearPlan linear_plan(bsr_dtype dtype, const void* x, int64_t ldx, int64_t M, int64_t K, const void* w,
+                              const float* scale, int64_t N, const void* bias, void* y, int64_t ldy) {
+  LinearPlan P;
+  P.dtype = dtype;
+  P.x = x;
+  P.ldx = ldx;
+  P.M = M;
+  P.K = K;
+  P.w = w;
+  P.N = N;
+  P.bias = bias;
+  P.y = y;
+  P.ldy = ldy;
+  P.xt = nullptr;
+  P.scale = scale;
+  return P;
 }
 
 static bsr_status do_sort(const char* fn, const int32_t* ta, int64_t T, int32_t L, int32_t* sorted_idx,
@@ -667,19 +687,28 @@ BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stri
   BSR_CHECK_PTR(x, fn);
   BSR_CHECK_PTR(weight, fn);
   BSR_CHECK_PTR(y, fn);
-  LinearPlan P;
-  P.dtype = dtype;
-  P.x = x;
-  P.ldx = x_row_stride;
-  P.M = rows;
-  P.K = in_features;
-  P.w = weight;
-  P.N = out_features;
-  P.bias = bias;
-  P.y = y;
-  P.ldy = y_row_stride;
-  P.xt = nullptr;
-  do_linear(P);
+  do_linear(linear_plan(dtype, x, x_row_stride, rows, in_features, weight, nullptr, out_features, bias, y,
+                        y_row_stride));
+  return BSR_OK;
+  BSR_GUARD_END(fn)
+}
+
+BSR_API bsr_status bsr_linear_w8(const float* x, int64_t x_row_stride, int64_t rows, int64_t in_features,
+                                 const int8_t* weight, const float* scale, int64_t out_features, const float* bias,
+                                 float* y, int64_t y_row_stride) {
+  static const char* fn = "bsr_linear_w8";
+  clear_error();
+  BSR_GUARD_BEGIN
+  BSR_TRY(check_at_least(fn, "rows", rows, 0));
+  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
+  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
+  if (rows == 0) return BSR_OK;
+  BSR_CHECK_PTR(x, fn);
+  BSR_CHECK_PTR(weight, fn);
+  BSR_CHECK_PTR(scale, fn);
+  BSR_CHECK_PTR(y, fn);
+  do_linear(linear_plan(BSR_DTYPE_F32, x, x_row_stride, rows, in_features, weight, scale, out_features, bias, y,
+                        y_row_stride));
   return BSR_OK;
   BSR_GUARD_END(fn)
 }

@@ -90,6 +90,10 @@ struct Scalar<f16_t> {
   static inline void store(f16_t* p, float v) { p->bits = f32_to_f16(v); }
 };
 template <>
+struct Scalar<int8_t> {  // int8 weights (bsr_linear_w8): read only
+  static inline float load(const int8_t* p) { return static_cast<float>(*p); }
+};
+template <>
 struct Scalar<bf16_t> {
   static inline float load(const bf16_t* p) { return bf16_to_f32(p->bits); }
   static inline void store(bf16_t* p, float v) { p->bits = f32_to_bf16(v); }
@@ -167,6 +171,8 @@ struct LinearPlan {
   int64_t ldy;
   // fp32 with rows in lanes (linear_lanes): x transposed, xt[k * W + m], zero past M; else nullptr
   const float* xt;
+  // bsr_linear_w8: w is int8 and output n is scaled by scale[n] (x, bias, y f32); else nullptr
+  const float* scale;
 };
 
 // Finds the adapter of tile t (tile_prefix is nondecreasing, L+1 entries).

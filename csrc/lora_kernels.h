@@ -22,8 +22,10 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // blocks ahead (A + 2 NJ K) are prefetched into L2, spread over the `npass` passes (row
 // blocks) made over this block, pass `phase` taking every npass-th column step, so DRAM
 // reads overlap the passes that run from cache (measured best of 1-2 blocks, L1/L2).
-template <class T, int NR, int NJ, bool PF = false>
-BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, float* const* vo, int npass = 1,
+// TW: A's type, T unless the dense linear multiplies int8 weights (bsr_linear_w8), whose
+// blocks are prefetched once per 64-byte line.
+template <class T, int NR, int NJ, bool PF = false, class TW = T>
+BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const TW* A, int64_t K, float* const* vo, int npass = 1,
                                     int phase = 0) {
   typename V::vf acc[NR][NJ];
   for (int i = 0; i < NR; ++i)
@@ -32,10 +34,12 @@ BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, f
   int turn = phase;
   for (; k + V::W <= K; k += V::W) {
     if constexpr (PF) {
-      if (turn == 0) {
-        for (int j = 0; j < NJ; ++j) V::prefetch_l2(A + (2 * NJ + j) * K + k);
+      if (sizeof(TW) != 1 || (k & 63) == 0) {
+        if (turn == 0) {
+          for (int j = 0; j < NJ; ++j) V::prefetch_l2(A + (2 * NJ + j) * K + k);
+        }
+        if (++turn == npass) turn = 0;
       }
-      if (++turn == npass) turn = 0;
     }
     typename V::vf xv[NR];
     for (int i = 0; i < NR; ++i) xv[i] = V::load(xr[i] + k);
@@ -59,22 +63,22 @@ BSR_ALWAYS_INLINE void shrink_micro(const T* const* xr, const T* A, int64_t K, f
 
 // A tile of nr <= NR rows x nj <= NJ rows of A: the shrink_micro instance of exactly that
 // shape (shared by the shrink and the dense linear).
-template <class T, int NR, int NJ, bool PF = false>
-static inline void micro_tile(int nr, int nj, const T* const* xr, const T* A, int64_t K, float* const* vo,
+template <class T, int NR, int NJ, bool PF = false, class TW = T>
+static inline void micro_tile(int nr, int nj, const T* const* xr, const TW* A, int64_t K, float* const* vo,
                               int npass = 1, int phase = 0) {
   if constexpr (NR > 1) {
     if (nr < NR) {
-      micro_tile<T, NR - 1, NJ, PF>(nr, nj, xr, A, K, vo, npass, phase);
+      micro_tile<T, NR - 1, NJ, PF, TW>(nr, nj, xr, A, K, vo, npass, phase);
       return;
     }
   }
   if constexpr (NJ > 1) {
     if (nj < NJ) {
-      micro_tile<T, NR, NJ - 1, PF>(nr, nj, xr, A, K, vo, npass, phase);
+      micro_tile<T, NR, NJ - 1, PF, TW>(nr, nj, xr, A, K, vo, npass, phase);
       return;
     }
   }
-  shrink_micro<T, NR, NJ, PF>(xr, A, K, vo, npass, phase);
+  shrink_micro<T, NR, NJ, PF, TW>(xr, A, K, vo, npass, phase);
 }
 
 template <class T>
@@ -337,10 +341,11 @@ static void expand_range(const ExpandPlan& P, int64_t t0, int64_t t1, float* bt)
 // traffic at these shapes.
 static constexpr int64_t kLinearRowChunk = 128;  // rows of x per pass over W: its micro-tiles stay in L2
 
-template <class T, int RB, int RJ>
+// TW = int8_t: bsr_linear_w8 (T float), each output's dot product times its scale, then + bias.
+template <class T, int RB, int RJ, class TW = T>
 static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
   const T* x = static_cast<const T*>(P.x);
-  const T* w = static_cast<const T*>(P.w);
+  const TW* w = static_cast<const TW*>(P.w);
   const T* bias = static_cast<const T*>(P.bias);
   T* y = static_cast<T*>(P.y);
   for (int64_t m0 = 0; m0 < P.M; m0 += kLinearRowChunk) {
@@ -348,10 +353,13 @@ static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
     const int npass = static_cast<int>((m1 - m0 + RB - 1) / RB);
     for (int64_t n = n0; n < n1; n += RJ) {
       const int nj = static_cast<int>(imin(RJ, n1 - n));
-      const T* wb = w + n * P.K;
+      const TW* wb = w + n * P.K;
       const bool fetch = nj == RJ && n + 3 * RJ <= P.N;  // a block two ahead to prefetch
-      float b[RJ];
-      for (int j = 0; j < nj; ++j) b[j] = bias != nullptr ? Scalar<T>::load(bias + n + j) : 0.f;
+      float b[RJ], sc[RJ];
+      for (int j = 0; j < nj; ++j) {
+        b[j] = bias != nullptr ? Scalar<T>::load(bias + n + j) : 0.f;
+        sc[j] = std::is_same<TW, int8_t>::value ? P.scale[n + j] : 1.f;
+      }
       for (int64_t m = m0; m < m1; m += RB) {
         const int nr = static_cast<int>(imin(RB, m1 - m));
         const int phase = static_cast<int>((m - m0) / RB);
@@ -363,13 +371,17 @@ static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
           vo[i] = tile[i];
         }
         if (fetch) {
-          micro_tile<T, RB, RJ, true>(nr, nj, xr, wb, P.K, vo, npass, phase);
+          micro_tile<T, RB, RJ, true, TW>(nr, nj, xr, wb, P.K, vo, npass, phase);
         } else {
-          micro_tile<T, RB, RJ, false>(nr, nj, xr, wb, P.K, vo, npass, phase);
+          micro_tile<T, RB, RJ, false, TW>(nr, nj, xr, wb, P.K, vo, npass, phase);
         }
         for (int i = 0; i < nr; ++i) {
           T* yr = y + (m + i) * P.ldy + n;
-          for (int jj = 0; jj < nj; ++jj) Scalar<T>::store(yr + jj, tile[i][jj] + b[jj]);
+          if constexpr (std::is_same<TW, int8_t>::value) {
+            for (int jj = 0; jj < nj; ++jj) Scalar<T>::store(yr + jj, tile[i][jj] * sc[jj] + b[jj]);
+          } else {
+            for (int jj = 0; jj < nj; ++jj) Scalar<T>::store(yr + jj, tile[i][jj] + b[jj]);
+          }
         }
       }
     }
@@ -381,12 +393,12 @@ static void linear_range_t(const LinearPlan& P, int64_t n0, int64_t n1) {
 // (fp32 past LN_RB rows takes linear_lanes below where the ISA has it).
 static constexpr int64_t kLinearFewRows = 16;
 
-template <class T>
+template <class T, class TW = T>
 static void linear_range_any(const LinearPlan& P, int64_t n0, int64_t n1) {
   if (P.M <= kLinearFewRows) {
-    linear_range_t<T, V::LN_RB, V::LN_RJ>(P, n0, n1);
+    linear_range_t<T, V::LN_RB, V::LN_RJ, TW>(P, n0, n1);
   } else {
-    linear_range_t<T, V::SH_RB, V::SH_RJ>(P, n0, n1);
+    linear_range_t<T, V::SH_RB, V::SH_RJ, TW>(P, n0, n1);
   }
 }
 
@@ -471,6 +483,10 @@ BSR_OMP_SIMD_SUM_ACC
 }
 
 static void linear_range(const LinearPlan& P, int64_t n0, int64_t n1) {
+  if (P.scale != nullptr) {  // bsr_linear_w8: f32 rows, int8 weights, the dot-product tile at every row count
+    linear_range_any<float, int8_t>(P, n0, n1);
+    return;
+  }
   switch (P.dtype) {
     case BSR_DTYPE_F32:
       if constexpr (V::LN_LANES_NJ > 0) {

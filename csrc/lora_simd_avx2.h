@@ -57,6 +57,15 @@ struct V {
   }
   static inline vf load(const bf16_t* p) { return bf16_widen(load8(p)); }
   static inline vf load_n(const bf16_t* p, int n) { return bf16_widen(load8_n(p, n)); }
+  // int8 weights (bsr_linear_w8): sign-extend 8 bytes to int32, convert (exact)
+  static inline vf load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline vf load_n(const int8_t* p, int n) {
+    alignas(16) int8_t buf[16] = {0};
+    std::memcpy(buf, p, static_cast<size_t>(n));
+    return load(buf);
+  }
 
   // -- stores (narrow with round to nearest even) --
   static inline void store(float* p, vf a) { _mm256_storeu_ps(p, a); }

@@ -1,7 +1,7 @@
 // Internal header of csrc/lora.cpp, included inside a `#pragma GCC target("avx512f,...")`
 // region and a namespace (no include guard on purpose; no system headers here).
 //
-// V: 16 fp32 lanes in a zmm register; loads widen f16 (vcvtph2ps) / bf16 (shift) to fp32,
+// V: 16 fp32 lanes in a zmm register; loads widen f16 (vcvtph2ps) / bf16 (shift) / int8 to fp32,
 // stores narrow with round-to-nearest-even.
 
 struct V {
@@ -48,6 +48,13 @@ struct V {
   }
   static inline vf load_n(const bf16_t* p, int n) {
     return bf16_widen(_mm256_maskz_loadu_epi16(mask(n), p));
+  }
+  // int8 weights (bsr_linear_w8): sign-extend 16 bytes to int32, convert (exact)
+  static inline vf load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline vf load_n(const int8_t* p, int n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(n), p)));
   }
 
   // -- stores (narrow with round to nearest even) --

@@ -80,6 +80,12 @@ struct V {
     return r;
   }
   static inline vf load(const bf16_t* p) { return from_bits(widen16(p) << 16); }
+  static inline vf load(const int8_t* p) {  // int8 weights (bsr_linear_w8)
+    typedef int8_t vb __attribute__((vector_size(4)));
+    vb b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vf);
+  }
   static inline vf load(const f16_t* p) {
     // branch-free binary16 -> binary32: shift exponent+mantissa into place and rescale by
     // 2^112 (exact for normals and subnormals); inf / NaN get the all-ones exponent, NaN quiet.

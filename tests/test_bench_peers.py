@@ -120,6 +120,18 @@ def test_a_bfloat16_run_sets_ours_beside_its_own_fp32(tmp_path):
     assert [g["goal"].split(":")[0] for g in res["goals"][1:]] == ["peak RSS"]
 
 
+def test_an_int8_run_sets_ours_beside_its_fp32_and_compares_with_llamacpp_only(tmp_path):
+    rag_checkpoint(tmp_path, positions=1024, adapters=())
+    res = peers.run_peer_bench(model=str(tmp_path / "model"), peers=["hf"], quick=True, dtype="int8", threads=1,
+                               workloads=["single_stream"])
+    assert list(res["engines"]) == ["ours", "ours-fp32"]
+    assert (res["engines"]["ours"]["dtype"], res["engines"]["ours"]["speculate"]) == ("int8", 0)
+    assert res["engines"]["ours-fp32"]["dtype"] == "float32"
+    assert "hf skipped: an int8 run compares with llama.cpp's Q8_0 only" in res["notes"]
+    assert [g["goal"].split(":")[0] for g in res["goals"]] == ["peak RSS"]  # no bf16 goal in an int8 run
+    assert res["engines"]["ours"]["memory"]["backbone"] < 0.35 * res["engines"]["ours-fp32"]["memory"]["backbone"]
+
+
 def test_agreement_reports_answers_that_part():
     outputs = {"hf": {"generate": ([[1, 2, 3, 4], [5, 6, 7, 8]], []), "embed": ([], [[1.0, 0.0], [0.0, 1.0]])},
                "x": {"generate": ([[1, 2, 3, 4], [5, 6, 0, 8]], []), "embed": ([], [[1.0, 0.0], [0.6, 0.8]])}}

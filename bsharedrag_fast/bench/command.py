@@ -120,8 +120,9 @@ def run_bench(preset: str | None = None, model: str | None = None, adapters=None
     preset = preset or ("tiny" if model is None else None)
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype not in DTYPES or dtype == "int8":  # (int8: the hf_peft setup has no such weights; --peers takes it)
+        raise ValueError(f"dtype must be one of {', '.join(d for d in DTYPES if d != 'int8')} (int8 runs with "
+                         f"--peers llamacpp), got {dtype!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if device == "cuda":

@@ -119,7 +119,8 @@ class Ours:
         from bsharedrag_fast.util.threads import wait_description
 
         self.info = {"omp_wait": wait_description(), "malloc": malloc.POLICY,  # as this process imported us
-                     "dtype": str(model.dtype).replace("torch.", ""), "speculate": self.rt.speculate,
+                     "dtype": "int8" if model.quantized else str(model.dtype).replace("torch.", ""),
+                     "speculate": self.rt.speculate,
                      "memory": model.memory_report(self.rt.cache)}  # what the peak RSS goal allows
 
     def run(self, generate, embed) -> tuple:

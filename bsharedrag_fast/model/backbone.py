@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops import _backends
-from ..ops.linear import cpp_pays
+from ..ops.linear import W8_KERNEL_ROWS, cpp_pays
 from ..ops.lora_meta import LoRAMeta
 from ..util.jsonfile import read_json, write_json
 from ..util.mapped import mapped_zeros
@@ -49,6 +49,7 @@ IGNORE = -100  # label of rows that carry no loss (as torch's cross_entropy igno
 # "auto": engine steps the C++ decoder stack can run (ops.DecoderStack: CPU, inference, cached
 # rows only, no adapter rows, few rows) run every layer in one call; "off": always op by op.
 FUSED_LAYERS = "auto"
+SCALE_SUFFIX = "_scale"  # an int8 weight's per-row scales (load_state_dict with dtype torch.int8)
 
 # ----------------------------------------------------------------------------- config
 
@@ -221,11 +222,18 @@ def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> 
 
     On CPU the copies are views of one buffer on huge pages (util.mapped: a decode step streams
     every weight, and 2 MiB pages stream faster), laid out so that each layer's q, k, v and its
-    gate, up lie back to back: Layer merges them as views, without a copy (see _merged)."""
+    gate, up lie back to back: Layer merges them as views, without a copy (see _merged).
+    dtype torch.int8 (CPU): weight-only int8, each matrix quantized as it is read (ops.linear's
+    quantize_int8) with its per-row scales under NAME + SCALE_SUFFIX; the rest float32."""
     from safetensors import safe_open
 
     expected = cfg.tensor_shapes()
-    arena = _weight_arena(expected, dtype) if device.type == "cpu" else None
+    int8 = dtype == torch.int8
+    if int8 and device.type != "cpu":
+        raise ValueError(f"int8 weights run on CPU only, not {device}")
+    dtypes = {k: torch.int8 if int8 and len(shape) == 2 else (torch.float32 if int8 else dtype)
+              for k, shape in expected.items()}
+    arena = _weight_arena(expected, dtypes) if device.type == "cpu" else None
     sd: dict[str, torch.Tensor] = {}
     unexpected, bad = [], {}
     for fname in _safetensors_files(path):
@@ -245,6 +253,9 @@ def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> 
                     t = f.get_tensor(key)
                     if tuple(t.shape) != expected[key]:
                         bad[key] = f"{key}: {tuple(t.shape)} != {expected[key]}"
+                    elif dtypes[key] == torch.int8:
+                        q, sd[key + SCALE_SUFFIX] = ops.quantize_int8(t)
+                        sd[key] = arena[key].copy_(q)
                     elif arena is not None:
                         sd[key] = arena[key].copy_(t)
                     else:
@@ -265,17 +276,18 @@ def load_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype, device) -> 
     return sd
 
 
-def _weight_arena(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """name -> an empty view of one huge-page buffer (util.mapped), every start 64-byte aligned:
-    the weights in the order of `shapes` (each layer's q, k, v, o, gate, up, down), then the
-    biases, so the projections Layer merges are adjacent wherever their sizes keep the alignment."""
+def _weight_arena(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """name -> an empty view (of dtypes[name]) of one huge-page buffer (util.mapped), every
+    start 64-byte aligned: the weights in the order of `shapes` (each layer's q, k, v, o, gate,
+    up, down), then the biases, so the projections Layer merges are adjacent wherever their
+    sizes keep the alignment."""
     order = [k for k in shapes if not k.endswith(".bias")] + [k for k in shapes if k.endswith(".bias")]
     spans, end = {}, 0  # name -> (offset, bytes)
     for k in order:
-        spans[k] = end, math.prod(shapes[k]) * dtype.itemsize
+        spans[k] = end, math.prod(shapes[k]) * dtypes[k].itemsize
         end += -(-spans[k][1] // 64) * 64
     buf = mapped_zeros((end,), torch.uint8, huge_pages=True)
-    return {k: buf[o: o + n].view(dtype).view(shapes[k]) for k, (o, n) in spans.items()}
+    return {k: buf[o: o + n].view(dtypes[k]).view(shapes[k]) for k, (o, n) in spans.items()}
 
 
 def _merged(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -441,6 +453,9 @@ class Layer(nn.Module):
             ts = [sd.pop(n, None) for n in names]
             return param(None if ts[0] is None else _merged(ts))
 
+        def cat_scales(*names):  # int8 weights' per-row scales, merged as their weights (None: float weights)
+            return cat(*(n + SCALE_SUFFIX for n in names))
+
         self.cfg, self.groups = cfg, groups
         self.input_norm = param(sd[p + "input_layernorm.weight"])
         self.post_norm = param(sd[p + "post_attention_layernorm.weight"])
@@ -452,6 +467,10 @@ class Layer(nn.Module):
         self.gate_up_bias = cat(m + "gate_proj.bias", m + "up_proj.bias")
         self.down_weight = param(sd[m + "down_proj.weight"])
         self.down_bias = param(sd.get(m + "down_proj.bias"))
+        self.qkv_scale = cat_scales(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+        self.o_scale = cat_scales(a + "o_proj.weight")
+        self.gate_up_scale = cat_scales(m + "gate_proj.weight", m + "up_proj.weight")
+        self.down_scale = cat_scales(m + "down_proj.weight")
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
 
     def add_lora(self, spec: LoRASpec, module_shapes: dict) -> None:
@@ -473,12 +492,16 @@ class Layer(nn.Module):
         (the engine's adapters `lora`, for the rows ctx.lora gives one)."""
         w_name, b_name, mods = self.groups[group]
         w, b = getattr(self, w_name), getattr(self, b_name)
-        if ctx.autocast is not None:
-            dt = ctx.autocast
-            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
-        if ctx.trained is not None and any(n in self.lora_A for n, _, _ in mods):
-            return self._trained_proj(mods, x, w, b, ctx.trained)
-        y = ops.linear(x, w, b)
+        scale = getattr(self, group + SCALE_SUFFIX)
+        if scale is not None:  # int8 weights: inference only (Backbone.add_lora and training refuse them)
+            y = ops.linear(x, w, b, scale=scale)
+        else:
+            if ctx.autocast is not None:
+                dt = ctx.autocast
+                x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
+            if ctx.trained is not None and any(n in self.lora_A for n, _, _ in mods):
+                return self._trained_proj(mods, x, w, b, ctx.trained)
+            y = ops.linear(x, w, b)
         if lora is not None and ctx.lora is not None and not ctx.lora.no_lora:
             merged = lora.merged.get(group)
             if merged is not None:  # one shrink and one expand for the whole group, in place
@@ -521,6 +544,12 @@ class Layer(nn.Module):
         return ops.LayerWeights(self.input_norm, self.qkv_weight, self.qkv_bias, self.o_weight, self.o_bias,
                                 self.post_norm, self.gate_up_weight, self.gate_up_bias, self.down_weight,
                                 self.down_bias)
+
+    def scales(self) -> Optional[ops.LayerScales]:
+        """The int8 weights' per-row scales (None: float weights)."""
+        if self.qkv_scale is None:
+            return None
+        return ops.LayerScales(self.qkv_scale, self.o_scale, self.gate_up_scale, self.down_scale)
 
     # -- the layer ------------------------------------------------------------------------
 
@@ -581,10 +610,17 @@ class Backbone(nn.Module):
         super().__init__()
         self.config = cfg
         sd = state_dict
-        self.embed = nn.Parameter(sd["model.embed_tokens.weight"], requires_grad=False)
-        self.norm = nn.Parameter(sd["model.norm.weight"], requires_grad=False)
+        def frozen(name):
+            t = sd.get(name)
+            return None if t is None else nn.Parameter(t, requires_grad=False)
+
+        self.embed = frozen("model.embed_tokens.weight")
+        self.norm = frozen("model.norm.weight")
         # tied: the same Parameter under a second name (named_parameters lists it once)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(sd["lm_head.weight"], requires_grad=False)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else frozen("lm_head.weight")
+        # int8 weights (load_state_dict with torch.int8): the rows' scales, tied as the weights; else None
+        self.embed_scale = frozen("model.embed_tokens.weight" + SCALE_SUFFIX)
+        self.lm_head_scale = self.embed_scale if cfg.tie_word_embeddings else frozen("lm_head.weight" + SCALE_SUFFIX)
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to(self.embed.device), persistent=False)
         self.groups = projection_groups(cfg)
         self.layers = nn.ModuleList(Layer(cfg, sd, l, self.groups) for l in range(cfg.num_hidden_layers))
@@ -601,7 +637,13 @@ class Backbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The activations' (and KV cache's, adapters') dtype: the weights', float32 for int8 weights."""
+        return self.norm.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the projections, embedding and LM head hold weight-only int8 (per-row scales)."""
+        return self.embed_scale is not None
 
     @property
     def num_lora_slots(self) -> int:
@@ -626,7 +668,10 @@ class Backbone(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Backbone":
         """Load a HF checkpoint directory: config.json + model.safetensors, or sharded
-        *.safetensors + model.safetensors.index.json; or a model name / .gguf file (model_store)."""
+        *.safetensors + model.safetensors.index.json; or a model name / .gguf file (model_store).
+        dtype torch.int8: weight-only int8 (CPU, inference): every projection, the embedding and
+        the LM head quantized per output row as they load (ops.linear's quantize_int8), norms,
+        biases, activations, KV cache and adapters float32."""
         path = resolve_model(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
@@ -763,7 +808,10 @@ class Backbone(nn.Module):
         """The one forward of every path (training, cache-less, engine steps): embedding and
         every layer, [T, d] before the final norm."""
         cos, sin = ops.rope_cos_sin(self.inv_freq, ctx.positions, ctx.autocast or self.dtype)
-        h = F.embedding(input_ids.to(self.device), self.embed)
+        ids = input_ids.to(self.device)
+        h = F.embedding(ids, self.embed)
+        if self.embed_scale is not None:  # int8 rows times their scales
+            h = h.float() * self.embed_scale.index_select(0, ids)[:, None]
         call = self._fused_call(h, ctx)
         if call is not None:  # the whole stack in one C++ call (ops.DecoderStack), same kernels, same result
             return self._decoder_stack(ctx.attention)(h, cos, sin, ctx.attention.slots, call.tables, call.cu,
@@ -788,7 +836,10 @@ class Backbone(nn.Module):
         if ctx.lora is not None and not ctx.lora.no_lora:
             return None
         cfg, T = self.config, h.shape[0]
-        if not all(cpp_pays(h.dtype, T, n) for n in (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)):
+        if self.quantized:
+            if T > W8_KERNEL_ROWS:
+                return None
+        elif not all(cpp_pays(h.dtype, T, n) for n in (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)):
             return None
         if _backends._import_cpp() is None:
             return None
@@ -802,8 +853,9 @@ class Backbone(nn.Module):
             cfg = self.config
             shape = ops.DecoderShape(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                                      cfg.intermediate_size, cfg.rms_norm_eps, cfg.sliding_window)
+            scales = [l.scales() for l in self.layers] if self.quantized else None
             self._stack = (key, ops.DecoderStack([l.weights() for l in self.layers], shape, plan.k_cache,
-                                                 plan.v_cache))
+                                                 plan.v_cache, scales))
         return self._stack[1]
 
     def _apply(self, fn, recurse=True):
@@ -831,6 +883,8 @@ class Backbone(nn.Module):
         if not every:  # (a decode step's rows are all its rows: no copy)
             h = h.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=h.device))
         x, head = ops.rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head
+        if self.lm_head_scale is not None:
+            return ops.linear(x, head, scale=self.lm_head_scale)
         dt = _autocast_dtype(x.device)
         if dt is not None:
             x, head = x.to(dt), head.to(dt)
@@ -856,6 +910,8 @@ class Backbone(nn.Module):
         also over a bf16 base) on every target module; the base stays frozen."""
         if self.lora_spec is not None:
             raise ValueError("this model already has a trainable LoRA")
+        if self.quantized:
+            raise ValueError("int8 weights are for inference: train on a float32 or bfloat16 model")
         for layer in self.layers:
             layer.add_lora(spec, self.module_shapes)
         self.lora_spec = spec
@@ -916,6 +972,8 @@ class Backbone(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The base weights under their HF names (merged q/k/v and gate/up split back), on CPU."""
+        if self.quantized:
+            raise ValueError("int8 weights are not saved: save from a float32 or bfloat16 model")
         cfg = self.config
         out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         if not cfg.tie_word_embeddings:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import _backends
 from .attention import paged_attention_reference
+from .linear import dequantize_int8
 from .rms_norm import rms_norm_reference
 from .rope import rope_reference
 from .silu_mul import silu_mul_reference
@@ -44,6 +45,15 @@ class LayerWeights(NamedTuple):
     gate_up_bias: Optional[torch.Tensor]
     down_weight: torch.Tensor  # [d, I]
     down_bias: Optional[torch.Tensor]
+
+
+class LayerScales(NamedTuple):
+    """Per-row scales of one layer's int8 weights (see bsr_layer_scales in bsharedrag.h)."""
+
+    qkv: torch.Tensor  # float32 [(H + 2 KV) D]
+    o: torch.Tensor  # [d]
+    gate_up: torch.Tensor  # [2 I]
+    down: torch.Tensor  # [d]
 
 
 @dataclass(frozen=True)
@@ -68,12 +78,19 @@ def decoder_layers_reference(h: torch.Tensor, layers: Sequence[LayerWeights], sh
                              cos: torch.Tensor, sin: torch.Tensor, k_caches: Sequence[torch.Tensor],
                              v_caches: Sequence[torch.Tensor], slots: torch.Tensor, block_tables: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                             scale: Optional[float] = None) -> torch.Tensor:
+                             scale: Optional[float] = None,
+                             scales: Optional[Sequence[LayerScales]] = None) -> torch.Tensor:
     """The stack in torch: h [T, d] -> [T, d]; writes each layer's k / v into its cache at
-    `slots`. cos / sin [T, D] as ops.rope_cos_sin gives them."""
+    `slots`. cos / sin [T, D] as ops.rope_cos_sin gives them. scales: as DecoderStack's (int8
+    projection weights, dequantized here)."""
     T = h.shape[0]
     H, KV, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    for w, kc, vc in zip(layers, k_caches, v_caches):
+    for li, (w, kc, vc) in enumerate(zip(layers, k_caches, v_caches)):
+        if scales is not None:
+            s = scales[li]
+            w = w._replace(qkv_weight=dequantize_int8(w.qkv_weight, s.qkv), o_weight=dequantize_int8(w.o_weight, s.o),
+                           gate_up_weight=dequantize_int8(w.gate_up_weight, s.gate_up),
+                           down_weight=dequantize_int8(w.down_weight, s.down))
         x = rms_norm_reference(h, w.input_norm, shape.eps)
         qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
         qk = rope_reference(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
@@ -101,32 +118,45 @@ def _check_tensor(name: str, t: Optional[torch.Tensor], want: tuple, dtype: torc
 class DecoderStack:
     """The layers' weights and KV caches, checked once, as the pointer table the C++ call
     reads (it holds the tensors, so the pointers stay valid while it lives). Call it once per
-    step: stack(h, cos, sin, slots, block_tables, cu_seqlens_q, context_lens) -> new h."""
+    step: stack(h, cos, sin, slots, block_tables, cu_seqlens_q, context_lens) -> new h.
+    scales: one LayerScales per layer for int8 projection weights (bsr_decoder_layers_w8; the
+    norms, biases, caches and rows float32), None for float weights."""
 
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
     def __init__(self, layers: Sequence[LayerWeights], shape: DecoderShape, k_caches: Sequence[torch.Tensor],
-                 v_caches: Sequence[torch.Tensor]):
+                 v_caches: Sequence[torch.Tensor], scales: Optional[Sequence[LayerScales]] = None):
         if not layers or len(layers) != len(k_caches) or len(k_caches) != len(v_caches):
             raise ValueError(f"layers, k_caches and v_caches must have the same length >= 1, got {len(layers)}, "
                              f"{len(k_caches)}, {len(v_caches)}")
-        dtype = layers[0].qkv_weight.dtype
+        if scales is not None and len(scales) != len(layers):
+            raise ValueError(f"scales must have one entry per layer ({len(layers)}), got {len(scales)}")
+        dtype = torch.float32 if scales is not None else layers[0].qkv_weight.dtype
         if dtype not in self.DTYPES:
             raise ValueError(f"the decoder stack takes float32, float16 or bfloat16 weights, got {dtype}")
         want = shape.weight_shapes()
         kc0 = k_caches[0]
         cache_shape = (kc0.shape[0], kc0.shape[1], shape.num_kv_heads, shape.head_dim) if kc0.dim() == 4 else None
-        rows = []
+        rows, scale_rows = [], []
         for li, (w, kc, vc) in enumerate(zip(layers, k_caches, v_caches)):
             for name, t in w._asdict().items():
-                _check_tensor(f"layers[{li}].{name}", t, want[name], dtype, optional=name.endswith("_bias"))
+                wdt = torch.int8 if scales is not None and name in self.PROJECTIONS else dtype
+                _check_tensor(f"layers[{li}].{name}", t, want[name], wdt, optional=name.endswith("_bias"))
             for name, c in (("k_caches", kc), ("v_caches", vc)):
                 _check_tensor(f"{name}[{li}]", c, cache_shape or (-1,), dtype)
             rows.append([0 if t is None else t.data_ptr() for t in w] + [kc.data_ptr(), vc.data_ptr()])
+            if scales is not None:
+                for name, t in scales[li]._asdict().items():
+                    _check_tensor(f"scales[{li}].{name}", t, want[name + "_weight"][:1], torch.float32)
+                scale_rows.append([t.data_ptr() for t in scales[li]])
         self.layers, self.k_caches, self.v_caches = list(layers), list(k_caches), list(v_caches)
+        self.scales = None if scales is None else list(scales)
         self.shape, self.dtype = shape, dtype
         self.num_blocks, self.block_size = kc0.shape[0], kc0.shape[1]
         self.table = torch.tensor(rows, dtype=torch.int64)  # [L, 12]: bsr_layer_weights, field by field
+        # [L, 4]: bsr_layer_scales, field by field
+        self.scale_table = None if scales is None else torch.tensor(scale_rows, dtype=torch.int64)
         self.scale = 1.0 / math.sqrt(shape.head_dim)  # as ops.paged_attention's default
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -157,5 +187,6 @@ class DecoderStack:
             s.eps, s.window or 0, self.scale, self.table.data_ptr(), len(self.layers), out.data_ptr(), T,
             cos.data_ptr(), sin.data_ptr() + (D // 2) * sin.element_size(), cos.stride(0), slots.data_ptr(),
             self.num_blocks, self.block_size, tables.data_ptr(), tables.stride(0), cu.data_ptr(), lens.data_ptr(), B,
+            0 if self.scale_table is None else self.scale_table.data_ptr(),
         )  # fmt: skip
         return out

@@ -31,6 +31,13 @@ at 128-2048 rows and 1.07-1.86x at 17-64 on SmolLM2-135M's shapes, and beat the 
 from 128 rows (1.05-1.39x; 2026-12-07, 2 threads, plain weights: no packed copy is kept).
 Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 
+Weight-only int8 (`scale=`, `quantize_int8`): weight int8 [out, in] with one fp32 scale per
+output channel, x and y fp32. The C++ kernel (`bsr_linear_w8`) widens each weight to fp32
+inside the dot-product tile, so a decode step streams a quarter of fp32's bytes (one row:
+120 projections of SmolLM2-135M 26 -> 8.5 ms on the Zen 4); above W8_KERNEL_ROWS rows the
+weight is dequantized (a transient fp32 copy) and takes the fp32 path above, where the gemm's
+FLOPs, not the bytes, bound the call.
+
 The Backbone runs every base projection and its LM head through this op, then adds the
 adapters with `ops.MergedLoRA`. `ops.lora_linear` keeps F.linear as its base: its rows
 without an adapter are bit-identical to F.linear by contract (docs/api.md, ops.lora_linear;
@@ -92,6 +99,24 @@ def _onednn_op():
 
 
 BACKENDS = ("auto", "cpp", "onednn", "reference")
+# int8 weights: the C++ kernel up to this many rows, above it dequantize + the fp32 path. SmolLM2-135M's
+# 120 projections on the Zen 4 (2 threads, min of 3): 128 rows 158 ms against 189, 256 rows 351 against 327
+W8_KERNEL_ROWS = 192
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a [out, in] weight: (q int8, scale fp32 [out]),
+    weight ~ q * scale[:, None], scale = max |row| / 127 (an all-zero row gets scale 1)."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight an int8 one stands for: q * scale[:, None]."""
+    return q.float() * scale[:, None]
 
 
 def _needs_graph(*tensors) -> bool:
@@ -147,16 +172,66 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                         [], "")
 
 
+def _check_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"with scale, weight must be an int8 [out, in] tensor, got {weight.dtype} "
+                         f"{list(weight.shape)}")
+    if not x.is_floating_point() or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be a float [T, {weight.shape[1]}] tensor, got {x.dtype} {list(x.shape)}")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (weight.shape[0],)):
+            raise ValueError(f"{name} must be a float32 [{weight.shape[0]}] tensor, got {t.dtype} {list(t.shape)}")
+
+
+def _cpp_linear_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    x = _backends.dense_rows(x)
+    weight, scale = weight.contiguous(), scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _backends.cpp().linear_w8(
+        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), scale.data_ptr(), weight.shape[0],
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+    )  # fmt: skip
+    return y
+
+
+def _linear_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               backend: str) -> torch.Tensor:
+    """linear() of int8 weights with per-channel scales (see the module doc)."""
+    _check_w8(x, weight, scale, bias)
+    if backend == "onednn":
+        raise ValueError("backend='onednn' takes float weights; int8 weights (scale=) run on 'auto', 'cpp' or "
+                         "'reference'")
+    plain = x.device.type == "cpu" and x.dtype == torch.float32 and not _needs_graph(x, bias)
+    if backend == "cpp":
+        _backends.cpp()
+        if not plain:
+            raise ValueError(f"backend='cpp' with int8 weights takes float32 CPU rows outside autograd, got "
+                             f"{x.dtype} on {x.device}")
+        return _cpp_linear_w8(x, weight, scale, bias)
+    if (backend == "auto" and plain and weight.device.type == "cpu" and x.shape[0] <= W8_KERNEL_ROWS
+            and _backends._import_cpp() is not None):
+        return _cpp_linear_w8(x, weight, scale, bias)
+    w = dequantize_int8(weight, scale).to(x.dtype)
+    return linear(x, w, None if bias is None else bias.to(x.dtype), "reference" if backend == "reference" else "auto")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           backend: str = "auto") -> torch.Tensor:
+           backend: str = "auto", scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b, x [T, in], weight [out, in], bias [out] or None.
 
     backend: "auto" (the C++ kernel or oneDNN's gemm where they pay, see the module doc, else
     F.linear), "cpp" (the kernel for any row count; CPU, inference only), "onednn" (torch's
     oneDNN gemm; CPU, inference only) or "reference" (F.linear).
+    scale: weight-only int8, weight int8 [out, in] and scale fp32 [out]: y = x (weight *
+    scale[:, None])^T + b ("reference" dequantizes and calls F.linear; "auto" takes the C++
+    kernel for fp32 CPU rows up to W8_KERNEL_ROWS).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if scale is not None:
+        return _linear_w8(x, weight, scale, bias, backend)
     if backend == "cpp":
         _backends.cpp()
         _check_cpu_call(x, weight, bias, backend)

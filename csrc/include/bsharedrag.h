@@ -152,6 +152,19 @@ BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stri
                               int64_t in_features, const void* weight, int64_t out_features,
                               const void* bias, void* y, int64_t y_row_stride);
 
+/*
+ * Weight-only int8 linear (fp32 rows, int8 weights with one scale per output channel):
+ *   y[m, n] = scale[n] * (sum_k x[m, k] * weight[n, k]) + bias[n]
+ * each int8 weight widened to fp32 exactly and the products summed in fp32, in the order
+ * bsr_linear's f32 dot-product tile uses (never the rows-in-lanes order); every row count
+ * takes that tile. weight [out_features, in_features] int8, contiguous; scale [out_features];
+ * bias [out_features] or NULL. Reads a quarter of the bytes an f32 weight takes: made for
+ * decode steps, which stream the weights. y must not overlap x, weight or scale.
+ */
+BSR_API bsr_status bsr_linear_w8(const float* x, int64_t x_row_stride, int64_t rows, int64_t in_features,
+                                 const int8_t* weight, const float* scale, int64_t out_features, const float* bias,
+                                 float* y, int64_t y_row_stride);
+
 /* ---- attention ------------------------------------------------------------------------- */
 
 /*
@@ -277,6 +290,26 @@ BSR_API bsr_status bsr_decoder_layers(bsr_dtype dtype, const bsr_decoder_config*
                                       const int64_t* slots, int64_t num_blocks, int64_t block_size,
                                       const int32_t* block_tables, int64_t table_stride,
                                       const int32_t* cu_seqlens_q, const int32_t* context_lens, int64_t num_seqs);
+
+/* Per-output-channel scales of one layer's int8 weights (bsr_linear_w8): qkv [(num_heads +
+ * 2 num_kv_heads) head_dim], o [hidden], gate_up [2 intermediate], down [hidden]; NULL: that
+ * weight is f32. */
+typedef struct bsr_layer_scales {
+  const float *qkv, *o, *gate_up, *down;
+} bsr_layer_scales;
+
+/*
+ * bsr_decoder_layers over f32 rows where a layer's projection weights may be int8: a weight
+ * whose scale in scales[l] is non-NULL is int8 [out, in] and runs through bsr_linear_w8, the
+ * others (and the norms, biases and KV caches) are f32. Otherwise as bsr_decoder_layers.
+ */
+BSR_API bsr_status bsr_decoder_layers_w8(const bsr_decoder_config* config, const bsr_layer_weights* layers,
+                                         const bsr_layer_scales* scales, int64_t num_layers, float* hidden,
+                                         int64_t num_rows, const float* cos, const float* sin,
+                                         int64_t cs_row_stride, const int64_t* slots, int64_t num_blocks,
+                                         int64_t block_size, const int32_t* block_tables, int64_t table_stride,
+                                         const int32_t* cu_seqlens_q, const int32_t* context_lens,
+                                         int64_t num_seqs);
 
 #ifdef __cplusplus
 }

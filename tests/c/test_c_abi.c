@@ -817,25 +817,27 @@ static void decoder_by_entry_points(const bsr_decoder_config* c, float w[DL_L][1
 }
 
 static void test_decoder_layers(void) {
-  static float w[DL_L][10][DL_QKV * DL_d], kc[2][DL_L][DL_NB * DL_BS * DL_KVC], vc[2][DL_L][DL_NB * DL_BS * DL_KVC];
-  float h[2][DL_T * DL_d], cs[DL_T * DL_D / 2], sn[DL_T * DL_D / 2];
+  static float w[DL_L][10][DL_QKV * DL_d], kc[3][DL_L][DL_NB * DL_BS * DL_KVC], vc[3][DL_L][DL_NB * DL_BS * DL_KVC];
+  float h[3][DL_T * DL_d], cs[DL_T * DL_D / 2], sn[DL_T * DL_D / 2];
   const bsr_decoder_config c = {DL_d, DL_H, DL_KV, DL_D, DL_I, 1e-6f, 0, 0.5f};
   /* sequence 0: 3 cached keys (blocks 4, 1) + its decode row at position 3; sequence 1: rows 0-1 in block 2 */
   const int32_t tables[4] = {4, 1, 2, 0}, cu[3] = {0, 1, 3}, lens[2] = {4, 2};
   const int64_t slots[DL_T] = {1 * DL_BS + 1, 2 * DL_BS, 2 * DL_BS + 1};
   const int64_t pos[DL_T] = {3, 0, 1};
-  bsr_layer_weights lw[DL_L];
+  bsr_layer_weights lw[DL_L], lw8[DL_L];
+  const bsr_layer_scales no_scales[DL_L] = {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}};
   int l, k, i;
   for (l = 0; l < DL_L; ++l) {
     for (k = 0; k < 10; ++k)
       for (i = 0; i < DL_QKV * DL_d; ++i) w[l][k][i] = (float)((k == 0 || k == 5 ? 1.0 : 0.0) + 0.4 * urand());
-    for (i = 0; i < DL_NB * DL_BS * DL_KVC; ++i) kc[0][l][i] = kc[1][l][i] = (float)urand();
-    for (i = 0; i < DL_NB * DL_BS * DL_KVC; ++i) vc[0][l][i] = vc[1][l][i] = (float)urand();
+    for (i = 0; i < DL_NB * DL_BS * DL_KVC; ++i) kc[0][l][i] = kc[1][l][i] = kc[2][l][i] = (float)urand();
+    for (i = 0; i < DL_NB * DL_BS * DL_KVC; ++i) vc[0][l][i] = vc[1][l][i] = vc[2][l][i] = (float)urand();
     lw[l].input_norm = w[l][0], lw[l].qkv_weight = w[l][1], lw[l].qkv_bias = w[l][2], lw[l].o_weight = w[l][3];
     lw[l].o_bias = NULL, lw[l].post_norm = w[l][5], lw[l].gate_up_weight = w[l][6], lw[l].gate_up_bias = NULL;
     lw[l].down_weight = w[l][8], lw[l].down_bias = w[l][9], lw[l].k_cache = kc[0][l], lw[l].v_cache = vc[0][l];
+    lw8[l] = lw[l], lw8[l].k_cache = kc[2][l], lw8[l].v_cache = vc[2][l];
   }
-  for (i = 0; i < DL_T * DL_d; ++i) h[0][i] = h[1][i] = (float)urand();
+  for (i = 0; i < DL_T * DL_d; ++i) h[0][i] = h[1][i] = h[2][i] = (float)urand();
   for (k = 0; k < DL_T; ++k)
     for (i = 0; i < DL_D / 2; ++i) {
       cs[k * DL_D / 2 + i] = (float)cos(pos[k] * (i + 1) * 0.5);
@@ -847,6 +849,14 @@ static void test_decoder_layers(void) {
   CHECK(memcmp(h[0], h[1], sizeof(h[0])) == 0, "decoder_layers: hidden differs from the entry points one by one");
   CHECK(memcmp(kc[0], kc[1], sizeof(kc[0])) == 0 && memcmp(vc[0], vc[1], sizeof(vc[0])) == 0,
         "decoder_layers: caches differ from the entry points one by one");
+  /* the int8 entry point with every scale NULL (f32 weights) is the same stack; scales NULL is an error */
+  CHECK(bsr_decoder_layers_w8(&c, lw8, no_scales, DL_L, h[2], DL_T, cs, sn, DL_D / 2, slots, DL_NB, DL_BS, tables, 2,
+                              cu, lens, 2) == BSR_OK, "decoder_layers_w8: %s", bsr_last_error());
+  CHECK(memcmp(h[0], h[2], sizeof(h[0])) == 0 && memcmp(kc[0], kc[2], sizeof(kc[0])) == 0,
+        "decoder_layers_w8 without int8 weights differs from decoder_layers");
+  CHECK(bsr_decoder_layers_w8(&c, lw8, NULL, DL_L, h[2], DL_T, cs, sn, DL_D / 2, slots, DL_NB, DL_BS, tables, 2, cu,
+                              lens, 2) == BSR_ERR_NULL_POINTER && strstr(bsr_last_error(), "scales") != NULL,
+        "decoder_layers_w8 NULL scales: '%s'", bsr_last_error());
   {
     const int64_t bad_slots[DL_T] = {0, 1, DL_NB * DL_BS};
     CHECK(bsr_decoder_layers(BSR_DTYPE_F32, &c, lw, DL_L, h[0], DL_T, cs, sn, DL_D / 2, bad_slots, DL_NB, DL_BS,
@@ -934,6 +944,66 @@ static void test_linear(void) {
   CHECK(st == BSR_OK, "linear with 0 rows is a no-op: %d %s", st, bsr_last_error());
 }
 
+/* Weight-only int8: y = scale[n] * (x . q[n]) + b[n], f32 rows, against a double reference;
+ * odd tails, one row, the few-row and the many-row tiles; the padding beyond N untouched. */
+static void run_linear_w8(int M, int K, int N, int bias, int xpad, int ypad) {
+  const int ldx = K + xpad, ldy = N + ypad;
+  float* x = (float*)calloc((size_t)M * ldx + 1, sizeof(float));
+  int8_t* q = (int8_t*)calloc((size_t)N * K + 1, 1);
+  float* sc = (float*)calloc((size_t)N + 1, sizeof(float));
+  float* b = (float*)calloc((size_t)N + 1, sizeof(float));
+  float* y = (float*)calloc((size_t)M * ldy + 1, sizeof(float));
+  double maxref = 1.0, maxerr = 0.0;
+  int m, n, k, bad_pad = 0;
+  bsr_status st;
+  for (m = 0; m < M; ++m)
+    for (k = 0; k < K; ++k) x[(size_t)m * ldx + k] = (float)urand();
+  for (n = 0; n < N * K; ++n) q[n] = (int8_t)((int)(urand() * 127.0));
+  for (n = 0; n < N; ++n) {
+    sc[n] = (float)(0.001 + 0.01 * fabs(urand()));
+    b[n] = bias ? (float)urand() : 0.f;
+  }
+  for (m = 0; m < M; ++m)
+    for (n = N; n < ldy; ++n) y[(size_t)m * ldy + n] = 7.f;
+  st = bsr_linear_w8(x, ldx, M, K, q, sc, N, bias ? b : NULL, y, ldy);
+  CHECK(st == BSR_OK, "linear_w8 status %d: %s", st, bsr_last_error());
+  for (m = 0; m < M; ++m) {
+    for (n = 0; n < N; ++n) {
+      double r = 0.0, e;
+      for (k = 0; k < K; ++k) r += (double)x[(size_t)m * ldx + k] * q[(size_t)n * K + k];
+      r = r * sc[n] + b[n];
+      e = fabs(y[(size_t)m * ldy + n] - r);
+      if (fabs(r) > maxref) maxref = fabs(r);
+      if (!(e <= maxerr)) maxerr = e;
+    }
+    for (n = N; n < ldy; ++n) bad_pad += y[(size_t)m * ldy + n] != 7.f;
+  }
+  CHECK(maxerr / maxref <= tolerance(BSR_DTYPE_F32), "linear_w8 M=%d K=%d N=%d bias=%d: max rel err %.3g", M, K, N,
+        bias, maxerr / maxref);
+  CHECK(bad_pad == 0, "linear_w8 M=%d: %d padding entries written", M, bad_pad);
+  free(x);
+  free(q);
+  free(sc);
+  free(b);
+  free(y);
+}
+
+static void test_linear_w8(void) {
+  static const int shapes[][3] = {{1, 1, 1}, {1, 67, 33}, {5, 17, 7}, {16, 67, 49}, {40, 300, 21}, {130, 40, 21}};
+  float x[4] = {0}, s[2] = {1.f, 1.f}, y[4] = {0};
+  int8_t w[4] = {0};
+  int i, v;
+  bsr_status st;
+  for (i = 0; i < (int)(sizeof shapes / sizeof shapes[0]); ++i)
+    for (v = 0; v < 2; ++v) run_linear_w8(shapes[i][0], shapes[i][1], shapes[i][2], v, v ? 3 : 0, v ? 2 : 0);
+  st = bsr_linear_w8(x, 2, 1, 2, w, NULL, 2, NULL, y, 2);
+  CHECK(st == BSR_ERR_NULL_POINTER && strstr(bsr_last_error(), "scale") != NULL, "linear_w8 NULL scale: %d %s", st,
+        bsr_last_error());
+  st = bsr_linear_w8(x, 1, 1, 2, w, s, 2, NULL, y, 2);
+  CHECK(st == BSR_ERR_INVALID_ARGUMENT && strstr(bsr_last_error(), "x_row_stride") != NULL,
+        "linear_w8 x_row_stride < in_features: %d %s", st, bsr_last_error());
+}
+
 int main(void) {
   test_version();
   test_threads();
@@ -948,6 +1018,7 @@ int main(void) {
   test_rope();
   test_decoder_layers();
   test_linear();
+  test_linear_w8();
   if (g_failures) {
     fprintf(stderr, "test_c_abi: %d of %d checks FAILED\n", g_failures, g_checks);
     return 1;
