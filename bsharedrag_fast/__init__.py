@@ -8,11 +8,13 @@ import sys
 
 # Before torch loads libgomp (it reads the variables once): idle OpenMP threads spin briefly
 # when this process's cores are idle, else sleep, unless the user chose (util/threads.py);
-# and freed tensor memory stays in the heap for the next step (util/malloc.py)
+# freed tensor memory stays in the heap for the next step, and oneDNN keeps fewer primitives
+# (util/malloc.py)
 from .util import malloc as _malloc  # the standard library only
 from .util import threads as _threads
 
 _malloc.configure()
+_malloc.cap_onednn_cache()
 
 if "torch" not in sys.modules:
     _threads.choose_wait_policy()

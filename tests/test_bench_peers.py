@@ -68,6 +68,17 @@ def test_ours_reports_its_wait_policy_and_the_peers_get_their_own(run, monkeypat
     assert peers.engine_env("llamacpp")["GOMP_SPINCOUNT"] == "30000"
 
 
+def test_the_peers_do_not_inherit_ours_onednn_cache_size(monkeypatch):
+    from bsharedrag_fast.util import malloc
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+    monkeypatch.setattr(malloc, "SET_VARIABLES", ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])  # the package set it ...
+    assert peers.engine_env("ours")["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    assert all("ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in peers.engine_env(e) for e in ("vllm", "hf", "llamacpp"))
+    monkeypatch.setattr(malloc, "SET_VARIABLES", [])  # ... the user did: every engine keeps it
+    assert peers.engine_env("vllm")["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+
+
 def test_peer_bench_figures_follow_from_the_measurements(run):
     _, res = run
     rounds = res["sizes"]["rounds"]

@@ -116,3 +116,17 @@ def test_freed_memory_is_reused_unless_the_user_chose(env):
         assert policy.startswith("keep freed memory") and int(faults) < 1000, (policy, faults)
     else:
         assert policy.startswith("left alone") and int(faults) > 5 * 10000, (policy, faults)
+
+
+@pytest.mark.parametrize("user", [None, "7"])
+def test_the_package_caps_onednns_primitive_cache_unless_the_user_sized_it(user):
+    code = ("import os, bsharedrag_fast; from bsharedrag_fast.util import malloc; "
+            "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'), malloc.SET_VARIABLES, malloc.POLICY)")
+    env = {k: v for k, v in os.environ.items() if "PRIMITIVE_CACHE_CAPACITY" not in k}
+    if user is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    if user is None:
+        assert out.startswith("32 ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']") and "oneDNN primitive cache 32" in out
+    else:
+        assert out.startswith("7 []") and "oneDNN primitive cache left alone" in out

@@ -124,14 +124,18 @@ class PeerWorker(WorkerProcess):
 
 def engine_env(name: str) -> dict:
     """The environment of an engine's worker. Ours inherits how this process told OpenMP
-    threads to wait (util/threads.py, chosen at import); every other engine gets its own
-    default: the variables are dropped unless the user set them (the other engines' OpenMP
-    runtimes would read ours' choice: the first committed run had them all sleeping)."""
-    from ..util import threads
+    threads to wait (util/threads.py, chosen at import) and its oneDNN cache size
+    (util/malloc.py); every other engine gets its own defaults: the variables are dropped
+    unless the user set them (the other engines' OpenMP runtimes would read ours' choice: the
+    first committed run had them all sleeping)."""
+    from ..util import malloc, threads
 
     env = dict(os.environ)
-    if name not in OURS_ROWS and threads.WAIT_POLICY in ("spin", "passive"):
-        for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+    if name not in OURS_ROWS:
+        if threads.WAIT_POLICY in ("spin", "passive"):
+            for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                env.pop(var, None)
+        for var in malloc.SET_VARIABLES:
             env.pop(var, None)
     return env
 
