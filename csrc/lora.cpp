@@ -403,23 +403,33 @@ static void do_linear(LinearPlan P) {
   I.linear(P, 0, P.N);
 }
 
-// The plan of a bsr_linear (scale nullptr) or bsr_linear_w8 call, before do_linear adds xt.
-static LinearPlan linear_plan(bsr_dtype dtype, const void* x, int64_t ldx, int64_t M, int64_t K, const void* w,
-                              const float* scale, int64_t N, const void* bias, void* y, int64_t ldy) {
+// bsr_linear (scale nullptr) and bsr_linear_w8 (int8 weight, its scales checked by the caller)
+// after their dtype checks: the shape and pointer checks, then the call.
+static bsr_status linear_call(const char* fn, bsr_dtype dtype, const void* x, int64_t x_row_stride, int64_t rows,
+                              int64_t in_features, const void* weight, const float* scale, int64_t out_features,
+                              const void* bias, void* y, int64_t y_row_stride) {
+  BSR_TRY(check_at_least(fn, "rows", rows, 0));
+  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
+  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
+  if (rows == 0) return BSR_OK;
+  BSR_CHECK_PTR(x, fn);
+  BSR_CHECK_PTR(weight, fn);
+  BSR_CHECK_PTR(y, fn);
   LinearPlan P;
   P.dtype = dtype;
   P.x = x;
-  P.ldx = ldx;
-  P.M = M;
-  P.K = K;
-  P.w = w;
-  P.N = N;
+  P.ldx = x_row_stride;
+  P.M = rows;
+  P.K = in_features;
+  P.w = weight;
+  P.N = out_features;
   P.bias = bias;
   P.y = y;
-  P.ldy = ldy;
+  P.ldy = y_row_stride;
   P.xt = nullptr;
   P.scale = scale;
-  return P;
+  do_linear(P);
+  return BSR_OK;
 }
 
 static bsr_status do_sort(const char* fn, const int32_t* ta, int64_t T, int32_t L, int32_t* sorted_idx,
@@ -680,16 +690,8 @@ BSR_API bsr_status bsr_linear(bsr_dtype dtype, const void* x, int64_t x_row_stri
   clear_error();
   BSR_GUARD_BEGIN
   BSR_TRY(check_dtype(fn, dtype));
-  BSR_TRY(check_at_least(fn, "rows", rows, 0));
-  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
-  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
-  if (rows == 0) return BSR_OK;
-  BSR_CHECK_PTR(x, fn);
-  BSR_CHECK_PTR(weight, fn);
-  BSR_CHECK_PTR(y, fn);
-  do_linear(linear_plan(dtype, x, x_row_stride, rows, in_features, weight, nullptr, out_features, bias, y,
-                        y_row_stride));
-  return BSR_OK;
+  return linear_call(fn, dtype, x, x_row_stride, rows, in_features, weight, nullptr, out_features, bias, y,
+                     y_row_stride);
   BSR_GUARD_END(fn)
 }
 
@@ -699,17 +701,9 @@ BSR_API bsr_status bsr_linear_w8(const float* x, int64_t x_row_stride, int64_t r
   static const char* fn = "bsr_linear_w8";
   clear_error();
   BSR_GUARD_BEGIN
-  BSR_TRY(check_at_least(fn, "rows", rows, 0));
-  BSR_TRY(check_rows(fn, "in_features", in_features, "x_row_stride", x_row_stride));
-  BSR_TRY(check_rows(fn, "out_features", out_features, "y_row_stride", y_row_stride));
-  if (rows == 0) return BSR_OK;
-  BSR_CHECK_PTR(x, fn);
-  BSR_CHECK_PTR(weight, fn);
-  BSR_CHECK_PTR(scale, fn);
-  BSR_CHECK_PTR(y, fn);
-  do_linear(linear_plan(BSR_DTYPE_F32, x, x_row_stride, rows, in_features, weight, scale, out_features, bias, y,
-                        y_row_stride));
-  return BSR_OK;
+  if (rows > 0) BSR_CHECK_PTR(scale, fn);
+  return linear_call(fn, BSR_DTYPE_F32, x, x_row_stride, rows, in_features, weight, scale, out_features, bias, y,
+                     y_row_stride);
   BSR_GUARD_END(fn)
 }
 
