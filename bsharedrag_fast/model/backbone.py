@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops import _backends
-from ..ops.linear import W8_KERNEL_ROWS, cpp_pays
+from ..ops.linear import cpp_pays
 from ..ops.lora_meta import LoRAMeta
 from ..util.jsonfile import read_json, write_json
 from ..util.mapped import mapped_zeros
@@ -811,7 +811,7 @@ class Backbone(nn.Module):
         ids = input_ids.to(self.device)
         h = F.embedding(ids, self.embed)
         if self.embed_scale is not None:  # int8 rows times their scales
-            h = h.float() * self.embed_scale.index_select(0, ids)[:, None]
+            h = ops.dequantize_int8(h, self.embed_scale.index_select(0, ids))
         call = self._fused_call(h, ctx)
         if call is not None:  # the whole stack in one C++ call (ops.DecoderStack), same kernels, same result
             return self._decoder_stack(ctx.attention)(h, cos, sin, ctx.attention.slots, call.tables, call.cu,
@@ -836,10 +836,8 @@ class Backbone(nn.Module):
         if ctx.lora is not None and not ctx.lora.no_lora:
             return None
         cfg, T = self.config, h.shape[0]
-        if self.quantized:
-            if T > W8_KERNEL_ROWS:
-                return None
-        elif not all(cpp_pays(h.dtype, T, n) for n in (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)):
+        weights = torch.int8 if self.quantized else h.dtype
+        if not all(cpp_pays(weights, T, n) for n in (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)):
             return None
         if _backends._import_cpp() is None:
             return None

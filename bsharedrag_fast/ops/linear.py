@@ -34,9 +34,9 @@ Everything else (CUDA, float64, other row counts, autograd graphs) is F.linear.
 Weight-only int8 (`scale=`, `quantize_int8`): weight int8 [out, in] with one fp32 scale per
 output channel, x and y fp32. The C++ kernel (`bsr_linear_w8`) widens each weight to fp32
 inside the dot-product tile, so a decode step streams a quarter of fp32's bytes (one row:
-120 projections of SmolLM2-135M 26 -> 8.5 ms on the Zen 4); above W8_KERNEL_ROWS rows the
-weight is dequantized (a transient fp32 copy) and takes the fp32 path above, where the gemm's
-FLOPs, not the bytes, bound the call.
+SmolLM2-135M's 120 projections 14.3 -> 4.7 ms on the Zen 4, 2 threads, min of 7); above
+W8_KERNEL_ROWS rows the weight is dequantized (a transient fp32 copy) and takes the fp32 path
+above, where the gemm's FLOPs, not the bytes, bound the call.
 
 The Backbone runs every base projection and its LM head through this op, then adds the
 adapters with `ops.MergedLoRA`. `ops.lora_linear` keeps F.linear as its base: its rows
@@ -56,6 +56,9 @@ from . import _backends
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bsr_linear takes here (fp64: F.linear)
 ONEDNN_MIN_ROWS = 128  # AVX-512, fp32: from here oneDNN's gemm beats the C++ kernel at every in_features
+# int8 weights: the C++ kernel up to this many rows, above it dequantize + the fp32 path. SmolLM2-135M's
+# 120 projections on the Zen 4 (2 threads, min of 3): 128 rows 158 ms against 189, 256 rows 351 against 327
+W8_KERNEL_ROWS = 192
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +71,10 @@ def _machine() -> tuple[str, bool]:
 def cpp_pays(dtype: torch.dtype, rows: int, in_features: int, isa: Optional[str] = None,
              native_bf16: Optional[bool] = None) -> bool:
     """Whether `auto` takes the C++ kernel for a CPU x [rows, in_features] (see the module
-    doc); isa ("avx512", "avx2", "generic") and native_bf16 default to this machine's."""
+    doc); dtype torch.int8: int8 weights (fp32 rows). isa ("avx512", "avx2", "generic") and
+    native_bf16 default to this machine's."""
+    if dtype == torch.int8:
+        return rows <= W8_KERNEL_ROWS
     if isa is None or native_bf16 is None:
         here = _machine()
         isa = here[0] if isa is None else isa
@@ -99,9 +105,6 @@ def _onednn_op():
 
 
 BACKENDS = ("auto", "cpp", "onednn", "reference")
-# int8 weights: the C++ kernel up to this many rows, above it dequantize + the fp32 path. SmolLM2-135M's
-# 120 projections on the Zen 4 (2 threads, min of 3): 128 rows 158 ms against 189, 256 rows 351 against 327
-W8_KERNEL_ROWS = 192
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,15 +158,20 @@ def _check_cpu_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                          "needs a graph")
 
 
-def _cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """bsr_linear, or bsr_linear_w8 when scale is given (weight int8, x float32)."""
     x = _backends.dense_rows(x)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    _backends.cpp().linear(
-        _backends.CPP_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
-        weight.data_ptr(), weight.shape[0], 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
-    )  # fmt: skip
+    b = 0 if bias is None else bias.data_ptr()
+    if scale is None:
+        _backends.cpp().linear(_backends.CPP_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+                               weight.data_ptr(), weight.shape[0], b, y.data_ptr(), y.stride(0))
+    else:
+        _backends.cpp().linear_w8(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(),
+                                  scale.contiguous().data_ptr(), weight.shape[0], b, y.data_ptr(), y.stride(0))
     return y
 
 
@@ -183,19 +191,6 @@ def _check_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
             raise ValueError(f"{name} must be a float32 [{weight.shape[0]}] tensor, got {t.dtype} {list(t.shape)}")
 
 
-def _cpp_linear_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    x = _backends.dense_rows(x)
-    weight, scale = weight.contiguous(), scale.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    _backends.cpp().linear_w8(
-        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), scale.data_ptr(), weight.shape[0],
-        0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
-    )  # fmt: skip
-    return y
-
-
 def _linear_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                backend: str) -> torch.Tensor:
     """linear() of int8 weights with per-channel scales (see the module doc)."""
@@ -209,10 +204,10 @@ def _linear_w8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         if not plain:
             raise ValueError(f"backend='cpp' with int8 weights takes float32 CPU rows outside autograd, got "
                              f"{x.dtype} on {x.device}")
-        return _cpp_linear_w8(x, weight, scale, bias)
-    if (backend == "auto" and plain and weight.device.type == "cpu" and x.shape[0] <= W8_KERNEL_ROWS
+        return _cpp_linear(x, weight, bias, scale)
+    if (backend == "auto" and plain and weight.device.type == "cpu" and cpp_pays(torch.int8, *x.shape)
             and _backends._import_cpp() is not None):
-        return _cpp_linear_w8(x, weight, scale, bias)
+        return _cpp_linear(x, weight, bias, scale)
     w = dequantize_int8(weight, scale).to(x.dtype)
     return linear(x, w, None if bias is None else bias.to(x.dtype), "reference" if backend == "reference" else "auto")
 
